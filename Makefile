@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make quickstart` and `make test` work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test test-fast lint bench wikipedia clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/python jobs/quickstart.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check raycmr tests jobs benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --small
+
+wikipedia: $(STAMP)
+	$(BIN)/raycmr train --config wikipedia
+
+clean:
+	rm -rf runs out

@@ -1,0 +1,385 @@
+"""One typed configuration tree for every raycmr component.
+
+A config is built from a YAML file (a shipped name such as ``quickstart`` or a path) plus dotted
+command-line overrides (``train.num_workers=2 loss.margin=0.2``). Unknown keys and values of the
+wrong type raise :class:`ConfigError` with a one-line message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "images"  # "images" (encoded image bytes + captions) or "features" (vectors)
+    train: list[str] = field(default_factory=list)  # shard files/dirs/globs; local or s3:// gs://
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    format: str = "auto"  # "parquet", "webdataset" or "auto" (by file extension)
+    image_size: int = 64
+    augment: bool = True  # random crop + flip on training images
+    tokenizer: str = "minilm"  # "minilm" (offline package) or a local path / hub id
+    max_text_len: int = 32
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
+    num_cpus_per_map_task: float = 1.0
+
+
+@dataclass
+class TowerConfig:
+    kind: str = "hf_config"  # "hf_config" (random init), "hf_pretrained", "minilm" or "mlp"
+    name_or_path: str = ""  # for hf_pretrained
+    hf_config: dict[str, Any] = field(default_factory=dict)  # for hf_config: includes model_type
+    input_dim: int = 0  # for mlp
+    hidden_dims: list[int] = field(default_factory=lambda: [512])  # for mlp
+    dropout: float = 0.0
+    freeze: bool = False
+
+
+@dataclass
+class ModelConfig:
+    image: TowerConfig = field(default_factory=TowerConfig)
+    text: TowerConfig = field(default_factory=TowerConfig)
+    embed_dim: int = 128
+    shared_layers: int = 0  # weight-shared top layers after the projections
+    num_classes: int = 0  # DSCMR linear classifier on the common space (0 = none)
+
+
+@dataclass
+class GRLConfig:
+    enabled: bool = False
+    weight: float = 1.0
+    schedule: str = "dann"  # "constant", "dann" or "dynamic"
+    lambda_: float = 1.0  # constant schedule value
+    gamma: float = 10.0  # DANN schedule steepness
+    alpha: float = 1.0  # ceiling of the lambda schedules
+    ramp_samples: int = 100_000  # dynamic schedule: samples seen to reach the ceiling
+    hidden_dim: int = 128
+
+
+@dataclass
+class DSCMRConfig:
+    enabled: bool = False
+    weight: float = 1.0  # weight of the common-space discrimination loss
+    alpha: float = 0.1  # weight of the label-space loss ||P - Y||_F
+    beta: float = 0.1  # weight of the modality invariance loss ||U - V||_F
+
+
+@dataclass
+class LossConfig:
+    kind: str = "vse_mh"  # "vse_mh", "vse_sh", "infonce" or "none"
+    weight: float = 1.0
+    margin: float = 0.2
+    temperature: float = 0.07  # InfoNCE initial temperature (learnable)
+    global_negatives: bool = True  # gather embeddings across workers before the loss
+    grl: GRLConfig = field(default_factory=GRLConfig)
+    dscmr: DSCMRConfig = field(default_factory=DSCMRConfig)
+
+
+@dataclass
+class DCKTConfig:
+    enabled: bool = False
+    source: list[str] = field(default_factory=list)
+    target: list[str] = field(default_factory=list)
+    mmd_weight: float = 1.0
+    pair_weight: float = 0.1
+    semantic_weight: float = 1.0
+    kernel_bandwidths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
+    rounds: int = 3
+    alpha: float = 0.8  # ceiling of the per-pair selection probability
+    epochs_per_round: int = 5
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 64  # per worker, per micro-step
+    grad_accum: int = 1
+    epochs: int = 3
+    max_steps: int = 0  # > 0 stops after this many optimizer steps
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"
+    log_every: int = 10
+    checkpoint_every_epochs: int = 1
+    num_to_keep: int = 2
+    storage_path: str = "runs"  # local dir, NFS or s3:// gs://
+    name: str = ""  # run name; empty = generated
+    resume_from: str = ""  # a checkpoint dir to continue from
+    max_failures: int = 1  # automatic restarts after a worker failure
+    seed: int = 0
+    torch_threads: int = 0  # 0 = leave torch's default
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"  # "val" or "test"
+    batch_size: int = 256
+    metric: str = "rsum"  # validation metric for model selection: "rsum" or "map"
+
+
+@dataclass
+class TuneConfig:
+    space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 8
+    max_concurrent: int = 2
+    search: str = "random"  # "random" (incl. grid entries) or "optuna"
+    scheduler: str = "asha"  # "asha" or "fifo"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    time_budget_s: float = 0.0  # 0 = no limit
+    storage_path: str = "runs/tune"
+    name: str = ""
+
+
+@dataclass
+class IndexConfig:
+    kind: str = "flat"  # "flat", "ivf" or "hnsw"
+    nlist: int = 1024
+    nprobe: int = 16
+    hnsw_m: int = 32
+
+
+@dataclass
+class ServeConfig:
+    index_path: str = ""
+    checkpoint: str = ""
+    top_k: int = 100
+    rerank_k: int = 20
+    route_prefix: str = "/"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    dckt: DCKTConfig = field(default_factory=DCKTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert ``value`` to ``typ`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(typ, value, key + ".")
+    if origin in (list, tuple):
+        (item_type,) = typing.get_args(typ)[:1]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value] if not isinstance(value, str) else _split_list(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config key '{key}' must be {'an integer' if typ is int else 'a number'}, "
+                f"got {value!r}"
+            ) from None
+        if typ is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return out
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _split_list(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith("["):
+        return list(yaml.safe_load(text))
+    return [t for t in text.split(",") if t] if text else []
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; valid keys under "
+                f"'{prefix.rstrip('.') or 'top level'}': {', '.join(types_)}"
+            )
+        kwargs[key] = _coerce(value, types_[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("space", "hf_config"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A shipped config name (``quickstart``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"config '{name_or_path}' not found: give a YAML file path or one of the shipped configs: "
+        f"{', '.join(names)}"
+    )
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> nested dict with YAML-parsed values."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    cfg = _build(Config, values or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (shipped name or path), apply dotted overrides, validate."""
+    values: dict[str, Any] = {}
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    values = _merge(values, parse_overrides(overrides or []))
+    return config_from_dict(values)
+
+
+def with_overrides(cfg: Config, flat: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys replaced (used by Tune trials)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return config_from_dict(_merge(cfg.to_dict(), nested))
+
+
+_CHOICES = {
+    "data.kind": ("images", "features"),
+    "data.format": ("auto", "parquet", "webdataset"),
+    "model.image.kind": ("hf_config", "hf_pretrained", "minilm", "mlp"),
+    "model.text.kind": ("hf_config", "hf_pretrained", "minilm", "mlp"),
+    "loss.kind": ("vse_mh", "vse_sh", "infonce", "none"),
+    "loss.grl.schedule": ("constant", "dann", "dynamic"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "eval.split": ("val", "test"),
+    "eval.metric": ("rsum", "map"),
+    "tune.search": ("random", "optuna"),
+    "tune.scheduler": ("asha", "fifo"),
+    "index.kind": ("flat", "ivf", "hnsw"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        value = cfg.get(key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(choices)}")
+    positive = ["train.num_workers", "train.batch_size", "train.grad_accum", "model.embed_dim",
+                "data.image_size", "data.max_text_len"]
+    for key in positive:
+        if cfg.get(key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {cfg.get(key)}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.loss.margin < 0:
+        raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
+    if cfg.data.kind == "features":
+        for tower in ("image", "text"):
+            if cfg.get(f"model.{tower}.kind") != "mlp":
+                raise ConfigError(
+                    f"data.kind=features needs MLP towers: set model.{tower}.kind=mlp"
+                )
+    if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
+        raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")
