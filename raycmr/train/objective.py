@@ -1,0 +1,74 @@
+"""The training objective: dual encoder + the enabled losses, as one module DeepSpeed can wrap.
+
+    L = w_c * L_contrastive(global batch) + w_grl * L_adversary + w_dscmr * L_dscmr
+
+The contrastive part sees every worker's embeddings (gathered with gradient) unless
+``loss.global_negatives`` is off; the other parts are per-worker means (their gradients are
+averaged over workers by the optimizer, like any data-parallel loss).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raycmr import distributed
+from raycmr.config import Config
+from raycmr.losses.contrastive import infonce_loss, vse_loss
+from raycmr.models.dual_encoder import DualEncoder
+
+
+class CrossModalObjective(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = DualEncoder(cfg.model, temperature=cfg.loss.temperature)
+        self.discriminator: nn.Module | None = None
+        if cfg.loss.grl.enabled:
+            from raycmr.models.adversary import ModalityDiscriminator
+
+            self.discriminator = ModalityDiscriminator(cfg.model.embed_dim, cfg.loss.grl.hidden_dim)
+
+    def contrastive(self, img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor):
+        loss_cfg = self.cfg.loss
+        kwargs: dict = {"groups": groups}
+        if loss_cfg.global_negatives and distributed.world_size() > 1:
+            img_all = distributed.all_gather_with_grad(img)
+            txt_all = distributed.all_gather_with_grad(txt)
+            groups_all = distributed.all_gather_no_grad(groups)
+            offset, total = distributed.rows_before_and_total(img.shape[0])
+            kwargs.update(img_all=img_all, txt_all=txt_all, groups_all=groups_all, offset=offset,
+                          denominator=total / distributed.world_size())
+        if loss_cfg.kind == "infonce":
+            return infonce_loss(img, txt, self.encoder.logit_scale, **kwargs)
+        return vse_loss(img, txt, margin=loss_cfg.margin, hardest=loss_cfg.kind == "vse_mh",
+                        **kwargs)
+
+    def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0):
+        """Returns a dict: ``loss`` (the total, with grad) and detached parts for logging."""
+        loss_cfg = self.cfg.loss
+        img, txt = self.encoder(batch)
+        parts: dict[str, torch.Tensor] = {}
+        total = img.new_zeros(())
+        if loss_cfg.kind != "none":
+            out = self.contrastive(img, txt, batch["group"])
+            total = total + loss_cfg.weight * out.loss
+            parts.update(contrastive=out.loss.detach(), hardest_neg_sim=out.hardest_neg_sim,
+                         pos_sim=out.pos_sim)
+        if self.discriminator is not None:
+            from raycmr.models.adversary import modality_adversary_loss
+
+            adv, acc = modality_adversary_loss(self.discriminator, img, txt, grl_lambda)
+            total = total + loss_cfg.grl.weight * adv
+            parts.update(adversary=adv.detach(), disc_acc=torch.as_tensor(acc).detach())
+        if loss_cfg.dscmr.enabled:
+            from raycmr.losses.dscmr import dscmr_loss
+
+            d = loss_cfg.dscmr
+            clf = self.encoder.classifier
+            res = dscmr_loss(img, txt, clf(img), clf(txt), batch["label"], alpha=d.alpha,
+                             beta=d.beta)
+            total = total + d.weight * res["total"]
+            parts.update({f"dscmr_{k}": v.detach() for k, v in res.items()})
+        parts["loss"] = total
+        return parts
