@@ -113,7 +113,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = _restore(engine, cfg)
     start_epoch = int(state.get("epoch", 0))
     samples_seen = int(state.get("samples_seen", 0))
-    dropped_total: collections.Counter[str] = collections.Counter(state.get("dropped", {}))
+    # dropped-record counts: global totals of earlier runs (saved by rank 0) + this run's
+    dropped_before: collections.Counter[str] = collections.Counter(state.get("dropped", {}))
+    dropped_run: collections.Counter[str] = collections.Counter()
     if rank == 0 and state:
         print(f"[raycmr] resumed at epoch {start_epoch}, step {engine.global_steps}")
 
@@ -157,9 +159,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
 
         epoch_time = time.time() - epoch_start
-        for reason, count in dropped_epoch.items():
-            dropped_total[reason] += count
-        dropped_all = distributed.sum_counters(dropped_total)
+        dropped_run.update(dropped_epoch)
+        dropped_all = collections.Counter(distributed.sum_counters(dropped_run)) + dropped_before
         metrics: dict[str, Any] = {f"train_{k}": distributed.all_reduce_mean(v / max(n_logged, 1))
                                    for k, v in sorted(sums.items())}
         metrics.update(
@@ -167,13 +168,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lr=float(engine.get_lr()[0]), epoch_time_s=epoch_time,
             samples_per_s=samples_seen_epoch(n_logged, cfg, world) / max(epoch_time, 1e-9),
             dropped_records=sum(dropped_all.values()),
-            **{f"dropped_{r}": c for r, c in dropped_all.items()},
+            **{f"dropped_{r}": c for r, c in sorted(dropped_all.items())},
         )
         metrics.update(validate(engine, val_shard, cfg, device, dtype))
         save_now = (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or \
             epoch + 1 == cfg.train.epochs or engine.global_steps >= total_steps
         client_state = {"epoch": epoch + 1, "samples_seen": samples_seen,
-                        "dropped": dict(dropped_total)}
+                        "dropped": dict(dropped_all)}
         if save_now:
             report_with_checkpoint(engine, cfg, metrics, client_state)
         else:

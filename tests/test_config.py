@@ -1,0 +1,50 @@
+"""Config loading: shipped YAMLs, dotted overrides, one-line errors naming the key and fix."""
+
+import pytest
+
+from raycmr.cli import main
+from raycmr.config import ConfigError, load_config, with_overrides
+
+
+def test_shipped_config_and_overrides():
+    cfg = load_config("quickstart", ["train.num_workers=3", "loss.margin=0.35",
+                                     "data.train=[a,b]", "loss.global_negatives=false"])
+    assert cfg.train.num_workers == 3
+    assert cfg.loss.margin == pytest.approx(0.35)
+    assert cfg.data.train == ["a", "b"]
+    assert cfg.loss.global_negatives is False
+    assert cfg.model.image.hf_config["model_type"] == "vit"  # untouched keys keep the YAML's
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["train.num_wrkers=2"], "unknown config key 'train.num_wrkers'"),
+    (["train.num_workers=two"], "'train.num_workers' must be an integer"),
+    (["loss.kind=triplet"], "'loss.kind' is 'triplet'; choose one of"),
+    (["train.batch_size=0"], "'train.batch_size' must be positive"),
+    (["loss.dscmr.enabled=true", "model.num_classes=0"], "model.num_classes"),
+    (["data.kind=features"], "set model.image.kind=mlp"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config("quickstart", override)
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_config_name_lists_shipped():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_config("no-such-config")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = with_overrides(load_config("wikipedia"), {"loss.margin": 0.1, "train.lr": 3e-4})
+    path = tmp_path / "best.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(str(path))
+    assert again == cfg
+
+
+def test_cli_reports_config_error_in_one_line(capsys):
+    assert main(["config", "--config", "quickstart", "train.epochs=-x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.epochs" in err[0]
