@@ -28,7 +28,7 @@ model, and class labels. ``Y`` is the one-hot (or multi-hot) label matrix. Three
 
 Total (the weighting of raycmr's ``DSCMRConfig``)::
 
-    loss = common_weight * J_common + alpha * J_label + beta * J_invariance
+    total = common_weight * J_common + alpha * J_label + beta * J_invariance
 
 DEPARTURES from the official code, stated plainly:
 
@@ -106,7 +106,7 @@ def dscmr_loss(
         alpha: weight of ``J_label``. beta: weight of ``J_invariance``.
         common_weight: weight of ``J_common``.
 
-    Returns a dict of scalar tensors: ``loss`` (the weighted total), ``common`` (``J_common``),
+    Returns a dict of scalar tensors: ``total`` (the weighted loss), ``common`` (``J_common``),
     ``common_ii``, ``common_it``, ``common_tt``, ``label`` (``J_label``), ``label_img``,
     ``label_txt`` and ``invariance``.
     """
@@ -133,9 +133,9 @@ def dscmr_loss(
 
     common = common_ii + common_it + common_tt
     label = label_img + label_txt
-    loss = common_weight * common + alpha * label + beta * invariance
+    total = common_weight * common + alpha * label + beta * invariance
     return {
-        "loss": loss,
+        "total": total,
         "common": common,
         "common_ii": common_ii,
         "common_it": common_it,
