@@ -1,6 +1,7 @@
 """The training objective: dual encoder + the enabled losses, as one module DeepSpeed can wrap.
 
-    L = w_c * L_contrastive(global batch) + w_grl * L_adversary + w_dscmr * L_dscmr
+    L = w_c * L_contrastive(global batch) + w_grl * L_adversary
+      + (w_common * J_common + alpha * J_label + beta * J_invariance)     [DSCMR]
 
 The contrastive part sees every worker's embeddings (gathered with gradient) unless
 ``loss.global_negatives`` is off; the other parts are per-worker means (their gradients are
@@ -67,8 +68,8 @@ class CrossModalObjective(nn.Module):
             d = loss_cfg.dscmr
             clf = self.encoder.classifier
             res = dscmr_loss(img, txt, clf(img), clf(txt), batch["label"], alpha=d.alpha,
-                             beta=d.beta)
-            total = total + d.weight * res["total"]
+                             beta=d.beta, common_weight=d.weight)
+            total = total + res["total"]
             parts.update({f"dscmr_{k}": v.detach() for k, v in res.items()})
         parts["loss"] = total
         return parts
