@@ -32,9 +32,9 @@ RECALL_KS = (1, 5, 10)
 
 def _as_matrix(x: Any, name: str) -> np.ndarray:
     """A 2-D floating numpy array from a numpy array or torch tensor (float32 unless float64)."""
-    if hasattr(x, "detach"):  # torch.Tensor without importing torch
-        x = x.detach().float().cpu().numpy() if x.dtype not in _torch_f64() else x.detach().cpu()
-        x = np.asarray(x)
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
+        t = x.detach().cpu()
+        x = (t if str(t.dtype) == "torch.float64" else t.float()).numpy()
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {arr.shape}")
@@ -42,15 +42,9 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} is empty (shape {arr.shape}); nothing to evaluate")
     if arr.dtype != np.float64:
         arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds NaN or inf values; check the model outputs")
     return np.ascontiguousarray(arr)
-
-
-def _torch_f64() -> tuple[Any, ...]:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency of raycmr
-        return ()
-    return (torch.float64,)
 
 
 def _as_vector(x: Any, name: str) -> np.ndarray:
