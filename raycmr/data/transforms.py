@@ -1,0 +1,239 @@
+"""Batch transforms run inside Ray Data ``map_batches`` tasks: decode, resize, augment, tokenize.
+
+No Ray in here: each function maps one Arrow batch to a dict of NumPy arrays, so it is tested on
+plain tables. Bad records are kept with ``valid=False`` and a ``drop_reason`` (zero-filled
+tensors), so that training workers can count them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raycmr.data.schema import WDS_IMAGE_EXTENSIONS
+
+AUGMENT_SCALE = 1.125  # training images are resized to this x image_size, then randomly cropped
+_LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
+_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left",
+         "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def stable_hash63(text: str) -> int:
+    """A process-independent 63-bit hash (blake2b), non-negative, for ``group`` ids."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def swap_left_right(text: str) -> str:
+    """``"a cat on the left"`` -> ``"a cat on the right"``: keeps captions true to flipped images."""
+    return _LEFT_RIGHT.sub(lambda m: _SWAP[m.group(0)], text)
+
+
+def _column(table: pa.Table, name: str) -> list[Any]:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * len(table)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        return None  # None, NaN from pandas
+    return value
+
+
+def normalize_webdataset(table: pa.Table) -> pa.Table:
+    """Map WebDataset columns (``__key__``, ``jpg``/``png``, ``txt``, ``json``) to shard columns.
+
+    A Parquet-style table (with ``id``) is returned unchanged.
+    """
+    if "id" in table.column_names or "__key__" not in table.column_names:
+        return table
+    n = len(table)
+    image: list[Any] = [None] * n
+    for ext in WDS_IMAGE_EXTENSIONS:
+        for i, value in enumerate(_column(table, ext)):
+            if image[i] is None and isinstance(value, bytes):
+                image[i] = value
+    meta = [_json_meta(v) for v in _column(table, "json")]
+    label = [m.get("label") for m in meta]
+    return pa.table({
+        "id": [_text(k) for k in _column(table, "__key__")],
+        "image": pa.array(image, type=pa.binary()),
+        "caption": pa.array([_text(v) for v in _column(table, "txt")], type=pa.string()),
+        "image_id": pa.array([_opt_str(m.get("image_id")) for m in meta], type=pa.string()),
+        "label": pa.array([_opt_int(v) for v in label], type=pa.int64()),
+        "domain": pa.array([_opt_str(m.get("domain")) for m in meta], type=pa.string()),
+    })
+
+
+def _opt_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _json_meta(value: Any) -> dict[str, Any]:
+    if isinstance(value, (bytes, str)):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _common_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """``group``, ``label`` and ``domain`` of every row."""
+    ids = _column(table, "id")
+    image_ids = _column(table, "image_id")
+    group = np.array(
+        [stable_hash63(str(g) if g not in (None, "") else str(i)) for g, i in zip(image_ids, ids)],
+        dtype=np.int64,
+    )
+    if "label" in table.column_names:
+        label = pc.fill_null(pc.cast(table.column("label"), pa.int64()), -1).to_numpy()
+    else:
+        label = np.full(len(table), -1, dtype=np.int64)
+    domain = np.array([d if isinstance(d, str) else "" for d in _column(table, "domain")],
+                      dtype=object)
+    return {"group": group, "label": label.astype(np.int64), "domain": domain}
+
+
+def row_seed(seed: int, epoch: int, row_id: Any) -> np.random.Generator:
+    """The augmentation RNG of one row in one pass over the data (epoch = Ray execution index)."""
+    return np.random.default_rng([seed & (2**63 - 1), epoch, stable_hash63(str(row_id))])
+
+
+def decode_image(
+    data: bytes, image_size: int, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, bool]:
+    """Decode + resize (+ random crop and flip when ``rng``) to float32 CHW in [-1, 1].
+
+    Returns the array and whether it was flipped. Raises on undecodable bytes.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        target = math.ceil(image_size * AUGMENT_SCALE) if rng is not None else image_size
+        w, h = img.size
+        scale = target / min(w, h)
+        new_w, new_h = max(target, round(w * scale)), max(target, round(h * scale))
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if rng is None:
+        top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+    else:
+        top = int(rng.integers(0, new_h - image_size + 1))
+        left = int(rng.integers(0, new_w - image_size + 1))
+    arr = arr[top:top + image_size, left:left + image_size]
+    flipped = bool(rng is not None and rng.random() < 0.5)
+    if flipped:
+        arr = arr[:, ::-1]
+    out = arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    return out, flipped
+
+
+def preprocess_images(
+    table: pa.Table,
+    *,
+    image_size: int,
+    max_text_len: int,
+    tokenizer: Callable[[], Any],
+    augment: bool,
+    seed: int,
+    epoch: int = 0,
+) -> dict[str, np.ndarray]:
+    """Image-caption batch -> ``pixel_values``, ``input_ids``, ``attention_mask``, ``group``,
+    ``label``, ``domain``, ``valid``, ``drop_reason``.
+
+    ``tokenizer`` is a zero-argument callable returning a (cached) HF tokenizer. With
+    ``augment``, images get a seeded random crop and horizontal flip; a flipped image's caption
+    has "left" and "right" swapped so that it still describes the image.
+    """
+    table = normalize_webdataset(table)
+    n = len(table)
+    pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
+    valid = np.ones(n, dtype=bool)
+    reasons = np.array([""] * n, dtype=object)
+    ids = _column(table, "id")
+    images = _column(table, "image")
+    captions = [_text(c) for c in _column(table, "caption")]
+    texts: list[str] = []
+    for i in range(n):
+        text = captions[i].strip() if captions[i] is not None else ""
+        reason = ""
+        if images[i] is None:
+            reason = "null_image"
+        else:
+            rng = row_seed(seed, epoch, ids[i]) if augment else None
+            try:
+                pixels[i], flipped = decode_image(images[i], image_size, rng)
+                if flipped:
+                    text = swap_left_right(text)
+            except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+                reason = "undecodable_image"
+        if not reason and not text:
+            reason = "empty_caption"
+        if reason:
+            valid[i], reasons[i] = False, reason
+            pixels[i] = 0.0
+            text = ""
+        texts.append(text)
+    tok = tokenizer()(texts, padding="max_length", truncation=True, max_length=max_text_len,
+                      return_tensors="np")
+    input_ids = tok["input_ids"].astype(np.int64)
+    attention = tok["attention_mask"].astype(np.int64)
+    input_ids[~valid] = 0
+    attention[~valid] = 0
+    return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention,
+            **_common_columns(table), "valid": valid, "drop_reason": reasons}
+
+
+def _feature_matrix(column: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix [n, dim] float32 zero-filled, reason per row: "" / null / bad dim / NaN)``."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
+    lengths = lengths.astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.float32)
+    starts = np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))[:-1]])
+    out = np.zeros((n, dim), dtype=np.float32)
+    reason = np.array([""] * n, dtype=object)
+    ok = lengths == dim
+    if ok.any():
+        out[ok] = flat[starts[ok, None] + np.arange(dim)]
+    reason[lengths == -1] = "null_feature"
+    reason[(lengths != -1) & ~ok] = "bad_feature_dim"
+    finite = np.isfinite(out).all(axis=1)
+    reason[ok & ~finite] = "nan_feature"
+    out[reason != ""] = 0.0
+    return out, reason
+
+
+def preprocess_features(
+    table: pa.Table, *, image_dim: int, text_dim: int
+) -> dict[str, np.ndarray]:
+    """Feature batch -> ``image_feat``, ``text_feat`` (float32), ``group``, ``label``,
+    ``domain``, ``valid``, ``drop_reason``. Rows with null, NaN/inf or wrong-length vectors are
+    marked invalid (``null_feature``, ``nan_feature``, ``bad_feature_dim``)."""
+    img, img_reason = _feature_matrix(table.column("image_feat"), image_dim)
+    txt, txt_reason = _feature_matrix(table.column("text_feat"), text_dim)
+    reasons = np.where(img_reason != "", img_reason, txt_reason).astype(object)
+    valid = reasons == ""
+    img[~valid] = 0.0
+    txt[~valid] = 0.0
+    return {"image_feat": img, "text_feat": txt, **_common_columns(table),
+            "valid": valid, "drop_reason": reasons}
