@@ -76,9 +76,14 @@ def _stable_ranks(scores: np.ndarray, target_cols: np.ndarray) -> np.ndarray:
     """
     rows = np.arange(scores.shape[0])
     target = scores[rows, target_cols][:, None]
-    greater = (scores > target).sum(axis=1)
-    before = (scores == target) & (np.arange(scores.shape[1])[None, :] < target_cols[:, None])
-    return 1 + greater + before.sum(axis=1)
+    ranks = 1 + np.count_nonzero(scores > target, axis=1)
+    # Ties beyond the target itself are rare: resolve them only in the rows that have them.
+    tied = np.flatnonzero(np.count_nonzero(scores == target, axis=1) > 1)
+    if tied.size:
+        sub = scores[tied] == target[tied]
+        before = np.arange(scores.shape[1])[None, :] < target_cols[tied, None]
+        ranks[tied] += np.count_nonzero(sub & before, axis=1)
+    return ranks
 
 
 def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
