@@ -1,0 +1,212 @@
+"""Gallery search side by side: exact FAISS (IndexFlatIP) vs IVF vs HNSW vs numpy top-k.
+
+For each gallery size N (random unit vectors, dim 256 by default, and optionally real
+embeddings from ``--embeddings FILE.npy``) it measures, on the same query set:
+
+* ``numpy``: ``scores = Q @ X.T`` then ``argpartition`` top-k (blocks of queries), the baseline
+  a plain evaluation loop would use;
+* ``flat``: exact ``IndexFlatIP`` (the reference for recall);
+* ``ivf``: ``IndexIVFFlat`` trained on the gallery (``nlist`` from IndexConfig, clamped for small
+  N), one row per ``--nprobe``;
+* ``hnsw``: ``IndexHNSWFlat`` (``M`` from IndexConfig), one row per ``--ef-search``.
+
+Columns: build seconds (timed once), search seconds for all queries (median of ``--repeats``
+runs after one warm-up), queries/s, recall@k against the exact flat search
+(``|approx_top_k & exact_top_k| / k`` averaged over queries) and ``x_flat = qps / qps_flat``.
+Random unit vectors in 256 dimensions are close to the worst case for IVF and HNSW (no cluster
+structure), so their recall here is a lower bound for real embeddings.
+
+    python benchmarks/bench_index.py --small            # N = 20k, 100k
+    python benchmarks/bench_index.py                    # N = 100k, 1M (minutes on 2 cores)
+    python benchmarks/bench_index.py --embeddings gallery.npy --sizes 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+
+try:  # `python -m benchmarks.bench_index` from the repo root
+    from benchmarks.common import median_of, print_table, set_threads, write_result
+except ImportError:  # `python benchmarks/bench_index.py`
+    from common import median_of, print_table, set_threads, write_result
+
+from raycmr.config import IndexConfig
+from raycmr.evaluate.index import build_index, clamp_nlist, recall_at_k, search
+
+NAME = "bench_index"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cfg = IndexConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000],
+                   help="gallery sizes of random unit vectors (0 = none)")
+    p.add_argument("--small", action="store_true", help="sizes 20000 and 100000")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5, help="timed search runs (median)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--nlist", type=int, default=cfg.nlist)
+    p.add_argument("--nprobe", type=int, nargs="+", default=[cfg.nprobe, 4 * cfg.nprobe, 16 * cfg.nprobe])
+    p.add_argument("--hnsw-m", type=int, default=cfg.hnsw_m)
+    p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--numpy-block", type=int, default=128, help="queries per numpy matmul block")
+    p.add_argument("--methods", nargs="+", default=["numpy", "flat", "ivf", "hnsw"],
+                   choices=["numpy", "flat", "ivf", "hnsw"])
+    p.add_argument("--embeddings", default="",
+                   help=".npy [N, d] real embeddings: the last --queries rows query the rest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.small:
+        args.sizes = [20_000, 100_000]
+    args.sizes = [n for n in args.sizes if n > 0]
+    if not args.sizes and not args.embeddings:
+        p.error("nothing to measure: give --sizes or --embeddings")
+    return args
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def random_unit(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty((n, dim), dtype=np.float32)
+    for a in range(0, n, 100_000):  # in chunks: no float64 copy of a 1M x 256 matrix
+        b = min(a + 100_000, n)
+        out[a:b] = rng.standard_normal((b - a, dim), dtype=np.float32)
+    return unit_rows(out)
+
+
+def numpy_topk(gallery: np.ndarray, queries: np.ndarray, k: int,
+               block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by ``Q @ X.T`` and ``argpartition``, ``block`` queries at a time."""
+    q_n = queries.shape[0]
+    scores = np.empty((q_n, k), dtype=np.float32)
+    ids = np.empty((q_n, k), dtype=np.int64)
+    for a in range(0, q_n, block):
+        b = min(a + block, q_n)
+        s = queries[a:b] @ gallery.T
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        part_s = np.take_along_axis(s, part, axis=1)
+        order = np.argsort(-part_s, axis=1, kind="stable")
+        ids[a:b] = np.take_along_axis(part, order, axis=1)
+        scores[a:b] = np.take_along_axis(part_s, order, axis=1)
+    return scores, ids
+
+
+def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
+                  args: argparse.Namespace) -> list[dict[str, Any]]:
+    n, k = gallery.shape[0], args.k
+    rows: list[dict[str, Any]] = []
+
+    def row(method: str, params: str, build_s: float | None, search_s: float,
+            ids: np.ndarray | None) -> dict[str, Any]:
+        r = {"data": data, "N": n, "dim": gallery.shape[1], "method": method, "params": params,
+             "build_s": build_s, "search_s": search_s, "qps": queries.shape[0] / search_s,
+             f"recall@{k}": recall_at_k(ids, exact_ids, k) if ids is not None else None}
+        rows.append(r)
+        print(f"  {data} N={n:,} {method:5s} {params:22s} build={build_s or 0:7.2f}s "
+              f"search={search_s:7.3f}s qps={r['qps']:10.1f} recall@{k}={r[f'recall@{k}']:.3f}",
+              flush=True)
+        return r
+
+    def timed_search(index: faiss.Index) -> float:
+        return median_of(lambda: search(index, queries, k), args.repeats)
+
+    # Exact FAISS first: it is the reference for every recall.
+    t0 = time.perf_counter()
+    flat = build_index(gallery, "flat")
+    flat_build = time.perf_counter() - t0
+    _, exact_ids = search(flat, queries, k)
+    if "flat" in args.methods:
+        row("flat", "IndexFlatIP", flat_build, timed_search(flat), exact_ids)
+    del flat
+
+    if "numpy" in args.methods:
+        _, np_ids = numpy_topk(gallery, queries, k, args.numpy_block)
+        t = median_of(lambda: numpy_topk(gallery, queries, k, args.numpy_block), args.repeats)
+        row("numpy", f"matmul+argpartition b={args.numpy_block}", None, t, np_ids)
+
+    if "ivf" in args.methods:
+        nlist = clamp_nlist(args.nlist, n)
+        t0 = time.perf_counter()
+        ivf = build_index(gallery, "ivf", nlist=nlist, nprobe=args.nprobe[0])
+        ivf_build = time.perf_counter() - t0
+        for nprobe in args.nprobe:
+            ivf.nprobe = min(nprobe, nlist)
+            _, ids = search(ivf, queries, k)
+            row("ivf", f"nlist={nlist} nprobe={ivf.nprobe}", ivf_build, timed_search(ivf), ids)
+        del ivf
+
+    if "hnsw" in args.methods:
+        t0 = time.perf_counter()
+        hnsw = build_index(gallery, "hnsw", hnsw_m=args.hnsw_m,
+                           ef_construction=args.ef_construction, ef_search=args.ef_search[0])
+        hnsw_build = time.perf_counter() - t0
+        for ef in args.ef_search:
+            hnsw.hnsw.efSearch = ef
+            _, ids = search(hnsw, queries, k)
+            row("hnsw", f"M={args.hnsw_m} efC={args.ef_construction} ef={ef}", hnsw_build,
+                timed_search(hnsw), ids)
+        del hnsw
+    gc.collect()
+
+    flat_rows = [r for r in rows if r["method"] == "flat"]
+    base = flat_rows[0]["qps"] if flat_rows else None
+    for r in rows:
+        r["x_flat"] = r["qps"] / base if base else None
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = set_threads(args.threads)
+    print(f"threads pinned to {args.threads}: {threads}; queries={args.queries} k={args.k} "
+          f"repeats={args.repeats} (median)", flush=True)
+    rng = np.random.default_rng(args.seed)
+    rows: list[dict[str, Any]] = []
+    queries = random_unit(args.queries, args.dim, rng)
+    for n in args.sizes:
+        gallery = random_unit(n, args.dim, rng)
+        rows += bench_dataset("random", gallery, queries, args)
+        del gallery
+        gc.collect()
+    if args.embeddings:
+        emb = unit_rows(np.load(args.embeddings))
+        if emb.ndim != 2 or emb.shape[0] <= args.queries:
+            raise SystemExit(f"{args.embeddings}: need a 2-D array with more than "
+                             f"{args.queries} rows, got shape {emb.shape}")
+        perm = rng.permutation(emb.shape[0])
+        real_q, real_g = emb[perm[:args.queries]], emb[perm[args.queries:]]
+        rows += bench_dataset(os.path.basename(args.embeddings), np.ascontiguousarray(real_g),
+                              np.ascontiguousarray(real_q), args)
+    meta = {k: v for k, v in vars(args).items()}
+    meta.update({"threads_applied": threads, "search_timing": f"median of {args.repeats} after "
+                 "1 warm-up, all queries in one call", "build_timing": "once",
+                 "faiss_version": faiss.__version__})
+    print()
+    print_table(rows, ["data", "N", "method", "params", "build_s", "search_s", "qps",
+                       f"recall@{args.k}", "x_flat"],
+                formats={f"recall@{args.k}": ".3f", "x_flat": ".2f", "qps": ",.0f",
+                         "build_s": ".2f", "search_s": ".3f"},
+                title=f"index search, dim={args.dim}, {args.queries} queries, k={args.k}, "
+                      f"{args.threads} threads")
+    path = write_result(args.out, rows, meta)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
