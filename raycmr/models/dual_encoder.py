@@ -35,7 +35,8 @@ class DualEncoder(nn.Module):
         self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim)
         self.shared = _shared_layers(cfg.embed_dim, cfg.shared_layers)
         self.classifier = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
         self.features = cfg.image.kind == "mlp"
 
     def encode_image(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
