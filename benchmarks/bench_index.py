@@ -1,7 +1,8 @@
 """Gallery search side by side: exact FAISS (IndexFlatIP) vs IVF vs HNSW vs numpy top-k.
 
-For each gallery size N (random unit vectors, dim 256 by default, and optionally real
-embeddings from ``--embeddings FILE.npy``) it measures, on the same query set:
+For each gallery size N (random unit vectors, dim 256 by default; ``--data lowrank`` adds unit
+vectors of low intrinsic dimension; ``--embeddings FILE.npy`` real embeddings) it measures, on
+the same query set:
 
 * ``numpy``: ``scores = Q @ X.T`` then ``argpartition`` top-k (blocks of queries), the baseline
   a plain evaluation loop would use;
@@ -14,7 +15,8 @@ Columns: build seconds (timed once), search seconds for all queries (median of `
 runs after one warm-up), queries/s, recall@k against the exact flat search
 (``|approx_top_k & exact_top_k| / k`` averaged over queries) and ``x_flat = qps / qps_flat``.
 Random unit vectors in 256 dimensions are close to the worst case for IVF and HNSW (no cluster
-structure), so their recall here is a lower bound for real embeddings.
+structure: a query's nearest neighbour is barely closer than a random item), so their recall
+there is a lower bound; ``lowrank`` and real embeddings show the usual picture.
 
     python benchmarks/bench_index.py --small            # N = 20k, 100k
     python benchmarks/bench_index.py                    # N = 100k, 1M (minutes on 2 cores)
@@ -50,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000],
                    help="gallery sizes of random unit vectors (0 = none)")
     p.add_argument("--small", action="store_true", help="sizes 20000 and 100000")
+    p.add_argument("--data", nargs="+", default=["random"], choices=["random", "lowrank"],
+                   help="random: isotropic unit vectors (worst case for ANN); lowrank: unit "
+                   "vectors near a random --intrinsic-dim subspace (closer to real embeddings)")
+    p.add_argument("--intrinsic-dim", type=int, default=32)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
@@ -81,11 +87,18 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def random_unit(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+def random_unit(n: int, dim: int, rng: np.random.Generator,
+                basis: np.ndarray | None = None, noise: float = 0.1) -> np.ndarray:
+    """``n`` unit vectors: isotropic Gaussian directions (``basis=None``), or ``z @ basis + noise
+    * eps`` with ``z ~ N(0, I_r)`` and ``basis`` [r, dim] (low intrinsic dimension r)."""
     out = np.empty((n, dim), dtype=np.float32)
     for a in range(0, n, 100_000):  # in chunks: no float64 copy of a 1M x 256 matrix
         b = min(a + 100_000, n)
-        out[a:b] = rng.standard_normal((b - a, dim), dtype=np.float32)
+        if basis is None:
+            out[a:b] = rng.standard_normal((b - a, dim), dtype=np.float32)
+        else:
+            z = rng.standard_normal((b - a, basis.shape[0]), dtype=np.float32)
+            out[a:b] = z @ basis + noise * rng.standard_normal((b - a, dim), dtype=np.float32)
     return unit_rows(out)
 
 
@@ -177,12 +190,18 @@ def main(argv: list[str] | None = None) -> int:
           f"repeats={args.repeats} (median)", flush=True)
     rng = np.random.default_rng(args.seed)
     rows: list[dict[str, Any]] = []
-    queries = random_unit(args.queries, args.dim, rng)
-    for n in args.sizes:
-        gallery = random_unit(n, args.dim, rng)
-        rows += bench_dataset("random", gallery, queries, args)
-        del gallery
-        gc.collect()
+    for data in args.data:
+        basis = None
+        if data == "lowrank":
+            r = args.intrinsic_dim
+            basis = rng.standard_normal((r, args.dim), dtype=np.float32) / np.float32(np.sqrt(r))
+        queries = random_unit(args.queries, args.dim, rng, basis)
+        for n in args.sizes:
+            gallery = random_unit(n, args.dim, rng, basis)
+            rows += bench_dataset(data if basis is None else f"lowrank{args.intrinsic_dim}",
+                                  gallery, queries, args)
+            del gallery
+            gc.collect()
     if args.embeddings:
         emb = unit_rows(np.load(args.embeddings))
         if emb.ndim != 2 or emb.shape[0] <= args.queries:
