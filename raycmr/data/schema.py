@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycmr.data.paths import ShardReadError, detect_format, resolve_paths, split_uri
+from raycmr.data.paths import (
+    PARQUET_EXTENSIONS,
+    SHARD_EXTENSIONS,
+    TAR_EXTENSIONS,
+    ShardReadError,
+    detect_format,
+    resolve_paths,
+    split_uri,
+)
 
 OPTIONAL_COLUMNS = ("image_id", "label", "domain")
 REQUIRED_COLUMNS = {
@@ -167,7 +175,8 @@ def check_shards(paths: list[str] | str, kind: str, fmt: str = "auto") -> ShardI
     Raises :class:`ShardReadError` (missing path, unreadable file) or :class:`ShardSchemaError`
     (missing or mistyped columns), each with a one-line message naming the file and the fix.
     """
-    files = resolve_paths(paths)
+    extensions = {"parquet": PARQUET_EXTENSIONS, "webdataset": TAR_EXTENSIONS}
+    files = resolve_paths(paths, extensions.get(fmt, SHARD_EXTENSIONS))
     fmt = detect_format(files, fmt)
     if fmt == "webdataset":
         return ShardInfo(files, fmt, check_webdataset(files[0], kind))

@@ -34,9 +34,9 @@ class WriteSummary:
     rows: int = 0
     shards: int = 0
     bytes: int = 0
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list, repr=False)
     rejected: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few records
+    examples: dict[str, list[str]] = field(default_factory=dict, repr=False)  # first few by reason
 
     def merge(self, other: WriteSummary) -> WriteSummary:
         """A new summary adding ``other`` to this one."""
