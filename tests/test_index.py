@@ -75,6 +75,16 @@ def test_ivf_nlist_is_clamped_for_small_n(data) -> None:
     np.testing.assert_array_equal(ids, exact)
 
 
+def test_missing_hits_are_marked(data) -> None:
+    # One probed cell of ~39 vectors cannot fill k=100: the rest is id -1, score -FLT_MAX.
+    index = build_index(data[0][:390], "ivf", nlist=10, nprobe=1)
+    scores, ids = search(index, data[1][:3], 100)
+    missing = ids == -1
+    assert missing.any() and (~missing).any()
+    assert np.all(scores[missing] == -np.finfo(np.float32).max)
+    assert np.all(missing[:, 1:] >= missing[:, :-1])  # real hits first, fillers at the end
+
+
 def test_build_from_config(data) -> None:
     index = build_index_from_config(data[0][:1000], IndexConfig(kind="hnsw", hnsw_m=8))
     assert index_kind(index) == "hnsw" and index.ntotal == 1000

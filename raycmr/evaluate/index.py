@@ -123,7 +123,8 @@ def search(index: faiss.Index, queries: Any, k: int) -> tuple[np.ndarray, np.nda
     """Top-``k`` by inner product: ``(scores [Q, k] float32, ids [Q, k] int64)``, best first.
 
     ``k`` is clamped to the index size. Approximate indexes may return fewer than k hits for a
-    query; the missing slots hold id -1 and score -inf (FAISS's convention for IP is -3.4e38).
+    query (IVF when the probed cells hold fewer than k vectors); the missing slots hold id -1
+    and score -3.4028235e38 (``-FLT_MAX``, FAISS's filler for inner product).
     """
     q = _as_float32(queries, "queries")
     if q.shape[1] != index.d:
