@@ -186,6 +186,7 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = set_threads(args.threads)
+    load_at_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     print(f"threads pinned to {args.threads}: {threads}; queries={args.queries} k={args.k} "
           f"repeats={args.repeats} (median)", flush=True)
     rng = np.random.default_rng(args.seed)
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {k: v for k, v in vars(args).items()}
     meta.update({"threads_applied": threads, "search_timing": f"median of {args.repeats} after "
                  "1 warm-up, all queries in one call", "build_timing": "once",
+                 "loadavg_at_start": load_at_start,
                  "faiss_version": faiss.__version__})
     print()
     print_table(rows, ["data", "N", "method", "params", "build_s", "search_s", "qps",

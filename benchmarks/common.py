@@ -98,6 +98,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+    if hasattr(os, "getloadavg"):  # other work on a shared machine skews every timing
+        info["loadavg_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]
     for package in ("numpy", "torch", "ray", "faiss-cpu", "faiss-gpu", "deepspeed"):
         version = _version(package)
         if version is not None:
