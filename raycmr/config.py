@@ -101,6 +101,7 @@ class DCKTConfig:
     rounds: int = 3
     alpha: float = 0.8  # ceiling of the per-pair selection probability
     epochs_per_round: int = 5
+    source_classes: int = 0  # source classifier outputs; 0 = max source label + 1
 
 
 @dataclass
