@@ -73,8 +73,13 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
 
 
 def train(cfg: Config):
-    """Run training to the end; returns Ray Train's Result (metrics, checkpoint, path)."""
+    """Run training to the end; returns Ray Train's Result (metrics, checkpoint, path), or with
+    ``dckt.enabled`` the DCKT rounds' :class:`~raycmr.train.dckt.DCKTResult` (same fields)."""
     from raycmr.runtime import init_ray
 
+    if cfg.dckt.enabled:
+        from raycmr.train.dckt import run_dckt
+
+        return run_dckt(cfg)
     init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)
     return build_trainer(cfg).fit()
