@@ -11,9 +11,12 @@ the same query set:
   N), one row per ``--nprobe``;
 * ``hnsw``: ``IndexHNSWFlat`` (``M`` from IndexConfig), one row per ``--ef-search``.
 
-Columns: build seconds (timed once), search seconds for all queries (median of ``--repeats``
-runs after one warm-up), queries/s, recall@k against the exact flat search
-(``|approx_top_k & exact_top_k| / k`` averaged over queries) and ``x_flat = qps / qps_flat``.
+Every index is built once (build seconds timed once); then all searches run interleaved:
+``--repeats`` rounds, each calling every variant once with all queries, after a warm-up round.
+Columns: search seconds (median over rounds), queries/s, recall@k against the exact flat search
+(``|approx_top_k & exact_top_k| / k`` averaged over queries) and
+``x_flat = median_r (t_flat[r] / t_variant[r])``, the speed-up over exact FAISS taken within each
+round so that background load on a shared machine hits both sides of the ratio alike.
 Random unit vectors in 256 dimensions are close to the worst case for IVF and HNSW (no cluster
 structure: a query's nearest neighbour is barely closer than a random item), so their recall
 there is a lower bound; ``lowrank`` and real embeddings show the usual picture.
@@ -28,17 +31,19 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faiss
 import numpy as np
 
 try:  # `python -m benchmarks.bench_index` from the repo root
-    from benchmarks.common import median_of, print_table, set_threads, write_result
+    from benchmarks.common import print_table, set_threads, time_interleaved, write_result
 except ImportError:  # `python benchmarks/bench_index.py`
-    from common import median_of, print_table, set_threads, write_result
+    from common import print_table, set_threads, time_interleaved, write_result
 
 from raycmr.config import IndexConfig
 from raycmr.evaluate.index import build_index, clamp_nlist, recall_at_k, search
@@ -121,65 +126,75 @@ def numpy_topk(gallery: np.ndarray, queries: np.ndarray, k: int,
 
 def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
                   args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Build every index once, then time all searches interleaved round by round."""
     n, k = gallery.shape[0], args.k
-    rows: list[dict[str, Any]] = []
+    # (method, params, build seconds, search function) per variant.
+    variants: list[tuple[str, str, float | None, Callable[[], Any]]] = []
 
-    def row(method: str, params: str, build_s: float | None, search_s: float,
-            ids: np.ndarray | None) -> dict[str, Any]:
-        r = {"data": data, "N": n, "dim": gallery.shape[1], "method": method, "params": params,
-             "build_s": build_s, "search_s": search_s, "qps": queries.shape[0] / search_s,
-             f"recall@{k}": recall_at_k(ids, exact_ids, k) if ids is not None else None}
-        rows.append(r)
-        print(f"  {data} N={n:,} {method:5s} {params:22s} build={build_s or 0:7.2f}s "
-              f"search={search_s:7.3f}s qps={r['qps']:10.1f} recall@{k}={r[f'recall@{k}']:.3f}",
-              flush=True)
-        return r
-
-    def timed_search(index: faiss.Index) -> float:
-        return median_of(lambda: search(index, queries, k), args.repeats)
+    def built(kind: str, **params: Any) -> tuple[faiss.Index, float]:
+        t0 = time.perf_counter()
+        index = build_index(gallery, kind, **params)
+        seconds = time.perf_counter() - t0
+        print(f"  {data} N={n:,}: built {kind} in {seconds:.2f}s", flush=True)
+        return index, seconds
 
     # Exact FAISS first: it is the reference for every recall.
-    t0 = time.perf_counter()
-    flat = build_index(gallery, "flat")
-    flat_build = time.perf_counter() - t0
+    flat, flat_build = built("flat")
     _, exact_ids = search(flat, queries, k)
     if "flat" in args.methods:
-        row("flat", "IndexFlatIP", flat_build, timed_search(flat), exact_ids)
-    del flat
-
+        variants.append(("flat", "IndexFlatIP", flat_build, lambda: search(flat, queries, k)))
     if "numpy" in args.methods:
-        _, np_ids = numpy_topk(gallery, queries, k, args.numpy_block)
-        t = median_of(lambda: numpy_topk(gallery, queries, k, args.numpy_block), args.repeats)
-        row("numpy", f"matmul+argpartition b={args.numpy_block}", None, t, np_ids)
-
+        variants.append(("numpy", f"matmul+argpartition b={args.numpy_block}", None,
+                         lambda: numpy_topk(gallery, queries, k, args.numpy_block)))
     if "ivf" in args.methods:
         nlist = clamp_nlist(args.nlist, n)
-        t0 = time.perf_counter()
-        ivf = build_index(gallery, "ivf", nlist=nlist, nprobe=args.nprobe[0])
-        ivf_build = time.perf_counter() - t0
-        for nprobe in args.nprobe:
-            ivf.nprobe = min(nprobe, nlist)
-            _, ids = search(ivf, queries, k)
-            row("ivf", f"nlist={nlist} nprobe={ivf.nprobe}", ivf_build, timed_search(ivf), ids)
-        del ivf
+        ivf, ivf_build = built("ivf", nlist=nlist, nprobe=args.nprobe[0])
 
+        def ivf_search(nprobe: int) -> Callable[[], Any]:
+            def run() -> Any:
+                ivf.nprobe = nprobe
+                return search(ivf, queries, k)
+            return run
+
+        for nprobe in sorted({min(p, nlist) for p in args.nprobe}):
+            variants.append(("ivf", f"nlist={nlist} nprobe={nprobe}", ivf_build,
+                             ivf_search(nprobe)))
     if "hnsw" in args.methods:
-        t0 = time.perf_counter()
-        hnsw = build_index(gallery, "hnsw", hnsw_m=args.hnsw_m,
-                           ef_construction=args.ef_construction, ef_search=args.ef_search[0])
-        hnsw_build = time.perf_counter() - t0
-        for ef in args.ef_search:
-            hnsw.hnsw.efSearch = ef
-            _, ids = search(hnsw, queries, k)
-            row("hnsw", f"M={args.hnsw_m} efC={args.ef_construction} ef={ef}", hnsw_build,
-                timed_search(hnsw), ids)
-        del hnsw
-    gc.collect()
+        hnsw, hnsw_build = built("hnsw", hnsw_m=args.hnsw_m,
+                                 ef_construction=args.ef_construction, ef_search=args.ef_search[0])
 
-    flat_rows = [r for r in rows if r["method"] == "flat"]
-    base = flat_rows[0]["qps"] if flat_rows else None
-    for r in rows:
-        r["x_flat"] = r["qps"] / base if base else None
+        def hnsw_search(ef: int) -> Callable[[], Any]:
+            def run() -> Any:
+                hnsw.hnsw.efSearch = ef
+                return search(hnsw, queries, k)
+            return run
+
+        for ef in args.ef_search:
+            variants.append(("hnsw", f"M={args.hnsw_m} efC={args.ef_construction} ef={ef}",
+                             hnsw_build, hnsw_search(ef)))
+
+    recalls = {params: recall_at_k(fn()[1], exact_ids, k) for _, params, _, fn in variants}
+    times = time_interleaved({params: fn for _, params, _, fn in variants}, args.repeats,
+                             warmup=0)  # the recall calls above were the warm-up
+    flat_times = times.get("IndexFlatIP")
+    rows: list[dict[str, Any]] = []
+    for method, params, build_s, _ in variants:
+        t = times[params]
+        search_s = statistics.median(t)
+        rows.append({
+            "data": data, "N": n, "dim": gallery.shape[1], "method": method, "params": params,
+            "build_s": build_s, "search_s": search_s, "qps": queries.shape[0] / search_s,
+            f"recall@{k}": recalls[params],
+            # speed relative to exact FAISS, taken within each round, then the median
+            "x_flat": (statistics.median(f / m for f, m in zip(flat_times, t))
+                       if flat_times else None),
+            "search_s_all": t,
+        })
+        print(f"  {data} N={n:,} {method:5s} {params:26s} search={search_s:7.3f}s "
+              f"qps={rows[-1]['qps']:10.1f} recall@{k}={recalls[params]:.3f} "
+              f"x_flat={rows[-1]['x_flat'] or 0:.2f}", flush=True)
+    del variants
+    gc.collect()
     return rows
 
 
@@ -213,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_dataset(os.path.basename(args.embeddings), np.ascontiguousarray(real_g),
                               np.ascontiguousarray(real_q), args)
     meta = {k: v for k, v in vars(args).items()}
-    meta.update({"threads_applied": threads, "search_timing": f"median of {args.repeats} after "
-                 "1 warm-up, all queries in one call", "build_timing": "once",
+    meta.update({"threads_applied": threads,
+                 "search_timing": f"all queries in one call; {args.repeats} rounds after a warm-up "
+                 "round, every variant once per round (interleaved); search_s = median; x_flat = "
+                 "median over rounds of t_flat / t_variant", "build_timing": "once",
                  "loadavg_at_start": load_at_start,
                  "faiss_version": faiss.__version__})
     print()

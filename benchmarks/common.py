@@ -43,6 +43,29 @@ def median_of(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 5,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """Wall-clock seconds of every ``fns[name]()`` over ``repeats`` rounds, one call of each
+    function per round (after ``warmup`` untimed rounds).
+
+    Interleaving puts the variants being compared under the same background load, so ratios
+    taken within a round (``median_r t_a[r] / t_b[r]``) survive a busy shared machine far better
+    than medians measured one variant after the other.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def set_threads(n: int) -> dict[str, int]:
     """Pin FAISS (OpenMP), torch and the BLAS libraries loaded so far to ``n`` threads.
 
