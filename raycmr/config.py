@@ -135,6 +135,7 @@ class EvalConfig:
     split: str = "test"  # "val" or "test"
     batch_size: int = 256
     metric: str = "rsum"  # validation metric for model selection: "rsum" or "map"
+    cache_val_rows: int = 20_000  # decode the validation set once when it has at most this many
 
 
 @dataclass

@@ -2,7 +2,6 @@
 synthetic shards with planted bad records; then resume from its checkpoint, and recovery from a
 worker failure, each continuing at the saved step."""
 
-import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,11 +22,11 @@ def _tiny_overrides(shards, storage, name):
         f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
         "data.image_size=32", "data.max_text_len=16", "data.shuffle_buffer=32",
         "model.embed_dim=32",
-        "model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
-        " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}",
-        "model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
-        " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
-        " max_position_embeddings: 32}",
+        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
+        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
+         " max_position_embeddings: 32}"),
         "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
         "train.warmup_steps=2", "train.log_every=2", "train.zero_stage=1", "train.max_failures=0",
         f"train.storage_path={storage}", f"train.name={name}", "train.torch_threads=1",
@@ -40,7 +39,7 @@ def shards(tmp_path_factory):
     # 2 workers x 4 batches x 16 rows = 128 rows per epoch, BAD_ROWS of them bad
     write_synthetic_splits(root, n_train=128 - BAD_ROWS, n_val=48, n_test=48, seed=3,
                            image_size=32, rows_per_shard=64)
-    first = sorted((root / "train").glob("*.parquet"))[0]
+    first = min((root / "train").glob("*.parquet"))
     table = pq.read_table(first)
     good = table.slice(0, 1).to_pylist()[0]
     bad = []

@@ -56,6 +56,6 @@ def embed_split(paths: list[str], cfg: Config, state_dict: dict, *, num_actors: 
     )
     parts: dict[str, list[np.ndarray]] = {"img": [], "txt": [], "group": [], "label": []}
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in parts:
-            parts[k].append(batch[k])
+        for k, chunks in parts.items():
+            chunks.append(batch[k])
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}

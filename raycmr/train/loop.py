@@ -9,10 +9,10 @@ import contextlib
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.data
 import ray.train
 import torch
 
@@ -84,6 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
 
     cfg = config_from_dict(loop_config["cfg"])
+    ray.data.DataContext.get_current().enable_progress_bars = False
     train_rows = int(loop_config["train_rows"])
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)

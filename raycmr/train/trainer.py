@@ -42,7 +42,10 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
     datasets = {"train": build_dataset(cfg.data.train, cfg.data, training=True,
                                        seed=cfg.train.seed)}
     if cfg.data.val:
-        datasets["val"] = build_dataset(cfg.data.val, cfg.data, training=False)
+        val = build_dataset(cfg.data.val, cfg.data, training=False)
+        if count_rows(cfg.data.val) <= cfg.eval.cache_val_rows:
+            val = val.materialize()  # small: decode once, not once per epoch and worker
+        datasets["val"] = val
     metric = validation_metric(cfg)
     run_config = RunConfig(
         name=name or run_name(cfg),

@@ -1,0 +1,87 @@
+"""``raycmr tune``: hyperparameter search over whole distributed training runs.
+
+    raycmr tune --config wikipedia tune.num_samples=16 tune.max_concurrent=2
+    raycmr tune --config my.yaml 'tune.space={loss.margin: {loguniform: [0.05, 0.5]}}'
+    raycmr tune --resume runs/tune/tune-20250101-120000      # continue an interrupted search
+    raycmr tune --report runs/tune/tune-20250101-120000      # rewrite table, plot, best config
+
+The search space is ``tune.space`` in the config (see :mod:`raycmr.tune.spaces`); when empty,
+the default space of margins, loss weights and alphas for what the config enables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raycmr.config import ConfigError, load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``raycmr tune`` flags."""
+    p.add_argument("--config", default=None,
+                   help="a shipped config name (quickstart, wikipedia, ...) or a YAML path")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue the interrupted experiment in PATH (finished trials are kept)")
+    p.add_argument("--retry-errored", action="store_true",
+                   help="with --resume: also continue errored trials from their last checkpoint")
+    p.add_argument("--report", default=None, metavar="PATH",
+                   help="write the results of the experiment in PATH again, without running")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. tune.num_samples=8 train.epochs=10")
+
+
+def summarize(exp, out=sys.stdout) -> dict | None:
+    """Write the results table, plot, best config and best.json into the experiment dir and
+    print them; returns the contents of best.json (None when no trial reported the metric)."""
+    from raycmr.tune import report
+    from raycmr.tune.search import max_epochs
+    from raycmr.tune.spaces import is_log
+
+    params = list(exp.specs)
+    frame = report.trial_frame(exp.results, params, exp.metric, max_epochs(exp.cfg, exp.specs))
+    paths = report.write_report(frame, exp.path, exp.metric, params,
+                                [k for k, s in exp.specs.items() if is_log(s)])
+    best = report.write_best(exp.cfg, frame, exp.path, exp.metric, params)
+    print(f"\n{len(frame)} trials, ranked by {exp.metric} (best epoch of each):", file=out)
+    print(report.format_table(frame, exp.metric, params), file=out)
+    print(f"\nexperiment: {exp.path}", file=out)
+    print(f"table:      {paths['csv']} (+ {report.RESULTS_PARQUET})", file=out)
+    print(f"plot:       {paths['plot']}", file=out)
+    if best is None:
+        print("no trial reported a validation metric: see the error column", file=out)
+        return None
+    print(f"best trial: {best['trial_id']}  {exp.metric} {best['value']:.4f} at epoch "
+          f"{best['best_epoch']} of {best['epochs']}  {best['params']}", file=out)
+    print(f"best config: {best['config']}   (raycmr train --config {best['config']})", file=out)
+    print(f"checkpoint:  {best['checkpoint'] or '(none saved)'}", file=out)
+    return best
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start, resume or report an experiment; 0 when some trial reported the metric."""
+    from raycmr.tune import runner
+
+    chosen = [flag for flag, value in (("--resume", args.resume), ("--report", args.report))
+              if value]
+    if len(chosen) > 1:
+        raise ConfigError("give only one of --resume and --report")
+    if chosen and (args.config or args.overrides):
+        raise ConfigError(f"{chosen[0]} continues an experiment with the config it started "
+                          "from: drop --config and the overrides")
+    if args.retry_errored and not args.resume:
+        raise ConfigError("--retry-errored goes with --resume PATH")
+
+    if args.resume:
+        exp = runner.resume(args.resume, retry_errored=args.retry_errored)
+    elif args.report:
+        exp = runner.load(args.report)
+    else:
+        cfg = load_config(args.config, args.overrides)
+
+        def announce(path: str) -> None:
+            print(f"[raycmr] tune experiment: {path}\n[raycmr] if interrupted, continue with: "
+                  f"raycmr tune --resume {path}", flush=True)
+
+        exp = runner.start(cfg, on_start=announce)
+    return 0 if summarize(exp) is not None else 1
