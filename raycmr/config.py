@@ -46,6 +46,7 @@ class TowerConfig:
     input_dim: int = 0  # for mlp
     hidden_dims: list[int] = field(default_factory=lambda: [512])  # for mlp
     dropout: float = 0.0
+    input_norm: str = "none"  # mlp: "none", "layernorm" or "batchnorm" on the input vector
     freeze: bool = False
 
 
@@ -352,6 +353,8 @@ _CHOICES = {
     "data.format": ("auto", "parquet", "webdataset"),
     "model.image.kind": ("hf_config", "hf_pretrained", "minilm", "mlp"),
     "model.text.kind": ("hf_config", "hf_pretrained", "minilm", "mlp"),
+    "model.image.input_norm": ("none", "layernorm", "batchnorm"),
+    "model.text.input_norm": ("none", "layernorm", "batchnorm"),
     "loss.kind": ("vse_mh", "vse_sh", "infonce", "none"),
     "loss.grl.schedule": ("constant", "dann", "dynamic"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),

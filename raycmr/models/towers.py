@@ -4,7 +4,8 @@ Every tower maps its input batch to a feature matrix ``[B, out_dim]``:
 - vision models: ``pooler_output`` when the model has one (ResNet, CLIP vision), else the first
   token of ``last_hidden_state`` (ViT's [CLS]);
 - text models: mean of ``last_hidden_state`` over non-padding tokens (sentence-transformers);
-- MLP: ``Linear -> ReLU -> Dropout`` blocks over a precomputed vector.
+- MLP: optional input LayerNorm/BatchNorm, then ``Linear -> ReLU -> Dropout`` blocks over a
+  precomputed vector.
 """
 
 from __future__ import annotations
@@ -85,11 +86,16 @@ class HFTextTower(nn.Module):
 
 
 class MLPTower(nn.Module):
-    def __init__(self, input_dim: int, hidden_dims: list[int], dropout: float = 0.0):
+    def __init__(self, input_dim: int, hidden_dims: list[int], dropout: float = 0.0,
+                 input_norm: str = "none"):
         super().__init__()
         if input_dim <= 0:
             raise ConfigError("an mlp tower needs input_dim (the feature vector length)")
         layers: list[nn.Module] = []
+        if input_norm == "layernorm":
+            layers.append(nn.LayerNorm(input_dim))
+        elif input_norm == "batchnorm":
+            layers.append(nn.BatchNorm1d(input_dim))
         width = input_dim
         for h in hidden_dims:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
@@ -104,7 +110,7 @@ class MLPTower(nn.Module):
 def build_tower(cfg: TowerConfig, modality: str) -> nn.Module:
     """A tower for ``modality`` ("image" or "text") from its config; frozen if asked."""
     if cfg.kind == "mlp":
-        tower: nn.Module = MLPTower(cfg.input_dim, cfg.hidden_dims, cfg.dropout)
+        tower: nn.Module = MLPTower(cfg.input_dim, cfg.hidden_dims, cfg.dropout, cfg.input_norm)
     elif modality == "image":
         if cfg.kind == "minilm":
             raise ConfigError("model.image.kind=minilm is a text model; use hf_config or mlp")
