@@ -271,7 +271,7 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raycmr.data.pipeline import build_dataset
+    from raycmr.data.pipeline import build_dataset, count_rows
     from raycmr.train.dckt_loop import dckt_loop_per_worker
 
     t = cfg.train
@@ -283,7 +283,10 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
                                        seed=t.seed + round_idx, keys=keys),
     }
     if cfg.data.val:
-        datasets["val"] = build_dataset(cfg.data.val, cfg.data, training=False)
+        val = build_dataset(cfg.data.val, cfg.data, training=False)
+        if count_rows(cfg.data.val) <= cfg.eval.cache_val_rows:
+            val = val.materialize()  # small: decode once, not once per epoch and worker
+        datasets["val"] = val
     loop_config = {
         "cfg": round_cfg.to_dict(), "round": round_idx, "epochs": plan.round_epochs[round_idx],
         "epochs_before": sum(plan.round_epochs[:round_idx]), "per_epoch": plan.per_epoch,

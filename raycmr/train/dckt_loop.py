@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -123,6 +124,7 @@ def dckt_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
 
     cfg = config_from_dict(loop_config["cfg"])
+    ray.data.DataContext.get_current().enable_progress_bars = False
     round_idx, epochs = int(loop_config["round"]), int(loop_config["epochs"])
     epochs_before, per_epoch = int(loop_config["epochs_before"]), int(loop_config["per_epoch"])
     total_steps, w_mmd = int(loop_config["total_steps"]), float(loop_config["mmd_weight"])
@@ -152,7 +154,10 @@ def dckt_loop_per_worker(loop_config: dict[str, Any]) -> None:
               f"step {engine.global_steps}", flush=True)
 
     source_shard = ray.train.get_dataset_shard("source")
-    val_shard = ray.train.get_dataset_shard("val")
+    try:
+        val_shard = ray.train.get_dataset_shard("val")
+    except KeyError:  # no data.val (Train V2 raises instead of returning None)
+        val_shard = None
     rows, dropped_target = load_rows(ray.train.get_dataset_shard("target"))
     n_target = int(rows["group"].shape[0]) if rows else 0
     least_target = _reduce([n_target], device, "min")[0]
@@ -187,11 +192,11 @@ def dckt_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()
             local_rows += int(src_batch["group"].shape[0]) + int(tgt_batch["group"].shape[0])
             for k, v in out.items():
-                sums[k] += float(v)
+                sums[k] += float(v.detach())
             n_logged += 1
             if rank == 0 and (micro + 1) % cfg.train.grad_accum == 0 \
                     and engine.global_steps % cfg.train.log_every == 0:
-                line = {k: round(float(v), 4) for k, v in out.items()}
+                line = {k: round(float(v.detach()), 4) for k, v in out.items()}
                 print(f"[raycmr dckt] round {round_idx} epoch {epochs_before + epoch + 1} step "
                       f"{engine.global_steps}/{total_steps} lr {engine.get_lr()[0]:.2e} {line}",
                       flush=True)

@@ -7,11 +7,12 @@ built from one ``model`` config), the two domains share the common (correlation)
 and each domain has a softmax classifier over its own label space.
 
 With, for domain ``d`` in {s, t} and modality ``m`` in {img, txt}, the tower output ``f_m^d``,
-the projection ``p_m^d = W_m^d f_m^d``, the common representation ``u_m^d =
-normalize(shared(p_m^d))`` (what retrieval uses), labels ``y^d`` and ``n(x) = x / ||x||``::
+the projection ``p_m^d = W_m^d f_m^d``, the shared layers' output ``c_m^d = shared(p_m^d)``, the
+common representation ``u_m^d = n(c_m^d)`` (what retrieval uses), the domain's classifier
+``C_d``, labels ``y^d`` and ``n(x) = x / ||x||``::
 
     L = sum_d [ w_c   * L_vse(u_img^d, u_txt^d)                         VSE++ on each domain
-              + w_sem * (L_sem(C_d u_img^d, y^d) + L_sem(C_d u_txt^d, y^d)) / 2
+              + w_sem * (L_sem(C_d c_img^d, y^d) + L_sem(C_d c_txt^d, y^d)) / 2
               + w_pair * 1/n sum_i || n(p_img,i^d) - n(p_txt,i^d) ||_2 ]   pairwise constraint
       + w_mmd * [ sum_m sum_{l in {f, p}} MMD^2_u(n(l_m^s), n(l_m^t))      media-level transfer
                 + sum_m MMD^2_u(u_m^s, u_m^t) ]                            correlation-level
@@ -22,7 +23,9 @@ bandwidths ``dckt.kernel_bandwidths``), ``L_sem`` the softmax cross-entropy of
 loss of :mod:`raycmr.losses.contrastive` over the global batch of each domain (``loss.kind``,
 ``loss.weight = w_c``; ``loss.kind=none`` drops it). Layers are L2-normalised before the MMD so
 that the kernel bandwidths mean the same thing at every layer (distances in [0, 2]), whatever
-the scale of a tower's activations. The MMD and pairwise terms are per-worker means (their
+the scale of a tower's activations. The classifiers see the shared layers' output before the
+L2 normalisation (DCKT's softmax layer sits on the common fully connected layer; on unit vectors
+a linear softmax starts near uniform and learns slowly). The MMD and pairwise terms are per-worker means (their
 gradients are averaged over workers like any data-parallel loss).
 
 Round 0 of the progressive schedule trains with ``w_mmd = 0`` (the domains only meet through the
@@ -63,9 +66,10 @@ def source_model_config(model: ModelConfig, source_classes: int) -> ModelConfig:
 
 def branch_layers(encoder: DualEncoder, shared: nn.Module,
                   batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every layer DCKT links, for one domain branch: ``img_tower``, ``img_proj``, ``img``
-    (common representation, L2-normalised) and the same for ``txt``. ``img``/``txt`` equal
-    ``DualEncoder.encode_image``/``encode_text`` of a model whose shared layers are ``shared``."""
+    """Every layer DCKT links, for one domain branch: ``img_tower``, ``img_proj``,
+    ``img_common`` (shared layers' output) and ``img`` (its L2-normalisation, the retrieval
+    embedding), and the same for ``txt``. ``img``/``txt`` equal ``DualEncoder.encode_image``/
+    ``encode_text`` of a model whose shared layers are ``shared``."""
     x = batch["image_feat"] if encoder.features else batch["pixel_values"]
     img_tower = encoder.image_tower(x)
     if "text_feat" in batch:
@@ -73,11 +77,12 @@ def branch_layers(encoder: DualEncoder, shared: nn.Module,
     else:
         txt_tower = encoder.text_tower(batch["input_ids"], batch["attention_mask"])
     img_proj, txt_proj = encoder.image_proj(img_tower), encoder.text_proj(txt_tower)
+    img_common, txt_common = shared(img_proj), shared(txt_proj)
     return {
-        "img_tower": img_tower, "img_proj": img_proj,
-        "img": F.normalize(shared(img_proj), dim=-1),
-        "txt_tower": txt_tower, "txt_proj": txt_proj,
-        "txt": F.normalize(shared(txt_proj), dim=-1),
+        "img_tower": img_tower, "img_proj": img_proj, "img_common": img_common,
+        "img": F.normalize(img_common, dim=-1),
+        "txt_tower": txt_tower, "txt_proj": txt_proj, "txt_common": txt_common,
+        "txt": F.normalize(txt_common, dim=-1),
     }
 
 
@@ -147,8 +152,8 @@ class DCKTObjective(nn.Module):
         out = {}
         if self.cfg.loss.kind != "none":
             out["contrastive"] = self._contrastive(img, txt, groups)
-        out["semantic"] = (semantic_loss(classifier(img), labels)
-                           + semantic_loss(classifier(txt), labels)) / 2.0
+        out["semantic"] = (semantic_loss(classifier(layers["img_common"]), labels)
+                           + semantic_loss(classifier(layers["txt_common"]), labels)) / 2.0
         out["pair"] = pairwise_constraint(F.normalize(layers["img_proj"], dim=-1),
                                           F.normalize(layers["txt_proj"], dim=-1))
         return out
