@@ -52,10 +52,10 @@ def shards(tmp_path_factory):
     return root
 
 
-def _run(overrides):
+def _run(overrides, **kwargs):
     from raycmr.train.trainer import build_trainer
 
-    return build_trainer(load_config("quickstart", overrides)).fit()
+    return build_trainer(load_config("quickstart", overrides), **kwargs).fit()
 
 
 def test_two_worker_deepspeed_run_then_resume(ray_cluster, shards, tmp_path):
@@ -84,3 +84,18 @@ def test_two_worker_deepspeed_run_then_resume(ray_cluster, shards, tmp_path):
     assert list(history["step"]) == [8]
     assert resumed.metrics["samples_seen"] == 2 * (128 - BAD_ROWS)
     assert resumed.metrics["dropped_records"] == 2 * BAD_ROWS
+
+
+def test_worker_failure_recovers_from_latest_checkpoint(ray_cluster, shards, tmp_path):
+    """Rank 0 dies once at step 6 (epoch 2); Ray Train restarts the workers, which resume from
+    the epoch-1 checkpoint (step 4), not from zero."""
+    marker = tmp_path / "failed-once"
+    result = _run(_tiny_overrides(shards, tmp_path / "runs", "faulty")
+                  + ["train.epochs=2", "train.max_failures=1"],
+                  inject_failure={"step": 6, "marker": str(marker)})
+    assert result.error is None
+    assert marker.read_text() == "6"  # the failure did happen
+    history = result.metrics_dataframe
+    assert list(history["epoch"]) == [1, 2]  # epoch 1 not trained (reported) twice
+    assert list(history["step"]) == [4, 8]
+    assert result.metrics["samples_seen"] == 2 * (128 - BAD_ROWS)

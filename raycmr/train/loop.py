@@ -9,6 +9,7 @@ import contextlib
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,6 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           f"samples/s {window_rows * world / max(elapsed, 1e-9):.1f} "
                           f"dropped {dict(dropped_epoch)} {line}", flush=True)
                 window_rows, window_start = 0, time.perf_counter()
+            _maybe_inject_failure(loop_config.get("inject_failure"), engine.global_steps)
             if engine.global_steps >= total_steps:
                 break
 
@@ -180,6 +182,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report_with_checkpoint(engine, cfg, metrics, client_state)
         else:
             ray.train.report(metrics)
+
+
+def _maybe_inject_failure(spec: dict[str, Any] | None, step: int) -> None:
+    """Fault-injection for tests of automatic recovery: fail once, at ``spec["step"]``, on
+    rank 0 (a marker file remembers that it happened)."""
+    if not spec or step != spec["step"] or distributed.rank() != 0:
+        return
+    marker = Path(spec["marker"])
+    if not marker.exists():
+        marker.write_text(str(step))
+        raise RuntimeError(f"injected worker failure at step {step}")
 
 
 def samples_seen_epoch(micro_batches: int, cfg: Config, world: int) -> int:

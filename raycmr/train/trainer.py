@@ -23,13 +23,20 @@ def validation_metric(cfg: Config) -> str:
 
 
 def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | None = None,
-                  storage_path: str | None = None):
-    """The TorchTrainer that `raycmr train` runs and each Ray Tune trial runs."""
+                  storage_path: str | None = None, inject_failure: dict | None = None):
+    """The TorchTrainer that `raycmr train` runs and each Ray Tune trial runs.
+
+    ``inject_failure`` ({"step": N, "marker": PATH}) makes rank 0 fail once at step N: the
+    fault-tolerance tests use it to check recovery from the latest checkpoint."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raycmr.train.loop import steps_per_epoch, train_loop_per_worker
 
+    import ray.data
+
+    # per-operator bars from every split coordinator drown the training log; metrics carry it
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if not cfg.data.train:
         raise ConfigError("data.train is empty: point it at shard files or dirs "
                           "(e.g. data.train=[out/shards/train])")
@@ -63,7 +70,8 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
         worker_resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "train_rows": train_rows},
+        train_loop_config={"cfg": cfg.to_dict(), "train_rows": train_rows,
+                           "inject_failure": inject_failure},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=worker_resources),
