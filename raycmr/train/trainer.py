@@ -28,12 +28,11 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
 
     ``inject_failure`` ({"step": N, "marker": PATH}) makes rank 0 fail once at step N: the
     fault-tolerance tests use it to check recovery from the latest checkpoint."""
+    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raycmr.train.loop import steps_per_epoch, train_loop_per_worker
-
-    import ray.data
 
     # per-operator bars from every split coordinator drown the training log; metrics carry it
     ray.data.DataContext.get_current().enable_progress_bars = False
