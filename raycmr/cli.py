@@ -4,6 +4,8 @@
     raycmr train --config quickstart train.num_workers=2 loss.margin=0.2
     raycmr eval --checkpoint runs/NAME/checkpoint_... [--split test]
     raycmr tune --config wikipedia tune.num_samples=8
+    raycmr index --checkpoint runs/NAME/checkpoint_... --split test --out out/index
+    raycmr serve --checkpoint runs/NAME/checkpoint_... --index out/index
 """
 
 from __future__ import annotations
@@ -124,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config")
     _add_config_args(p)
     p.set_defaults(func=cmd_show_config)
+
+    from raycmr import index_build
+    from raycmr.serve import cli as serve_cli
+
+    p = sub.add_parser("index", help="embed a gallery (Ray Data) and write a FAISS index")
+    index_build.add_arguments(p)
+    p.set_defaults(func=index_build.run)
+
+    p = sub.add_parser("serve", help="run the retrieval service (Ray Serve, blocking)")
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.run)
 
     try:
         from raycmr.tune import cli as tune_cli

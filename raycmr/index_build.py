@@ -1,0 +1,252 @@
+"""`raycmr index`: embed a gallery with Ray Data batch inference and write a FAISS index.
+
+    raycmr index --checkpoint runs/NAME/checkpoint_... --split test --out out/index [--kind hnsw]
+
+The gallery is every unique image (``group``) of the shards: captions that share an
+``image_id`` are one entry. Images are embedded by the checkpoint's image tower on Ray Data actors
+(:func:`raycmr.data.embed.embed_split`), then indexed for inner-product search. The index
+directory holds:
+
+    index.faiss, ids.parquet, meta.json   the FAISS index and its id table (row -> id string;
+                                          the shard ``image_id``, else the row ``id``), written
+                                          by :func:`raycmr.evaluate.index.save_index`
+    rerank_feats.npy                      [N, F] float32, row i = index row i: the vector the
+                                          cross-attention reranker looks at for each image
+    gallery.json                          checkpoint, shards, count, embedding dim, and which
+                                          vector rerank_feats.npy holds
+
+What the reranker sees of an image (``rerank_feats.npy``): for feature galleries
+(``data.kind=features``) the raw ``image_feat`` vector, i.e. the same input the image tower gets;
+for image galleries the dual encoder's image embedding (the image tower's patch tokens are not
+kept: storing them costs tokens x width floats per image). Images are ordered by id, so a
+rebuild gives the same rows whatever order Ray Data returns batches in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raycmr.config import Config, ConfigError
+
+GALLERY_FILE = "gallery.json"
+RERANK_FEATS_FILE = "rerank_feats.npy"
+
+
+def _gallery_key(image_id: Any, row_id: Any) -> str:
+    """The id string of a row's image, as ``group`` is hashed from it (see transforms)."""
+    return str(image_id) if image_id not in (None, "") else str(row_id)
+
+
+def _scan_parquet(file: str, want_feats: bool, image_dim: int,
+                  out: dict[int, tuple[str, np.ndarray | None]]) -> None:
+    import pyarrow.parquet as pq
+
+    from raycmr.data.paths import split_uri
+    from raycmr.data.transforms import stable_hash63
+
+    fs, inner, _ = split_uri(file)
+    pf = pq.ParquetFile(inner, filesystem=fs)
+    names = pf.schema_arrow.names
+    columns = [c for c in ("id", "image_id") if c in names]
+    if want_feats:
+        columns.append("image_feat")
+    for batch in pf.iter_batches(batch_size=4096, columns=columns):
+        cols = batch.to_pydict()
+        n = batch.num_rows
+        image_ids = cols.get("image_id", [None] * n)
+        feats = cols.get("image_feat", [None] * n)
+        for row_id, image_id, feat in zip(cols["id"], image_ids, feats):
+            key = _gallery_key(image_id, row_id)
+            group = stable_hash63(key)
+            if group in out and (not want_feats or out[group][1] is not None):
+                continue
+            vec = None
+            if want_feats and feat is not None and len(feat) == image_dim:
+                vec = np.asarray(feat, dtype=np.float32)
+                if not np.isfinite(vec).all():
+                    vec = None
+            out[group] = (key, vec)
+
+
+def _scan_webdataset(file: str, out: dict[int, tuple[str, np.ndarray | None]]) -> None:
+    from raycmr.data.paths import split_uri
+    from raycmr.data.schema import WDS_KEY_EXT
+    from raycmr.data.transforms import stable_hash63
+
+    fs, inner, _ = split_uri(file)
+    image_ids: dict[str, Any] = {}
+    keys: list[str] = []
+    with fs.open_input_stream(inner) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            match = WDS_KEY_EXT.match(member.name) if member.isreg() else None
+            if not match:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if not keys or keys[-1] != key:
+                keys.append(key)
+            if ext == "json":
+                try:
+                    meta = json.loads(tar.extractfile(member).read())
+                except ValueError:
+                    meta = {}
+                if isinstance(meta, dict) and meta.get("image_id") is not None:
+                    image_ids[key] = meta["image_id"]
+    for key in keys:
+        name = _gallery_key(image_ids.get(key), key)
+        out.setdefault(stable_hash63(name), (name, None))
+
+
+def scan_gallery(files: list[str], fmt: str, *, image_dim: int = 0
+                 ) -> dict[int, tuple[str, np.ndarray | None]]:
+    """``group -> (id string, raw image_feat or None)`` read on the driver from the shards.
+
+    ``image_dim > 0`` also reads the ``image_feat`` vectors (feature shards): the first finite
+    vector of the right length per image.
+    """
+    out: dict[int, tuple[str, np.ndarray | None]] = {}
+    for file in files:
+        if fmt == "webdataset":
+            _scan_webdataset(file, out)
+        else:
+            _scan_parquet(file, image_dim > 0, image_dim, out)
+    return out
+
+
+def resolve_split(cfg: Config, split: str | list[str]) -> list[str]:
+    """``"test"``/``"val"`` -> the config's shards for that split; anything else is paths
+    (a list, or one string with comma-separated paths)."""
+    if isinstance(split, str) and split in ("test", "val", "train"):
+        paths = getattr(cfg.data, split)
+        if not paths:
+            raise ConfigError(f"the checkpoint's config has no data.{split} shards: pass "
+                              "--split PATH[,PATH...] or the override data.{split}=[PATH]")
+        return list(paths)
+    paths = [p for p in split.split(",") if p] if isinstance(split, str) else list(split)
+    if not paths:
+        raise ConfigError("--split is empty: give test, val or shard paths")
+    return paths
+
+
+def build_gallery_index(
+    checkpoint: str,
+    split: str | list[str],
+    out: str | Path,
+    *,
+    kind: str | None = None,
+    overrides: list[str] | None = None,
+    num_actors: int = 2,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Embed the gallery images of ``split`` with ``checkpoint`` and write an index dir ``out``.
+
+    ``kind`` (flat/ivf/hnsw) defaults to the checkpoint config's ``index.kind``; IVF/HNSW
+    parameters come from ``index.*`` (dotted ``overrides`` apply to the checkpoint's config).
+    Returns the ``gallery.json`` record. Needs Ray (a local cluster is started if none).
+    """
+    from raycmr.config import parse_overrides, with_overrides
+    from raycmr.data.embed import embed_split
+    from raycmr.data.schema import check_shards
+    from raycmr.evaluate.index import build_index_from_config, save_index
+    from raycmr.runtime import init_ray
+    from raycmr.train.checkpoint import find_checkpoint_dir, load_exported
+
+    ckpt_dir = find_checkpoint_dir(checkpoint)
+    model, cfg = load_exported(ckpt_dir)
+    flat: dict[str, Any] = {}
+    if overrides:
+        flat.update(_flatten(parse_overrides(overrides)))
+    if kind:
+        flat["index.kind"] = kind
+    if flat:
+        cfg = with_overrides(cfg, flat)
+    paths = resolve_split(cfg, split)
+    info = check_shards(paths, cfg.data.kind, cfg.data.format)
+    features = cfg.data.kind == "features"
+
+    t0 = time.perf_counter()
+    print(f"index: scanning ids in {len(info.files)} shard file(s)", flush=True)
+    keys = scan_gallery(info.files, info.format,
+                        image_dim=cfg.model.image.input_dim if features else 0)
+    init_ray(min_cpus=num_actors + 1)
+    print(f"index: embedding {len(keys)} images with {num_actors} Ray Data actors", flush=True)
+    emb = embed_split(paths, cfg, model.state_dict(), num_actors=num_actors,
+                      batch_size=batch_size)
+    groups, first = np.unique(emb["group"], return_index=True)
+    if len(groups) == 0:
+        raise ConfigError(f"no valid rows in the gallery shards {paths}; nothing to index")
+    names = [keys[g][0] if g in keys else str(g) for g in groups.tolist()]
+    order = np.argsort(np.array(names, dtype=object), kind="stable")
+    rows = first[order]
+    names = [names[i] for i in order]
+    img = np.ascontiguousarray(emb["img"][rows], dtype=np.float32)
+    if features:
+        vecs = [keys.get(g, ("", None))[1] for g in groups[order].tolist()]
+        missing = [n for n, v in zip(names, vecs) if v is None]
+        if missing:
+            raise ConfigError(f"gallery images {missing[:3]} have no readable image_feat vector")
+        rerank = np.stack(vecs).astype(np.float32)
+    else:
+        rerank = img
+    index = build_index_from_config(img, cfg.index)
+    out = save_index(index, names, out)
+    np.save(out / RERANK_FEATS_FILE, rerank)
+    record = {
+        "checkpoint": str(ckpt_dir),
+        "shards": [str(p) for p in paths],
+        "data_kind": cfg.data.kind,
+        "count": len(names),
+        "pairs": len(emb["group"]),
+        "embed_dim": int(img.shape[1]),
+        "index_kind": cfg.index.kind,
+        "rerank_features": "image_feat" if features else "image_embedding",
+        "rerank_dim": int(rerank.shape[1]),
+    }
+    (out / GALLERY_FILE).write_text(json.dumps(record, indent=2))
+    print(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
+          f"[{cfg.index.kind}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return record
+
+
+def _flatten(nested: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in nested.items():
+        if isinstance(v, dict) and k not in ("space", "hf_config"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``raycmr index``."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (or run dir: newest one)")
+    p.add_argument("--split", default="test",
+                   help="test, val, or shard paths (comma-separated) holding the gallery")
+    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument("--kind", default=None, choices=["flat", "ivf", "hnsw"],
+                   help="index kind (default: the checkpoint config's index.kind)")
+    p.add_argument("--num-actors", type=int, default=2, help="Ray Data embedding actors")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per embedding batch")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. index.nlist=256")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``raycmr index``."""
+    from raycmr.data.paths import ShardReadError
+    from raycmr.data.schema import ShardSchemaError
+
+    try:
+        build_gallery_index(args.checkpoint, args.split, args.out, kind=args.kind,
+                            overrides=args.overrides, num_actors=args.num_actors,
+                            batch_size=args.batch_size)
+    except (ShardReadError, ShardSchemaError) as exc:
+        raise ConfigError(str(exc)) from None
+    return 0

@@ -1,0 +1,243 @@
+"""Cross-attention reranker: the slow, accurate second stage of retrieval.
+
+After Miech et al., "Thinking Fast and Slow: Efficient Text-to-Visual Retrieval with
+Transformers" (CVPR 2021): a fast dual encoder retrieves the top-K gallery items by a dot product,
+then a slow model that lets the query's tokens attend to the candidate image's tokens rescores
+the top few. The slow model sees every (query, candidate) pair jointly, so it can model
+interactions a dot product of two independent embeddings cannot:
+
+    q_1..q_L  = query tokens      (token ids -> embeddings, or a text feature vector split into
+                                   ``query_tokens`` tokens by one linear map)
+    m_1..m_T  = image tokens      (the stored per-image vector split into ``image_tokens`` tokens
+                                   by one linear map)
+    h         = DecoderLayer^n(q, memory=m)     self-attention over q, cross-attention q -> m
+    s(q, m)   = w . LayerNorm(mean_l h_l)       one relevance score per pair
+
+The image side is one stored vector per gallery item (what ``raycmr index`` writes next to the
+FAISS index: raw ``image_feat`` for feature galleries, the dual encoder's image embedding for
+image galleries), so that reranking needs no image decoding at query time.
+
+Plain PyTorch: no Ray in here. :func:`fit_reranker` trains one on in-memory pairs with an
+in-batch softmax (each query against every image of the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from raycmr.config import ConfigError
+
+WEIGHTS_FILE, CONFIG_FILE = "reranker.pt", "reranker.yaml"
+QUERY_KINDS = ("features", "tokens")
+
+
+@dataclass
+class RerankerConfig:
+    """Shape of a :class:`CrossAttentionReranker`."""
+
+    query: str = "features"  # "features" (a text_feat vector) or "tokens" (token ids + mask)
+    text_dim: int = 0  # features: length of the text_feat vector
+    vocab_size: int = 30522  # tokens: tokenizer vocabulary size (MiniLM/BERT uncased)
+    max_text_len: int = 32  # tokens: longest query (positions)
+    query_tokens: int = 4  # features: tokens the text vector is split into
+    image_dim: int = 0  # length of the stored per-image vector
+    image_tokens: int = 8  # tokens the image vector is split into
+    width: int = 64
+    heads: int = 4
+    layers: int = 1
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+        if self.query not in QUERY_KINDS:
+            raise ConfigError(f"reranker.query is {self.query!r}; choose features or tokens")
+        if self.query == "features" and self.text_dim <= 0:
+            raise ConfigError("reranker.query=features needs reranker.text_dim (text_feat length)")
+        if self.query == "tokens" and (self.vocab_size <= 0 or self.max_text_len <= 0):
+            raise ConfigError("reranker.query=tokens needs vocab_size > 0 and max_text_len > 0")
+        if self.image_dim <= 0:
+            raise ConfigError("reranker.image_dim must be the length of the stored image vectors")
+        for name in ("query_tokens", "image_tokens", "width", "heads", "layers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"reranker.{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ConfigError(
+                f"reranker.width={self.width} must be a multiple of reranker.heads={self.heads}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RerankerConfig:
+        """Build from a mapping; unknown keys raise :class:`ConfigError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown reranker config key(s) {', '.join(unknown)}; valid: {', '.join(names)}"
+            )
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+
+class CrossAttentionReranker(nn.Module):
+    """Scores (query, image vector) pairs; see the module docstring for the architecture."""
+
+    def __init__(self, cfg: RerankerConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        w = cfg.width
+        if cfg.query == "features":
+            self.query_in = nn.Sequential(nn.LayerNorm(cfg.text_dim),
+                                          nn.Linear(cfg.text_dim, cfg.query_tokens * w))
+            self.query_pos = nn.Parameter(torch.randn(cfg.query_tokens, w) * 0.02)
+        else:
+            self.token_emb = nn.Embedding(cfg.vocab_size, w)
+            self.query_pos = nn.Parameter(torch.randn(cfg.max_text_len, w) * 0.02)
+        self.image_in = nn.Sequential(nn.LayerNorm(cfg.image_dim),
+                                      nn.Linear(cfg.image_dim, cfg.image_tokens * w))
+        self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, w) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(w, cfg.heads, 4 * w, cfg.dropout, batch_first=True,
+                                       norm_first=True)
+            for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(w)
+        self.head = nn.Linear(w, 1)
+
+    def query_states(self, query: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [Q, L, w], keep [Q, L] bool)`` for a batch of queries.
+
+        ``query`` holds ``text_feat`` [Q, text_dim] (features) or ``input_ids`` and
+        ``attention_mask`` [Q, L] (tokens, L <= max_text_len).
+        """
+        cfg = self.cfg
+        if cfg.query == "features":
+            if "text_feat" not in query:
+                raise ValueError("this reranker scores text_feat vectors; got no 'text_feat'")
+            x = query["text_feat"].float()
+            tokens = self.query_in(x).view(x.shape[0], cfg.query_tokens, cfg.width)
+            keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            return tokens + self.query_pos, keep
+        if "input_ids" not in query:
+            raise ValueError("this reranker scores token ids; got no 'input_ids'")
+        ids = query["input_ids"][:, : cfg.max_text_len]
+        keep = query["attention_mask"][:, : cfg.max_text_len].bool()
+        keep[:, 0] = True  # an all-padding row would make attention NaN
+        tokens = self.token_emb(ids) + self.query_pos[: ids.shape[1]]
+        return tokens, keep
+
+    def image_states(self, image: torch.Tensor) -> torch.Tensor:
+        """Image vectors [P, image_dim] -> image tokens [P, image_tokens, w]."""
+        cfg = self.cfg
+        tokens = self.image_in(image.float()).view(image.shape[0], cfg.image_tokens, cfg.width)
+        return tokens + self.image_pos
+
+    def score_pairs(self, query: dict[str, torch.Tensor], image: torch.Tensor,
+                    query_index: torch.Tensor) -> torch.Tensor:
+        """Scores [P] of pairs ``(query[query_index[p]], image[p])``.
+
+        The query side is computed once per query and gathered, so one query may be paired with
+        many candidates at little extra cost.
+        """
+        tokens, keep = self.query_states(query)
+        x = tokens.index_select(0, query_index)
+        keep = keep.index_select(0, query_index)
+        memory = self.image_states(image)
+        for layer in self.layers:
+            x = layer(x, memory, tgt_key_padding_mask=~keep)
+        mask = keep.unsqueeze(-1).to(x.dtype)
+        pooled = (x * mask).sum(1) / mask.sum(1)
+        return self.head(self.norm(pooled)).squeeze(-1)
+
+    def forward(self, query: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """Scores [B] of the aligned pairs ``(query[i], image[i])``."""
+        index = torch.arange(image.shape[0], device=image.device)
+        return self.score_pairs(query, image, index)
+
+    def score_candidates(self, query: dict[str, torch.Tensor],
+                         candidates: torch.Tensor) -> torch.Tensor:
+        """Scores [Q, C] of every query against its own candidates [Q, C, image_dim]."""
+        q, c = candidates.shape[:2]
+        index = torch.arange(q, device=candidates.device).repeat_interleave(c)
+        return self.score_pairs(query, candidates.reshape(q * c, -1), index).view(q, c)
+
+
+def _select(query: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in query.items()}
+
+
+def fit_reranker(
+    model: CrossAttentionReranker,
+    query: dict[str, torch.Tensor],
+    image: torch.Tensor,
+    *,
+    groups: torch.Tensor | None = None,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``model`` on aligned pairs ``(query[i], image[i])``; returns the loss per step.
+
+    Each step samples ``batch_size`` pairs and scores every query against every image of the
+    batch; the loss is the cross-entropy of the true image among them (in-batch softmax). Pairs
+    sharing a ``groups`` value (captions of one image) are not used as each other's negatives.
+    """
+    n = image.shape[0]
+    if n < 2:
+        raise ValueError(f"fit_reranker needs at least 2 pairs, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    b = min(batch_size, n)
+    for _ in range(steps):
+        rows = torch.randperm(n, generator=generator)[:b]
+        cands = image[rows].unsqueeze(0).expand(b, b, image.shape[1])
+        scores = model.score_candidates(_select(query, rows), cands)
+        if groups is not None:
+            g = groups[rows]
+            same = (g[:, None] == g[None, :]) & ~torch.eye(b, dtype=torch.bool)
+            scores = scores.masked_fill(same, float("-inf"))
+        loss = F.cross_entropy(scores, torch.arange(b))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def save_reranker(model: CrossAttentionReranker, directory: str | Path) -> Path:
+    """Write ``reranker.pt`` (state dict) and ``reranker.yaml`` (config) into ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / WEIGHTS_FILE)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(model.cfg), sort_keys=False))
+    return out
+
+
+def load_reranker(directory: str | Path) -> CrossAttentionReranker:
+    """The reranker saved by :func:`save_reranker` in ``directory``, in eval mode."""
+    src = Path(directory)
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (src / f).exists()]
+    if missing:
+        raise ConfigError(
+            f"no reranker at '{src}': missing {', '.join(missing)} (write one with "
+            "raycmr.models.reranker.save_reranker)"
+        )
+    cfg = RerankerConfig.from_dict(yaml.safe_load((src / CONFIG_FILE).read_text()) or {})
+    model = CrossAttentionReranker(cfg)
+    model.load_state_dict(torch.load(src / WEIGHTS_FILE, map_location="cpu"))
+    model.eval()
+    return model
