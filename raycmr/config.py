@@ -36,6 +36,9 @@ class DataConfig:
     max_text_len: int = 32
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
     num_cpus_per_map_task: float = 1.0
+    # Training sets of at most this many rows are read and decoded once and kept in Ray's
+    # object store (the per-epoch order still comes from each worker's shuffle buffer); 0 = never.
+    cache_train_rows: int = 0
 
 
 @dataclass

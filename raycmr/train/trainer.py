@@ -45,8 +45,10 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
             f"{train_rows} training rows give no full batch for {cfg.train.num_workers} workers "
             f"x train.batch_size={cfg.train.batch_size}: lower one of them"
         )
-    datasets = {"train": build_dataset(cfg.data.train, cfg.data, training=True,
-                                       seed=cfg.train.seed)}
+    train_ds = build_dataset(cfg.data.train, cfg.data, training=True, seed=cfg.train.seed)
+    if train_rows <= cfg.data.cache_train_rows:
+        train_ds = train_ds.materialize()
+    datasets = {"train": train_ds}
     if cfg.data.val:
         val = build_dataset(cfg.data.val, cfg.data, training=False)
         if count_rows(cfg.data.val) <= cfg.eval.cache_val_rows:
