@@ -282,6 +282,10 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
         "target": build_domain_dataset(plan.target, cfg.data, training=True,
                                        seed=t.seed + round_idx, keys=keys),
     }
+    rows = {"source": plan.source_rows, "target": plan.target_rows if keys is None else len(keys)}
+    for split, n in rows.items():
+        if n <= cfg.data.cache_train_rows:  # small: read and decode once, not once per epoch
+            datasets[split] = datasets[split].materialize()
     if cfg.data.val:
         val = build_dataset(cfg.data.val, cfg.data, training=False)
         if count_rows(cfg.data.val) <= cfg.eval.cache_val_rows:
@@ -326,6 +330,10 @@ def run_dckt(cfg: Config, *, name: str | None = None) -> DCKTResult:
     init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)
     name = name or run_name(cfg)
     root = _storage_root(cfg, name)
+    if "://" not in root and any(Path(root).glob("round*")):
+        # Ray Train would silently continue those runs' checkpoints (same name, same storage)
+        raise ConfigError(f"DCKT run directory {root} already holds rounds: choose another "
+                          "train.name, or remove it")
     result = DCKTResult(path=root)
     print(f"[raycmr dckt] source {plan.source_rows} pairs ({plan.source_classes} classes), "
           f"target {plan.target_rows} pairs ({plan.target_classes} classes); "
