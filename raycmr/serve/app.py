@@ -25,8 +25,8 @@ temporary directory). ``route_prefix`` is applied by whoever runs the applicatio
 (``serve.run``/``raycmr serve``, or the config file's own ``route_prefix``).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the request model from the route
+# methods' annotations at runtime, and Serve's ingress wrapper cannot resolve string annotations.
 import collections
 import json
 import tempfile
@@ -257,17 +257,60 @@ def _device(use_gpu: bool) -> str:
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
+def _query_batch(queries: list[dict[str, Any]], tokenize, max_len: int) -> dict[str, Any]:
+    import torch
+
+    if tokenize is None:
+        return {"text_feat": torch.tensor(np.asarray([q["text_feat"] for q in queries],
+                                                     dtype=np.float32))}
+    ids, mask = tokenize([q["text"] for q in queries], max_len)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+
+def encode_queries(model, queries: list[dict[str, Any]], tokenize, max_len: int,
+                   device: str = "cpu") -> np.ndarray:
+    """Embeddings [Q, d] of query dicts with a dual encoder's text tower: ``text_feat`` vectors
+    when ``tokenize`` is None, else ``text`` strings tokenized to ``max_len``."""
+    import torch
+
+    batch = _query_batch(queries, tokenize, max_len)
+    with torch.no_grad():
+        emb = model.encode_text({k: v.to(device) for k, v in batch.items()})
+    return emb.float().cpu().numpy()
+
+
+def rerank_scores(model, feats: np.ndarray, queries: list[dict[str, Any]],
+                  rows: list[list[int]], tokenize, device: str = "cpu") -> list[list[float]]:
+    """Reranker scores of each query against its own candidate gallery ``rows`` (ragged), all
+    pairs of all queries in one forward pass; ``feats`` holds the stored image vectors."""
+    import torch
+
+    flat = [r for rr in rows for r in rr]
+    if not flat:
+        return [[] for _ in rows]
+    query = _query_batch(queries, tokenize, model.cfg.max_text_len)
+    index = torch.repeat_interleave(torch.arange(len(rows)),
+                                    torch.tensor([len(rr) for rr in rows]))
+    image = torch.from_numpy(np.asarray(feats[np.asarray(flat)], dtype=np.float32))
+    with torch.no_grad():
+        scores = model.score_pairs({k: v.to(device) for k, v in query.items()},
+                                   image.to(device), index.to(device))
+    scores = scores.float().cpu().tolist()
+    out, start = [], 0
+    for rr in rows:
+        out.append(scores[start:start + len(rr)])
+        start += len(rr)
+    return out
+
+
 @serve.deployment
 class QueryEncoder:
     """Text queries -> L2-normalised embeddings with the checkpoint's text tower (batched)."""
 
     def __init__(self, plan: ServePlan):
-        import torch
-
         from raycmr.data.text import load_text_encoder
         from raycmr.train.checkpoint import load_exported
 
-        self.torch = torch
         self.device = _device(plan.use_gpu)
         model, cfg = load_exported(local_dir(plan.checkpoint))
         self.model = model.to(self.device).eval()
@@ -281,17 +324,9 @@ class QueryEncoder:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def encode(self, queries: list[dict[str, Any]]) -> list[np.ndarray]:
         """One query dict (``text`` or ``text_feat``) per request -> one embedding each."""
-        torch = self.torch
         self.stats.add(len(queries))
-        if self.features:
-            batch = {"text_feat": torch.tensor(np.asarray([q["text_feat"] for q in queries],
-                                                          dtype=np.float32))}
-        else:
-            ids, mask = self.tokenize([q["text"] for q in queries], self.max_len)
-            batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        with torch.no_grad():
-            emb = self.model.encode_text({k: v.to(self.device) for k, v in batch.items()})
-        return list(emb.float().cpu().numpy())
+        return list(encode_queries(self.model, queries, self.tokenize, self.max_len,
+                                   self.device))
 
     def get_stats(self) -> dict[str, Any]:
         """Batch sizes this replica ran."""
@@ -331,13 +366,10 @@ class Reranker:
     """Cross-attention scores of (query, candidate) pairs over the stored gallery vectors."""
 
     def __init__(self, plan: ServePlan):
-        import torch
-
         from raycmr.data.text import load_text_encoder
         from raycmr.index_build import RERANK_FEATS_FILE
         from raycmr.models.reranker import load_reranker
 
-        self.torch = torch
         self.device = _device(plan.use_gpu)
         self.model = load_reranker(local_dir(plan.reranker)).to(self.device).eval()
         if _is_remote(plan.index_path):
@@ -359,43 +391,21 @@ class Reranker:
     async def score(self, queries: list[dict[str, Any]],
                     rows: list[list[int]]) -> list[list[float]]:
         """Per request: a query and its candidate gallery rows -> one score per row."""
-        torch = self.torch
         self.stats.add(len(queries))
-        if self.features:
-            query = {"text_feat": torch.tensor(np.asarray([q["text_feat"] for q in queries],
-                                                          dtype=np.float32))}
-        else:
-            ids, mask = self.tokenize([q["text"] for q in queries], self.model.cfg.max_text_len)
-            query = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        flat = [r for rr in rows for r in rr]
-        if not flat:
-            return [[] for _ in rows]
-        index = torch.repeat_interleave(torch.arange(len(rows)),
-                                        torch.tensor([len(rr) for rr in rows]))
-        image = torch.from_numpy(np.asarray(self.feats[np.asarray(flat)], dtype=np.float32))
-        with torch.no_grad():
-            scores = self.model.score_pairs({k: v.to(self.device) for k, v in query.items()},
-                                            image.to(self.device), index.to(self.device))
-        scores = scores.float().cpu().tolist()
-        out, start = [], 0
-        for rr in rows:
-            out.append(scores[start:start + len(rr)])
-            start += len(rr)
-        return out
+        return rerank_scores(self.model, self.feats, queries, rows, self.tokenize, self.device)
 
     def get_stats(self) -> dict[str, Any]:
         """Batch sizes this replica ran."""
         return self.stats.summary()
 
 
-def merge_stages(hits: list[tuple[int, str, float]], rerank_scores: list[float] | None,
+def merge_stages(hits: list[tuple[int, str, float]], scores: list[float] | None,
                  k: int) -> list[dict[str, Any]]:
-    """The response: the first ``len(rerank_scores)`` hits reordered by reranker score
-    (stable for ties), then the remaining hits in retrieval order; the first ``k`` of them."""
-    n = len(rerank_scores) if rerank_scores is not None else 0
-    order = sorted(range(n), key=lambda i: -rerank_scores[i]) if n else []
-    out = [{"id": hits[i][1], "score": float(rerank_scores[i]), "stage": "rerank"}
-           for i in order]
+    """The response: the first ``len(scores)`` hits reordered by reranker score (stable for
+    ties), then the remaining hits in retrieval order; the first ``k`` of them."""
+    n = len(scores) if scores is not None else 0
+    order = sorted(range(n), key=lambda i: -scores[i]) if n else []
+    out = [{"id": hits[i][1], "score": float(scores[i]), "stage": "rerank"} for i in order]
     out += [{"id": h[1], "score": float(h[2]), "stage": "retrieve"} for h in hits[n:]]
     return out[:k]
 

@@ -1,0 +1,407 @@
+"""Index build + the Serve application, end to end over real HTTP.
+
+A tiny feature-tower dual encoder (untrained MLPs) and a 24-image feature gallery (36 rows:
+12 images with two captions sharing an image_id) go through `raycmr index` (Ray Data batch
+inference) and the Serve app; every answer is checked against numbers computed here directly:
+the retrieve stage against a NumPy brute-force top-k of the model's own embeddings, the rerank
+stage against the reranker's scores of the same candidates. The reranker is trained for a few
+seconds on separate synthetic pairs, so that its effect (R@1 of the true image) is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from raycmr.config import ConfigError, ServeConfig, config_from_dict
+from raycmr.data.schema import feature_shard_schema
+from raycmr.evaluate.index import build_index, save_index
+from raycmr.models.dual_encoder import DualEncoder
+from raycmr.models.reranker import (
+    CrossAttentionReranker,
+    RerankerConfig,
+    fit_reranker,
+    load_reranker,
+    save_reranker,
+)
+from raycmr.train.checkpoint import write_export
+
+ROOT = Path(__file__).resolve().parents[1]
+N_IMAGES, N_PAIRED, IMAGE_DIM, TEXT_DIM = 24, 12, 16, 8
+TOP_K, RERANK_K = 24, 16
+
+
+def _mix() -> np.ndarray:
+    return np.random.default_rng(123).standard_normal((IMAGE_DIM, TEXT_DIM)).astype(np.float32)
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(text_feat, image_feat)``: the text is a fixed linear view of its image plus noise."""
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((n, IMAGE_DIM)).astype(np.float32)
+    noise = 0.1 * rng.standard_normal((n, TEXT_DIM)).astype(np.float32)
+    return image @ _mix() / 4 + noise, image
+
+
+def model_config(gallery: str = ""):
+    return config_from_dict({
+        "data": {"kind": "features", "test": [gallery] if gallery else []},
+        "model": {"embed_dim": 8,
+                  "image": {"kind": "mlp", "input_dim": IMAGE_DIM, "hidden_dims": [16]},
+                  "text": {"kind": "mlp", "input_dim": TEXT_DIM, "hidden_dims": [16]}},
+        "index": {"kind": "flat"},
+    })
+
+
+def write_gallery(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A feature shard; returns (image id per image, image_feat [24, 16], one query per image)."""
+    text, image = synthetic(N_IMAGES, seed=7)
+    text2, _ = synthetic(N_IMAGES, seed=8)
+    names, rows = [], []
+    for i in range(N_IMAGES):
+        if i < N_PAIRED:  # two captions of one image: one gallery entry, named by image_id
+            name = f"img{i:02d}"
+            rows.append((f"r{i}a", image[i], text[i], name))
+            rows.append((f"r{i}b", image[i], text2[i], name))
+        else:  # no image_id: the entry is named by the row id
+            name = f"solo{i:02d}"
+            rows.append((name, image[i], text[i], None))
+        names.append(name)
+    order = np.random.default_rng(0).permutation(len(rows))  # shard order != id order
+    rows = [rows[j] for j in order]
+    table = pa.table({
+        "id": [r[0] for r in rows],
+        "image_feat": [r[1].tolist() for r in rows],
+        "text_feat": [r[2].tolist() for r in rows],
+        "image_id": [r[3] for r in rows],
+    }, schema=feature_shard_schema(["image_id"]))
+    path.mkdir(parents=True)
+    pq.write_table(table, path / "part-0.parquet")
+    return names, image, text
+
+
+def write_checkpoint(path: Path, gallery: str) -> DualEncoder:
+    cfg = model_config(gallery)
+    torch.manual_seed(0)
+    model = DualEncoder(cfg.model).eval()
+    path.mkdir(parents=True)
+    write_export(path, model.state_dict(), cfg, {"epoch": 0})
+    return model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------ without a cluster
+
+
+def test_merge_stages() -> None:
+    from raycmr.serve.app import merge_stages
+
+    hits = [(5, "a", 0.9), (2, "b", 0.8), (7, "c", 0.7), (1, "d", 0.6)]
+    out = merge_stages(hits, [0.1, 0.5, 0.3], k=4)
+    assert [(r["id"], r["stage"]) for r in out] == [("b", "rerank"), ("c", "rerank"),
+                                                    ("a", "rerank"), ("d", "retrieve")]
+    assert [r["score"] for r in out] == pytest.approx([0.5, 0.3, 0.1, 0.6])
+    assert [r["id"] for r in merge_stages(hits, None, k=2)] == ["a", "b"]
+    assert [r["id"] for r in merge_stages(hits, [0.2, 0.2], k=3)] == ["a", "b", "c"]  # stable
+
+
+def test_build_app_rejects_bad_paths(tmp_path) -> None:
+    from raycmr.serve.app import build_app, plan_app
+
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(ckpt, "")
+    index = tmp_path / "index"
+    save_index(build_index(np.eye(8, dtype=np.float32)), [str(i) for i in range(8)], index)
+    (index / "gallery.json").write_text(json.dumps({"rerank_dim": IMAGE_DIM,
+                                                    "rerank_features": "image_feat"}))
+    np.save(index / "rerank_feats.npy", np.zeros((8, IMAGE_DIM), np.float32))
+    ok = {"checkpoint": str(ckpt), "index_path": str(index)}
+    plan = plan_app(ok)
+    assert (plan.query_input, plan.text_dim, plan.reranker, plan.count) == ("text_feat", 8, "", 8)
+
+    with pytest.raises(ConfigError, match="checkpoint '.*nope' does not exist"):
+        build_app({**ok, "checkpoint": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="index directory '.*nope' does not exist"):
+        build_app({**ok, "index_path": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="unknown serve arg"):
+        build_app({**ok, "topk": 3})
+    with pytest.raises(ConfigError, match="rerank_k"):
+        build_app({**ok, "top_k": 5, "rerank_k": 6})
+    with pytest.raises(ConfigError, match="reranker '.*rr' does not exist"):
+        build_app({**ok, "reranker": str(tmp_path / "rr")})
+    save_reranker(CrossAttentionReranker(RerankerConfig(text_dim=8, image_dim=32)),
+                  tmp_path / "rr")
+    with pytest.raises(ConfigError, match="takes 32-d image vectors but index .* stores 16-d"):
+        build_app({**ok, "reranker": str(tmp_path / "rr")})
+    save_index(build_index(np.eye(4, dtype=np.float32)), list("abcd"), index)
+    with pytest.raises(ConfigError, match="holds 4-d vectors but checkpoint .* embeds to 8-d"):
+        build_app(ok)
+    (index / "ids.parquet").unlink()
+    with pytest.raises(ConfigError, match="missing ids.parquet; build one with `raycmr index"):
+        build_app(ok)
+
+
+def test_text_queries_encode_and_rerank_in_batches() -> None:
+    """The text path (tokenizer + HF text tower, token-id reranker) without a cluster: a batch
+    of ragged requests gives what each query computed alone gives."""
+    from raycmr.data.text import load_text_encoder
+    from raycmr.serve.app import encode_queries, rerank_scores
+
+    cfg = config_from_dict({
+        "data": {"kind": "images", "tokenizer": "minilm", "max_text_len": 12},
+        "model": {"embed_dim": 8,
+                  "image": {"kind": "mlp", "input_dim": IMAGE_DIM, "hidden_dims": [16]},
+                  "text": {"kind": "hf_config", "hf_config": {
+                      "model_type": "bert", "vocab_size": 30522, "hidden_size": 16,
+                      "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 32, "max_position_embeddings": 16}}},
+    })
+    torch.manual_seed(0)
+    model = DualEncoder(cfg.model).eval()
+    tokenize = load_text_encoder("minilm")
+    queries = [{"text": "a red circle on the left"}, {"text": "two blue squares"},
+               {"text": "a small green triangle above a large yellow star"}]
+    batch = encode_queries(model, queries, tokenize, 12)
+    for i, q in enumerate(queries):
+        ids, mask = tokenize([q["text"]], 12)
+        with torch.no_grad():
+            alone = model.encode_text({"input_ids": torch.from_numpy(ids),
+                                       "attention_mask": torch.from_numpy(mask)})
+        np.testing.assert_allclose(batch[i], alone[0].numpy(), atol=1e-5)
+
+    reranker = CrossAttentionReranker(RerankerConfig(
+        query="tokens", vocab_size=30522, max_text_len=12, image_dim=IMAGE_DIM, width=16,
+        heads=2, image_tokens=2)).eval()
+    feats = np.random.default_rng(0).standard_normal((10, IMAGE_DIM)).astype(np.float32)
+    rows = [[3, 1, 4], [], [9, 2, 6, 5, 0]]
+    got = rerank_scores(reranker, feats, queries, rows, tokenize)
+    assert [len(g) for g in got] == [3, 0, 5]
+    for q, rr, scores in zip(queries, rows, got):
+        if not rr:
+            continue
+        ids, mask = tokenize([q["text"]], 12)
+        with torch.no_grad():
+            alone = reranker.score_candidates(
+                {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)},
+                torch.from_numpy(feats[rr])[None])[0]
+        np.testing.assert_allclose(scores, alone.numpy(), atol=1e-5)
+
+
+def test_scan_gallery_names_images_like_the_pipeline(tmp_path) -> None:
+    """Parquet and WebDataset shards: one entry per image, named by image_id else row id, keyed
+    by the same group hash the Ray Data pipeline computes."""
+    import io
+    import tarfile
+
+    from raycmr.data.transforms import stable_hash63
+    from raycmr.index_build import scan_gallery
+
+    names, image, _ = write_gallery(tmp_path / "g")
+    found = scan_gallery([str(tmp_path / "g" / "part-0.parquet")], "parquet",
+                         image_dim=IMAGE_DIM)
+    assert sorted(name for name, _ in found.values()) == sorted(names)
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(found[stable_hash63(name)][1], image[i])
+
+    tar_path = tmp_path / "shard-0.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for key, meta in [("k0", {"image_id": "cat"}), ("k1", {"image_id": "cat"}),
+                          ("k2", None), ("k3", {"label": 1})]:
+            members = {"jpg": b"not decoded here", "txt": b"a caption"}
+            if meta is not None:
+                members["json"] = json.dumps(meta).encode()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    found = scan_gallery([str(tar_path)], "webdataset")
+    assert sorted(name for name, _ in found.values()) == ["cat", "k2", "k3"]
+    assert found[stable_hash63("cat")] == ("cat", None)
+
+
+def test_serve_config_file_matches_the_builder() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from raycmr.serve.app import EXTRA_ARGS
+
+    doc = yaml.safe_load((ROOT / "jobs" / "serve_config.yaml").read_text())
+    parse = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
+    (app,) = parse(doc).applications
+    assert app.import_path == "raycmr.serve.app:build_app"
+    assert {"index_path", "checkpoint"} <= set(app.args)
+    assert set(app.args) <= set(ServeConfig.__dataclass_fields__) | set(EXTRA_ARGS)
+    names = {d.name for d in app.deployments}
+    assert names <= {"Ingress", "QueryEncoder", "Retriever", "Reranker"}
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    """Checkpoint, gallery, index, trained reranker and a running app on a free port."""
+    import httpx
+    from ray import serve
+
+    from raycmr.index_build import build_gallery_index
+    from raycmr.serve.app import APP_NAME, build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    names, image, queries = write_gallery(tmp / "gallery")
+    model = write_checkpoint(tmp / "ckpt", str(tmp / "gallery"))
+    record = build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", num_actors=1,
+                                 batch_size=16)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    reranker = CrossAttentionReranker(RerankerConfig(
+        query="features", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, width=16, heads=2,
+        query_tokens=2, image_tokens=2))
+    train_text, train_image = synthetic(256, seed=1)  # disjoint from the gallery
+    fit_reranker(reranker, {"text_feat": torch.from_numpy(train_text)},
+                 torch.from_numpy(train_image), steps=100, batch_size=32, lr=1e-2)
+    torch.set_num_threads(threads)
+    save_reranker(reranker, tmp / "index" / "reranker")  # the default place build_app looks
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"),
+                         "top_k": TOP_K, "rerank_k": RERANK_K, "max_batch_size": 8,
+                         "batch_wait_timeout_s": 0.1}), name=APP_NAME, route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        yield {"tmp": tmp, "names": names, "image": image, "queries": queries, "model": model,
+               "record": record, "client": client, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        client.close()
+        serve.shutdown()
+
+
+def _expected_retrieval(served, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy brute force over the model's own embeddings: (ids [Q, k], scores [Q, k])."""
+    model, names = served["model"], np.array(sorted(served["names"]))
+    pos = {n: i for i, n in enumerate(served["names"])}
+    image = served["image"][[pos[n] for n in names]]
+    with torch.no_grad():
+        g = model.encode_image({"image_feat": torch.from_numpy(image)}).double().numpy()
+        q = model.encode_text({"text_feat": torch.from_numpy(served["queries"])}).double().numpy()
+    sim = q @ g.T
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return names[top], np.take_along_axis(sim, top, axis=1)
+
+
+def _expected_rerank(served, head_ids: list[str], query: np.ndarray) -> np.ndarray:
+    reranker = load_reranker(served["tmp"] / "index" / "reranker")
+    pos = {n: i for i, n in enumerate(served["names"])}
+    cands = torch.from_numpy(served["image"][[pos[n] for n in head_ids]])[None]
+    with torch.no_grad():
+        return reranker.score_candidates({"text_feat": torch.from_numpy(query)[None]},
+                                         cands)[0].numpy()
+
+
+def _search_all(served, **body) -> list[list[dict]]:
+    """POST one /search per gallery image's query, all at once; the JSON answers in order."""
+    import httpx
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=served["url"], timeout=120) as client:
+            return await asyncio.gather(*[
+                client.post("/search", json={"text_feat": q.tolist(), **body})
+                for q in served["queries"]
+            ])
+
+    answers = asyncio.run(fire())
+    for r in answers:
+        assert r.status_code == 200, r.text
+    return [r.json() for r in answers]
+
+
+@pytest.mark.ray
+def test_index_has_one_entry_per_image(served) -> None:
+    from raycmr.evaluate.index import load_index
+
+    index_dir = served["tmp"] / "index"
+    index, ids = load_index(index_dir)
+    assert ids == sorted(served["names"]) and index.ntotal == N_IMAGES
+    assert served["record"]["count"] == N_IMAGES and served["record"]["pairs"] == 36
+    feats = np.load(index_dir / "rerank_feats.npy")
+    pos = {n: i for i, n in enumerate(served["names"])}
+    np.testing.assert_array_equal(feats, served["image"][[pos[n] for n in ids]])
+    health = served["client"].get("/healthz").json()
+    assert health == {"status": "ok", "gallery": N_IMAGES, "index_kind": "flat",
+                      "query_input": "text_feat", "top_k": TOP_K, "rerank_k": RERANK_K,
+                      "reranker": True}
+
+
+@pytest.mark.ray
+def test_retrieve_stage_equals_brute_force(served) -> None:
+    ids, scores = _expected_retrieval(served, 10)
+    for i, got in enumerate(_search_all(served, k=10, rerank=False)):
+        assert [r["id"] for r in got] == ids[i].tolist()
+        assert {r["stage"] for r in got} == {"retrieve"}
+        np.testing.assert_allclose([r["score"] for r in got], scores[i], atol=1e-5)
+
+
+@pytest.mark.ray
+def test_rerank_stage_orders_by_reranker_scores_and_finds_more(served) -> None:
+    ids, _ = _expected_retrieval(served, TOP_K)
+    names = served["names"]
+    hits_fast = hits_slow = 0
+    for i, got in enumerate(_search_all(served, k=TOP_K)):
+        head, tail = got[:RERANK_K], got[RERANK_K:]
+        expected = _expected_rerank(served, ids[i][:RERANK_K].tolist(), served["queries"][i])
+        order = np.argsort(-expected, kind="stable")
+        assert [r["id"] for r in head] == ids[i][:RERANK_K][order].tolist()
+        np.testing.assert_allclose([r["score"] for r in head], expected[order], atol=1e-4)
+        assert {r["stage"] for r in head} == {"rerank"}
+        assert [r["id"] for r in tail] == ids[i][RERANK_K:].tolist()  # retrieval order
+        assert {r["stage"] for r in tail} == {"retrieve"}
+        hits_fast += ids[i][0] == names[i]
+        hits_slow += got[0]["id"] == names[i]
+    r1_fast, r1_slow = hits_fast / N_IMAGES, hits_slow / N_IMAGES
+    print(f"R@1 over {N_IMAGES} queries: retrieve {r1_fast:.3f} -> rerank {r1_slow:.3f}")
+    # untrained dual encoder vs a briefly trained reranker: the stage must help, by a lot
+    assert r1_slow >= r1_fast + 0.25
+
+
+@pytest.mark.ray
+def test_concurrent_requests_are_batched_and_correct(served) -> None:
+    ids, _ = _expected_retrieval(served, RERANK_K)
+    before = served["client"].get("/stats").json()
+    for i, got in enumerate(_search_all(served, k=5)):  # 24 requests in flight at once
+        scores = _expected_rerank(served, ids[i].tolist(), served["queries"][i])
+        assert [r["id"] for r in got] == ids[i][np.argsort(-scores, kind="stable")][:5].tolist()
+    after = served["client"].get("/stats").json()
+    for stage in ("encoder", "retriever", "reranker"):
+        assert after[stage]["requests"] - before[stage]["requests"] == N_IMAGES, stage
+        assert after[stage]["max_batch"] > 1, after  # concurrent queries shared a forward pass
+    print("batch sizes:", {k: v["sizes"] for k, v in after.items()})
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("body,status,needle", [
+    ({"text": "a cat"}, 400, "takes feature vectors"),
+    ({"text_feat": [0.0] * 3}, 400, "has 3 values; this model takes 8"),
+    ({"text": "a", "text_feat": [0.0] * 8}, 400, "exactly one"),
+    ({"text_feat": [0.0] * 8, "k": TOP_K + 1}, 400, "more than this service's top_k"),
+    ({"text_feat": [0.0] * 8, "k": 0}, 422, "greater than or equal to 1"),
+])
+def test_bad_requests_get_clear_errors(served, body, status, needle) -> None:
+    r = served["client"].post("/search", json=body)
+    assert r.status_code == status
+    assert needle in r.text
