@@ -102,8 +102,10 @@ def build_index(
 
 
 def build_index_from_config(emb: Any, cfg: Any) -> faiss.Index:
-    """:func:`build_index` with ``kind, nlist, nprobe, hnsw_m`` from an ``IndexConfig``."""
-    return build_index(emb, kind=cfg.kind, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m)
+    """:func:`build_index` with ``kind, nlist, nprobe, hnsw_m, ef_search`` from an
+    ``IndexConfig``."""
+    return build_index(emb, kind=cfg.kind, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m,
+                       ef_search=cfg.ef_search)
 
 
 def index_kind(index: faiss.Index) -> str:
