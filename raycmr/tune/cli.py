@@ -31,15 +31,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. tune.num_samples=8 train.epochs=10")
 
 
-def summarize(exp, out=sys.stdout) -> dict | None:
+def summarize(exp, out=None) -> dict | None:
     """Write the results table, plot, best config and best.json into the experiment dir and
-    print them; returns the contents of best.json (None when no trial reported the metric)."""
+    print them (to ``out``, default stdout); returns the contents of best.json (None when no
+    trial reported the metric)."""
+    from raycmr.config import with_overrides
     from raycmr.tune import report
-    from raycmr.tune.search import max_epochs
+    from raycmr.tune.search import epoch_budget
     from raycmr.tune.spaces import is_log
 
+    out = out or sys.stdout
     params = list(exp.specs)
-    frame = report.trial_frame(exp.results, params, exp.metric, max_epochs(exp.cfg, exp.specs))
+
+    def budget(trial_params: dict) -> int:
+        try:
+            return epoch_budget(with_overrides(exp.cfg, trial_params))
+        except ConfigError:
+            return epoch_budget(exp.cfg)
+
+    frame = report.trial_frame(exp.results, params, exp.metric, budget)
     paths = report.write_report(frame, exp.path, exp.metric, params,
                                 [k for k, s in exp.specs.items() if is_log(s)])
     best = report.write_best(exp.cfg, frame, exp.path, exp.metric, params)

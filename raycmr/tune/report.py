@@ -16,7 +16,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pandas as pd
@@ -50,7 +50,8 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _trial_row(result, keys: list[str], metric: str, budget: int) -> dict[str, Any]:
+def _trial_row(result, keys: list[str], metric: str,
+               budget: Callable[[dict], int]) -> dict[str, Any]:
     """One results-table row from a ``ray.tune.Result``."""
     path = str(result.path or "")
     metrics = result.metrics or {}
@@ -76,7 +77,7 @@ def _trial_row(result, keys: list[str], metric: str, budget: int) -> dict[str, A
         row["checkpoint"] = "" if _is_missing(checkpoint) else str(checkpoint)
     epochs = history["epoch"].dropna() if "epoch" in history else []
     row["epochs"] = int(max(epochs)) if len(epochs) else 0
-    trial_budget = int(config.get("train.epochs", budget))
+    trial_budget = budget({k: config[k] for k in keys if k in config})
     if result.error is not None:
         row["status"] = ERROR
     elif row["epochs"] == 0:
@@ -88,8 +89,10 @@ def _trial_row(result, keys: list[str], metric: str, budget: int) -> dict[str, A
     return row
 
 
-def trial_frame(results: Iterable, keys: list[str], metric: str, budget: int) -> pd.DataFrame:
-    """The results table of a ``ray.tune.ResultGrid``, best metric first."""
+def trial_frame(results: Iterable, keys: list[str], metric: str,
+                budget: Callable[[dict], int]) -> pd.DataFrame:
+    """The results table of a ``ray.tune.ResultGrid``, best metric first; ``budget(params)``
+    is the number of epochs a trial with those parameters runs when not stopped early."""
     rows = [_trial_row(r, keys, metric, budget) for r in results]
     columns = ["trial_id", *keys, metric, "best_epoch", "epochs", "status", "error",
                "checkpoint", "path"]

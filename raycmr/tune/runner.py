@@ -91,7 +91,26 @@ def run_trial(config: dict[str, Any], base: dict[str, Any] | None = None,
     # The run name is the trial id: a restarted trial finds its own run and checkpoints again.
     trainer = build_trainer(cfg, name=trial_id, storage_path=runs_dir,
                             callbacks=[TuneReportCallback()])
-    trainer.fit()
+    reported = _reports_so_far()
+    result = trainer.fit()
+    if reported is not None and _reports_so_far() == reported and result.metrics:
+        # Nothing reached Tune in this session: the run had already trained to the end before
+        # an interruption cut its last reports off. Report where it ended, so that the trial
+        # records its final epoch, metric and checkpoint.
+        final = dict(result.metrics)
+        if result.checkpoint is not None:
+            final["checkpoint_path"] = result.checkpoint.path
+        tune.report(final)
+
+
+def _reports_so_far() -> int | None:
+    """How many results this trial process has passed to Tune (None when unknown)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        return int(get_session().iteration)
+    except (ImportError, AttributeError, TypeError, ValueError):  # internal API moved
+        return None
 
 
 def _trial_dirname(trial) -> str:
@@ -123,9 +142,27 @@ def check_tune_settings(cfg: Config) -> dict[str, ParamSpec]:
                           "(e.g. data.train=[out/shards/train])")
     if not cfg.data.val:
         raise ConfigError("tune ranks trials on validation metrics: set data.val=[PATH]")
+    if cfg.dckt.enabled:
+        # DCKT runs several trainers in sequence (raycmr.train.dckt.run_dckt), which cannot
+        # stream their reports to Tune yet.
+        raise ConfigError("raycmr tune does not search DCKT runs yet: set dckt.enabled=false, "
+                          "or tune the base model and use the result in a DCKT config")
     specs = parse_space(cfg)
     check_search(specs, t.search)
     return specs
+
+
+def check_data(cfg: Config) -> None:
+    """The shards exist and have the right columns, checked once here rather than failing the
+    same way in every trial; the error names the shard and the fix."""
+    from raycmr.data.paths import ShardReadError
+    from raycmr.data.schema import ShardSchemaError, check_shards
+
+    for split in ("train", "val"):
+        try:
+            check_shards(getattr(cfg.data, split), cfg.data.kind, cfg.data.format)
+        except (ShardReadError, ShardSchemaError) as exc:
+            raise ConfigError(f"data.{split}: {exc}") from None
 
 
 def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec]):
@@ -141,15 +178,16 @@ def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec]):
         search_alg=build_search_alg(cfg, specs),
         scheduler=build_scheduler(cfg, specs),
         num_samples=cfg.tune.num_samples,
-        max_concurrent_trials=cfg.tune.max_concurrent,
+        # tune.max_concurrent is enforced by the search algorithm (build_search_alg)
         time_budget_s=cfg.tune.time_budget_s or None,
         trial_name_creator=_trial_dirname,
         trial_dirname_creator=_trial_dirname,
     )
     run_config = tune.RunConfig(
         name=name, storage_path=storage,
-        # A failing trial is recorded with its error and the search goes on; worker failures
-        # inside a trial are retried by Ray Train itself (train.max_failures).
+        # A failing trial is recorded with its error and the search goes on (Tuner.fit runs
+        # with raise_on_failed_trial=False); worker failures inside a trial are retried by Ray
+        # Train itself (train.max_failures), from the trial's latest checkpoint.
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
     )
     return tune.Tuner(_trainable(cfg, path), param_space=param_space(cfg, specs),
@@ -166,10 +204,16 @@ def _init_ray(cfg: Config) -> None:
 def start(cfg: Config, *, path: str | None = None, on_start=None) -> Experiment:
     """Run a new search to the end (or the time budget); ``on_start(path)`` is called once the
     experiment dir holds the config, before the first trial starts."""
+    from ray import tune
+
     from raycmr.train.trainer import validation_metric
 
     specs = check_tune_settings(cfg)
+    check_data(cfg)
     path = path or experiment_path(cfg)
+    if tune.Tuner.can_restore(path):
+        raise ConfigError(f"'{path}' already holds a Tune experiment: continue it with "
+                          f"`raycmr tune --resume {path}` or set another tune.name")
     _write_text(_join(path, BASE_CONFIG_FILE), cfg.to_yaml())
     _init_ray(cfg)
     tuner = build_tuner(cfg, path, specs)

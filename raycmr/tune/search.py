@@ -1,8 +1,8 @@
 """Search algorithms and trial schedulers for ``raycmr tune``.
 
 - ``tune.search: random`` -> Tune's BasicVariantGenerator (random sampling plus grid entries),
-  seeded with ``train.seed``; ``optuna`` -> OptunaSearch with a seeded TPE sampler behind a
-  ConcurrencyLimiter of ``tune.max_concurrent``.
+  seeded with ``train.seed``, at most ``tune.max_concurrent`` trials at a time; ``optuna`` ->
+  OptunaSearch with a seeded TPE sampler behind a ConcurrencyLimiter of ``tune.max_concurrent``.
 - ``tune.scheduler: asha`` -> ASHA on the validation metric (mode max) with ``epoch`` as time,
   ``tune.grace_period`` and ``tune.reduction_factor``; ``fifo`` runs every trial to the end.
 
@@ -18,7 +18,7 @@ import logging
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from raycmr.config import Config
+from raycmr.config import Config, with_overrides
 from raycmr.tune.spaces import ParamSpec, max_value
 
 logger = logging.getLogger(__name__)
@@ -70,11 +70,21 @@ def _recorded_results(trial) -> list[dict]:
     return []
 
 
+BUDGET_KEYS = ("train.epochs", "dckt.rounds", "dckt.epochs_per_round")
+
+
+def epoch_budget(cfg: Config) -> int:
+    """Epochs one training run reports: ``train.epochs``, plus ``dckt.rounds`` x
+    ``dckt.epochs_per_round`` for DCKT (its epoch counter runs on across rounds)."""
+    extra = cfg.dckt.rounds * cfg.dckt.epochs_per_round if cfg.dckt.enabled else 0
+    return cfg.train.epochs + extra
+
+
 def max_epochs(cfg: Config, specs: dict[str, ParamSpec]) -> int:
-    """The longest a trial can run, in epochs (train.epochs, or its largest searched value)."""
-    if "train.epochs" in specs:
-        return int(max_value(specs["train.epochs"]))
-    return cfg.train.epochs
+    """The longest a trial can run, in epochs (the largest searched values of the keys that set
+    the budget)."""
+    top = {k: max_value(specs[k]) for k in BUDGET_KEYS if k in specs}
+    return epoch_budget(with_overrides(cfg, top) if top else cfg)
 
 
 def build_scheduler(cfg: Config, specs: dict[str, ParamSpec]):

@@ -65,7 +65,8 @@ DEFAULT_SPACE: dict[str, dict[str, list]] = {k: {kind: list(a)} for k, kind, a, 
 def default_space(cfg: Config) -> dict[str, ParamSpec]:
     """The default space restricted to what ``cfg`` enables: VSE++ margin (or the InfoNCE
     temperature), the contrastive weight when other loss terms exist, the GRL ceiling alpha, the
-    DSCMR alpha/beta, the DCKT selection ceiling alpha, and the learning rate."""
+    DSCMR alpha/beta, the DCKT selection ceiling alpha (for when DCKT runs can be searched), and
+    the learning rate."""
     return {k: ParamSpec(k, kind, tuple(a)) for k, kind, a, when in _DEFAULTS if when(cfg)}
 
 
