@@ -198,7 +198,7 @@ def build_gallery_index(
     out = save_index(index, names, out)
     np.save(out / RERANK_FEATS_FILE, rerank)
     record = {
-        "checkpoint": str(ckpt_dir),
+        "checkpoint": str(ckpt_dir.resolve()),
         "shards": [str(p) for p in paths],
         "data_kind": cfg.data.kind,
         "count": len(names),
