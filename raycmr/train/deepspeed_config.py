@@ -22,7 +22,9 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict[str, Any]:
     """AdamW + warmup-then-cosine LR (DeepSpeed's WarmupCosineLR), ZeRO stage, clipping,
     gradient accumulation and mixed precision, as one DeepSpeed config dict."""
     t = cfg.train
-    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    # DeepSpeed wants warmup >= 1 and total > warmup
+    warmup = max(1, min(t.warmup_steps, total_steps - 1))
+    total_steps = max(total_steps, warmup + 1)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -34,7 +36,7 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict[str, Any]:
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
-                "total_num_steps": max(total_steps, 1),
+                "total_num_steps": total_steps,
                 "warmup_num_steps": warmup,
                 "warmup_type": "linear",
                 "cos_min_ratio": 0.01,
