@@ -9,8 +9,11 @@ Default (and ``--small``): a 2-process gloo harness around ``CrossModalObjective
 ``tests/test_gather_equivalence.py``: each process runs forward + backward + a flat all-reduce of
 the gradients (what DDP / DeepSpeed do, one bucket), then a torch AdamW step, with ``--threads``
 torch threads. The switch is flipped between blocks of ``--block`` steps in the same processes
-(on-off, off-on, ...), so both arms share the same processes, caches and neighbours; figures are
-medians over steps. Configurations: the quickstart model (tiny ViT + tiny BERT) at its batch of 64
+(on-off, off-on, ...), so both arms share the same processes, caches and neighbours. Times are
+medians over steps; the ratios are medians over rounds of (median on-step / median off-step of
+that round's two adjacent blocks), which a slow spell of a shared machine tilts less than a ratio
+of overall medians. The number of torch.distributed collectives per step is counted too.
+Configurations: the quickstart model (tiny ViT + tiny BERT) at its batch of 64
 per worker, and the Wikipedia-style feature MLPs, where the encoders are cheap and the gather is
 the largest share of the step.
 
@@ -62,7 +65,7 @@ MODELS = {"quickstart": ("quickstart", []), "features": (None, FEATURES)}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true",
-                   help="harness: quickstart@64 (4 rounds of 3 steps), features@64 and @512")
+                   help="harness: quickstart@64 (6 rounds of 2+2 steps), features@64 and @512")
     p.add_argument("--configs", nargs="+", default=["quickstart:64", "features:64",
                                                     "features:512", "features:2048"],
                    help="MODEL:BATCH_PER_WORKER, MODEL in quickstart, features")
@@ -80,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.small:
         args.configs = ["quickstart:64", "features:64", "features:512"]
-        args.rounds, args.block, args.feature_block = 4, 3, 30
+        args.rounds, args.block, args.feature_block = 6, 2, 20
     return args
 
 
@@ -140,8 +143,8 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str
             for mode in ((True, False) if r % 2 == 0 else (False, True)):
                 for _ in range(job["block"]):
                     fwd_bwd_comm, full = step(mode)
-                    records.append({"global": mode, "fwd_bwd_comm_s": fwd_bwd_comm,
-                                    "step_s": full})
+                    records.append({"round": r, "global": mode,
+                                    "fwd_bwd_comm_s": fwd_bwd_comm, "step_s": full})
         if rank == 0:
             Path(out_path).write_text(json.dumps({"records": records, "collectives": {
                 "on": collectives[True], "off": collectives[False]}}))
@@ -186,6 +189,17 @@ def run_harness(job: dict[str, Any]) -> list[dict[str, Any]]:
         return json.loads(Path(path).read_text())
 
 
+def paired_ratios(records: list[dict[str, Any]], key: str) -> list[float]:
+    """Per round: median of its on-steps / median of its off-steps (adjacent blocks), so that a
+    slow spell of the machine that spans one round does not tilt the comparison."""
+    ratios = []
+    for r in sorted({rec["round"] for rec in records}):
+        on = [rec[key] for rec in records if rec["round"] == r and rec["global"]]
+        off = [rec[key] for rec in records if rec["round"] == r and not rec["global"]]
+        ratios.append(med(on) / med(off))
+    return ratios
+
+
 def harness_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows, raw = [], {}
     for spec in args.configs:
@@ -206,13 +220,16 @@ def harness_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
         t_on, t_off = med([r["fwd_bwd_comm_s"] for r in on]), \
             med([r["fwd_bwd_comm_s"] for r in off])
         s_on, s_off = med([r["step_s"] for r in on]), med([r["step_s"] for r in off])
+        paired = paired_ratios(records, "step_s")
         rows.append({
             "model": model, "batch_per_worker": int(batch), "negatives_on": 2 * int(batch) - 1,
             "negatives_off": int(batch) - 1,
             "fbc_ms_off": 1e3 * t_off, "fbc_ms_on": 1e3 * t_on,
-            "delta_ms": 1e3 * (t_on - t_off), "fbc_on_over_off": t_on / t_off,
+            "delta_ms": 1e3 * (t_on - t_off),
+            "fbc_on_over_off": med(paired_ratios(records, "fwd_bwd_comm_s")),
             "step_ms_off": 1e3 * s_off, "step_ms_on": 1e3 * s_on,
-            "step_on_over_off": s_on / s_off,
+            "step_on_over_off": med(paired),
+            "paired_spread": spread(paired),
             "spread_ms_on": spread([1e3 * r["step_s"] for r in on]),
             "collectives_off": result["collectives"]["off"],
             "collectives_on": result["collectives"]["on"],
@@ -281,10 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         rows, raw = harness_rows(args)
         columns = ["model", "batch_per_worker", "negatives_off", "negatives_on", "fbc_ms_off",
                    "fbc_ms_on", "delta_ms", "fbc_on_over_off", "step_ms_off", "step_ms_on",
-                   "step_on_over_off", "spread_ms_on", "collectives_off", "collectives_on"]
+                   "step_on_over_off", "paired_spread", "collectives_off", "collectives_on"]
         title = (f"global negatives at 2 workers, gloo harness around CrossModalObjective, "
                  f"{args.loss}, {args.threads} thread(s)/process; fbc = forward + backward + "
-                 "gradient all-reduce, step = fbc + AdamW; medians")
+                 "gradient all-reduce, step = fbc + AdamW; medians, ratios paired by round")
         summary = [
             f"{r['model']}@{r['batch_per_worker']}/worker: step with gather / without = "
             f"{r['step_on_over_off']:.3f} ({r['delta_ms']:+.1f} ms on "
