@@ -1,10 +1,21 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# The real labelled Wikipedia features (../shared/data/wikipedia next to the repository, or
+# RAYCMR_WIKIPEDIA_DIR). Tests that need them skip, naming the path, when they are absent.
+WIKIPEDIA = Path(os.environ.get(
+    "RAYCMR_WIKIPEDIA_DIR",
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikipedia"))
+needs_wikipedia = pytest.mark.skipif(
+    not (WIKIPEDIA / "raw_features.mat").is_file(),
+    reason=f"Wikipedia features not found at {WIKIPEDIA} (set RAYCMR_WIKIPEDIA_DIR)")
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +28,12 @@ def ray_cluster():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_runtest_logreport(report):
+    """Print a failure's traceback as soon as it happens: pytest's own summary comes only at the
+    end, and a crash while tearing down the Ray cluster would otherwise take it with it."""
+    if report.failed:
+        sys.stderr.write(f"\n[raycmr tests] FAILED {report.nodeid} ({report.when})\n"
+                         f"{report.longreprtext}\n")
+        sys.stderr.flush()

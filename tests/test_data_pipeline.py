@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import WIKIPEDIA as WIKI
+from conftest import needs_wikipedia
 
 from raycmr.config import DataConfig
 from raycmr.data.pipeline import TokenizerError, build_dataset, iter_worker_batches, load_tokenizer
@@ -20,7 +22,6 @@ from raycmr.data.schema import ShardSchemaError, image_shard_schema
 from raycmr.data.synthetic import generate
 from raycmr.data.transforms import stable_hash63
 
-WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikipedia"
 N_ROWS = 40
 
 
@@ -110,7 +111,7 @@ def test_webdataset_tar_round_trip(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(not WIKI.is_dir(), reason="shared wikipedia data not present")
+@needs_wikipedia
 def test_feature_shards_pipeline(ray_cluster, tmp_path):
     from raycmr.data.writers import write_wikipedia_shards
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import WIKIPEDIA as WIKI
+from conftest import needs_wikipedia
 from PIL import Image
 
 from raycmr.data import shards_cli
@@ -20,8 +21,6 @@ from raycmr.data.writers import (
     write_folder_shards,
     write_wikipedia_shards,
 )
-
-WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikipedia"
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
@@ -105,7 +104,7 @@ def test_stratified_split_is_seeded_and_per_class():
     assert not np.array_equal(a, stratified_split(labels, 0.1, 1))
 
 
-@pytest.mark.skipif(not WIKI.is_dir(), reason="shared wikipedia data not present")
+@needs_wikipedia
 def test_wikipedia_shards_match_the_mat_file(tmp_path):
     from scipy.io import loadmat
 

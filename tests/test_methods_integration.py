@@ -8,14 +8,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import WIKIPEDIA as WIKI
+from conftest import needs_wikipedia
 from raycmr.config import load_config
 from raycmr.data.writers import write_wikipedia_shards
 
 pytestmark = pytest.mark.ray
 
-WIKI = "../shared/data/wikipedia"
 
-
+@needs_wikipedia
 def test_grl_and_dscmr_two_workers(ray_cluster, tmp_path):
     from raycmr.train.trainer import build_trainer
 
