@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import WIKIPEDIA as WIKI
 from conftest import needs_wikipedia
+
 from raycmr.config import load_config
 from raycmr.data.writers import write_wikipedia_shards
 
