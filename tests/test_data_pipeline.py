@@ -149,3 +149,22 @@ def test_driver_side_errors_before_any_ray_work(tmp_path):
                    tmp_path / "p.parquet")
     with pytest.raises(TokenizerError, match="/nowhere/tok"):
         build_dataset([str(tmp_path)], DataConfig(tokenizer="/nowhere/tok"), training=False)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("reader, first_ops", [("v1", ["ReadParquet"]),
+                                               ("v2", ["ListFiles", "ReadFilesParquetV2"])])
+def test_parquet_reader_picks_the_read_path_and_restores_the_context(
+        ray_cluster, planted_shards, reader, first_ops):
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    out, _ = planted_shards
+    ds = build_dataset([str(out)], DataConfig(image_size=32, max_text_len=16,
+                                              parquet_reader=reader), training=True, seed=1)
+    ops = [op.name for op in ds._logical_plan.dag.post_order_iter()]
+    assert ops[:len(first_ops)] == first_ops
+    assert ctx.use_datasource_v2 == before
+    rows = sum(b["valid"].sum() for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert rows == N_ROWS - 3  # the same valid rows either way

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from raycmr.config import Config, ConfigError, DataConfig
 from raycmr.data.paths import split_uri
-from raycmr.data.pipeline import feature_dims
+from raycmr.data.pipeline import feature_dims, read_parquet
 from raycmr.data.schema import check_shards
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_features, preprocess_images, stable_hash63
@@ -148,7 +148,6 @@ def build_domain_dataset(spec: DomainSpec, data: DataConfig, *, training: bool, 
     """A lazy ``ray.data.Dataset`` of one domain's preprocessed rows (the columns of
     :func:`raycmr.data.pipeline.build_dataset` + ``pair_key``); with ``keys``, only the pairs
     whose ``pair_key`` is in it. Training reads files in a seeded order."""
-    import ray.data
     from ray.data import FileShuffleConfig
 
     files = _files(spec, data)
@@ -157,8 +156,8 @@ def build_domain_dataset(spec: DomainSpec, data: DataConfig, *, training: bool, 
         image_dim, text_dim = feature_dims(files)
     else:
         load_text_encoder(data.tokenizer)  # fail on the driver, not inside a Ray task
-    ds = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=seed) if training else None,
-                               file_extensions=None)
+    ds = read_parquet(files, reader=data.parquet_reader,
+                      shuffle=FileShuffleConfig(seed=seed) if training else None)
     fn_kwargs = {"kind": data.kind, "domain": spec.domain,
                  "keys": None if keys is None else np.asarray(keys, dtype=np.int64),
                  "image_dim": image_dim, "text_dim": text_dim, "data": data,

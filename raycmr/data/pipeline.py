@@ -50,7 +50,26 @@ def _map_batch_rows(image_size: int) -> int:
     return int(np.clip(MAP_BATCH_BYTES // (3 * image_size * image_size * 4), 16, 512))
 
 
-def _read(info: ShardInfo, *, training: bool, seed: int):
+def read_parquet(files: list[str], *, reader: str, shuffle=None):
+    """``ray.data.read_parquet`` through the read path ``reader`` names (``data.parquet_reader``).
+
+    Ray 2.60 routes ``read_parquet`` through its V2 datasource by default, which starts with one
+    ListFiles task and was 16x slower to deliver the first rows in ``benchmarks/bench_ingest.py``;
+    the choice is made when ``read_parquet`` is called, so the context is set just around it.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    if reader != "ray_default":
+        ctx.use_datasource_v2 = reader == "v2"
+    try:
+        return ray.data.read_parquet(files, shuffle=shuffle, file_extensions=None)
+    finally:
+        ctx.use_datasource_v2 = before
+
+
+def _read(info: ShardInfo, *, training: bool, seed: int, reader: str):
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -58,7 +77,7 @@ def _read(info: ShardInfo, *, training: bool, seed: int):
     if info.format == "webdataset":
         return ray.data.read_webdataset(info.files, decoder=None, shuffle=shuffle,
                                         file_extensions=None)
-    return ray.data.read_parquet(info.files, shuffle=shuffle, file_extensions=None)
+    return read_parquet(info.files, reader=reader, shuffle=shuffle)
 
 
 def _images_fn(table, *, cfg: DataConfig, training: bool, seed: int) -> dict[str, np.ndarray]:
@@ -81,7 +100,7 @@ def build_dataset(paths: list[str] | str, cfg: DataConfig, *, training: bool, se
     :func:`~raycmr.data.transforms.preprocess_images` / ``preprocess_features``.
     """
     info = check_shards(paths, cfg.kind, cfg.format)
-    ds = _read(info, training=training, seed=seed)
+    ds = _read(info, training=training, seed=seed, reader=cfg.parquet_reader)
     if cfg.kind == "features":
         image_dim, text_dim = feature_dims(info.files)
         return ds.map_batches(

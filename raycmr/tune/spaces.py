@@ -52,7 +52,7 @@ _DEFAULTS: list[tuple[str, str, tuple, Any]] = [
      lambda c: c.loss.kind != "none"
      and (c.loss.grl.enabled or c.loss.dscmr.enabled or c.dckt.enabled)),
     ("loss.grl.alpha", "uniform", (0.1, 1.0), lambda c: c.loss.grl.enabled),
-    ("loss.dscmr.alpha", "loguniform", (0.01, 1.0), lambda c: c.loss.dscmr.enabled),
+    ("loss.dscmr.alpha", "loguniform", (0.03, 3.0), lambda c: c.loss.dscmr.enabled),
     ("loss.dscmr.beta", "loguniform", (0.01, 1.0), lambda c: c.loss.dscmr.enabled),
     ("dckt.alpha", "uniform", (0.5, 1.0), lambda c: c.dckt.enabled),
     ("train.lr", "loguniform", (1e-4, 3e-3), lambda c: True),
