@@ -32,7 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --small
 
 wikipedia: $(STAMP)
-	$(BIN)/raycmr train --config wikipedia
+	$(BIN)/raycmr shards wikipedia --out out/wikipedia/shards --overwrite
+	$(BIN)/raycmr train --config wikipedia --eval-test
 
 clean:
 	rm -rf runs out

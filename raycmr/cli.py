@@ -49,6 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if best is not None:
         print(f"best:       {best.path}")
+    if args.eval_test and best is not None:
+        if not cfg.data.test:
+            raise ConfigError("--eval-test needs data.test shards in the config")
+        metrics = evaluate_checkpoint(best.path, "test")
+        _print_metrics(f"test metrics of the best checkpoint by validation ({best.path}):",
+                       metrics)
     return 0
 
 
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a dual encoder with Ray Train + DeepSpeed")
     _add_config_args(p)
+    p.add_argument("--eval-test", action="store_true",
+                   help="after training, evaluate the best checkpoint (by the validation metric) "
+                        "on data.test: only once the configuration is fixed on validation")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="R@K / mAP of a checkpoint on a split")
