@@ -48,3 +48,16 @@ def test_cli_reports_config_error_in_one_line(capsys):
     assert main(["config", "--config", "quickstart", "train.epochs=-x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.epochs" in err[0]
+
+
+def test_with_absolute_paths_keeps_uris_and_absolute_paths(tmp_path, monkeypatch):
+    from raycmr.data.paths import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("wikipedia", ["data.test=[s3://bucket/test]", "data.val=[/abs/val]",
+                                    "train.resume_from=runs/ckpt"])
+    out = with_absolute_paths(cfg)
+    assert out.data.train == [str(tmp_path / "out/wikipedia/shards/train")]
+    assert out.data.val == ["/abs/val"] and out.data.test == ["s3://bucket/test"]
+    assert out.train.resume_from == str(tmp_path / "runs/ckpt")
+    assert out.dckt.source == [] and cfg.data.train == ["out/wikipedia/shards/train"]

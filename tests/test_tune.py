@@ -358,7 +358,11 @@ def test_tune_asha_kill_resume_best_config(ray_cluster, feature_shards, tmp_path
 
     storage = tmp_path / "tune"
     config_file = tmp_path / "tiny_tune.yaml"
-    config_file.write_text(yaml.safe_dump(_experiment_yaml(feature_shards, storage, "exp")))
+    raw = _experiment_yaml(feature_shards, storage, "exp")
+    # relative shard paths, as users write them: every trial runs in its own working directory
+    for split in ("train", "val"):
+        raw["data"][split] = [os.path.relpath(feature_shards / split)]
+    config_file.write_text(yaml.safe_dump(raw))
     exp = storage / "exp"
 
     # 1. start `raycmr tune` on the same Ray cluster; kill it once a trial has finished

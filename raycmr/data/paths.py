@@ -110,3 +110,28 @@ def detect_format(files: list[str], fmt: str = "auto") -> str:
             f"'{next(f for f in files if f not in tars)}'); give one format per split"
         )
     return "webdataset" if tars else "parquet"
+
+
+#: Config keys holding shard or checkpoint locations.
+PATH_KEYS = ("data.train", "data.val", "data.test", "dckt.source", "dckt.target",
+             "train.resume_from")
+
+
+def _absolute(path: str) -> str:
+    return path if not path or "://" in path else str(Path(path).expanduser().absolute())
+
+
+def with_absolute_paths(cfg):
+    """``cfg`` with every relative local path of :data:`PATH_KEYS` made absolute (URIs kept).
+
+    Needed before handing a config to processes whose working directory differs from the
+    driver's: Ray Tune runs each trial in its own trial directory."""
+    from raycmr.config import with_overrides
+
+    changes = {}
+    for key in PATH_KEYS:
+        value = cfg.get(key)
+        new = [_absolute(p) for p in value] if isinstance(value, list) else _absolute(value)
+        if new != value:
+            changes[key] = new
+    return with_overrides(cfg, changes) if changes else cfg

@@ -206,8 +206,10 @@ def start(cfg: Config, *, path: str | None = None, on_start=None) -> Experiment:
     experiment dir holds the config, before the first trial starts."""
     from ray import tune
 
+    from raycmr.data.paths import with_absolute_paths
     from raycmr.train.trainer import validation_metric
 
+    cfg = with_absolute_paths(cfg)  # each trial runs in its own working directory
     specs = check_tune_settings(cfg)
     check_data(cfg)
     path = path or experiment_path(cfg)
