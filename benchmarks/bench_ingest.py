@@ -3,10 +3,11 @@
 On the same synthetic shards (the quickstart's 64 px PNG images and captions), one full pass over
 the training split per repetition, rows/s of:
 
-* ``ray_data``: what a training worker runs, ``build_dataset`` (read_parquet + file shuffle +
-  ``map_batches`` decode/resize/tokenize tasks) and ``iter_worker_batches`` (local shuffle buffer,
-  batches of torch tensors, bad rows dropped), on a local Ray instance with ``--workers`` CPUs, so
-  at most ``--workers`` preprocessing processes;
+* ``ray_data``: what a training worker runs, ``build_dataset`` (read_parquet on the V1 path,
+  as shipped, + file shuffle + ``map_batches`` decode/resize/tokenize tasks) and
+  ``iter_worker_batches`` (local shuffle buffer, batches of torch tensors, bad rows dropped), on a local Ray instance with ``--workers`` CPUs, so
+  at most ``--workers`` preprocessing processes; ``ray_data_v2``: the same with Ray 2.60's
+  default V2 Parquet read path (``data.parquet_reader=v2``);
 * ``torch_iterable``: ``torch.utils.data.DataLoader`` with ``--workers`` worker processes over an
   ``IterableDataset`` that splits the shard files between workers and runs the *same*
   ``preprocess_images`` on slices of ``--batch`` rows (no shuffling: less work than ray_data);
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import re
 import sys
@@ -41,7 +43,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from ray.data import DataContext
 
 try:  # `python -m benchmarks.bench_ingest` from the repo root
     from benchmarks.common import print_table, set_threads, write_result
@@ -153,13 +154,10 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch}, train step on {args.threads} torch thread(s), "
           f"{args.repeats} rounds", flush=True)
 
-    ds = build_dataset(cfg.data.train, cfg.data, training=True, seed=args.seed)
-    # the same pipeline on Ray Data's V1 Parquet reader (one read task per file): chosen when
-    # the dataset is built, as RAY_DATA_USE_DATASOURCE_V2=0 would
-    ctx = DataContext.get_current()
-    ctx.use_datasource_v2 = False
-    ds_v1 = build_dataset(cfg.data.train, cfg.data, training=True, seed=args.seed)
-    ctx.use_datasource_v2 = True
+    ds = build_dataset(cfg.data.train, cfg.data, training=True, seed=args.seed)  # V1 reader
+    # the same pipeline on Ray 2.60's default V2 Parquet read path (data.parquet_reader=v2)
+    ds_v2 = build_dataset(cfg.data.train, dataclasses.replace(cfg.data, parquet_reader="v2"),
+                          training=True, seed=args.seed)
     counts: dict[str, int] = {}
     first: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         generator=torch.Generator().manual_seed(args.seed))
     passes = {
         "ray_data": lambda: consume("ray_data", ray_batches(ds)),
-        "ray_data_v1": lambda: consume("ray_data_v1", ray_batches(ds_v1)),
+        "ray_data_v2": lambda: consume("ray_data_v2", ray_batches(ds_v2)),
         "torch_iterable": lambda: consume("torch_iterable", stream_loader),
         "torch_map": lambda: consume("torch_map", map_loader),
     }
@@ -206,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
 
     times = interleave({**passes, "train_step": train_block}, repeats=args.repeats)
-    plans = {"V2": plan_summary(ds), "V1": plan_summary(ds_v1)}
+    plans = {"V1": plan_summary(ds), "V2": plan_summary(ds_v2)}
     step_samples = args.train_steps * int(train_batch["group"].shape[0])
     rate = {k: counts[k] / med(v) for k, v in times.items() if k != "train_step"}
     rate["train_step"] = step_samples / med(times["train_step"])
     procs = {arm: args.workers for arm in passes} | {"train_step": args.threads}
     what = {
-        "ray_data": "build_dataset + iter_worker_batches (local Ray)",
-        "ray_data_v1": "the same on Ray Data's V1 Parquet read path",
+        "ray_data": "build_dataset + iter_worker_batches (local Ray), as shipped (V1 read)",
+        "ray_data_v2": "the same with data.parquet_reader=v2 (Ray 2.60's default)",
         "torch_iterable": "DataLoader, IterableDataset, same preprocess_images",
         "torch_map": "DataLoader, map-style, shuffle, same preprocess_images",
         "train_step": "quickstart model fwd+bwd+AdamW (the consumer)",
@@ -235,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         (f"Ray Data pipeline / torch DataLoader, same decode code, {args.workers} processes: "
         f"{rate['ray_data'] / rate['torch_iterable']:.2f}x (iterable), "
         f"{rate['ray_data'] / rate['torch_map']:.2f}x (map-style)"),
-        (f"on the V1 read path (RAY_DATA_USE_DATASOURCE_V2=0): "
-        f"{rate['ray_data_v1'] / rate['torch_iterable']:.2f}x (iterable), "
-        f"{rate['ray_data_v1'] / rate['ray_data']:.2f}x the default V2 path"),
+        (f"on Ray 2.60's default V2 read path (data.parquet_reader=v2): "
+        f"{rate['ray_data_v2'] / rate['torch_iterable']:.2f}x (iterable); the shipped V1 path is "
+        f"{rate['ray_data'] / rate['ray_data_v2']:.2f}x the V2 path"),
         (f"pipeline rows/s / one trainer's samples/s: {rate['ray_data'] / rate['train_step']:.2f} "
-        f"(V1 {rate['ray_data_v1'] / rate['train_step']:.2f}, DataLoader "
+        f"(V2 {rate['ray_data_v2'] / rate['train_step']:.2f}, DataLoader "
         f"{rate['torch_iterable'] / rate['train_step']:.2f}); CPUs of preprocessing per trainer "
-        f"thread: {rows[0]['cpus_per_trainer']:.2f} (V1 {rows[1]['cpus_per_trainer']:.2f}, "
+        f"thread: {rows[0]['cpus_per_trainer']:.2f} (V2 {rows[1]['cpus_per_trainer']:.2f}, "
         f"DataLoader {rows[2]['cpus_per_trainer']:.2f})"),
         ("Ray Data operators of the last pass (tasks, seconds): "
          + "; ".join(f"{k}: {v}" for k, v in plans.items())),
@@ -265,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "title": text.splitlines()[0], "summary": summary, "columns": columns,
         "formats": formats, "ray_data_plans": plans, "ray_over_torch_iterable": rate["ray_data"] / rate["torch_iterable"],
         "ray_over_torch_map": rate["ray_data"] / rate["torch_map"],
-        "ray_v1_over_torch_iterable": rate["ray_data_v1"] / rate["torch_iterable"],
+        "ray_v2_over_torch_iterable": rate["ray_data_v2"] / rate["torch_iterable"],
         "pipeline_over_train": rate["ray_data"] / rate["train_step"],
         "times_s": times, "first_batch_s": dict(first), "shards": str(shards),
         "files": len(files),

@@ -10,12 +10,13 @@ ViT + tiny BERT, VSE++ max-of-hinges), batch ``--batch``, ``--threads`` torch th
 * ``deepspeed``: the same batches through a DeepSpeed engine built from raycmr's
   ``deepspeed_config`` (ZeRO stage of the config, torch AdamW on CPU) in this process: the
   engine's own cost;
-* ``raycmr_v2``: ``build_trainer(cfg).fit()`` with ``train.num_workers=1`` (Ray Train worker +
-  DeepSpeed + Ray Data) as shipped, samples/s as the run reports it (``samples_per_s``, from
-  ``epoch_time_s``) for epochs 2.. only (epoch 1 pays worker start-up, imports, warm-up);
-* ``raycmr_v1``: the same run with Ray Data's V1 Parquet read path (what
-  ``RAY_DATA_USE_DATASOURCE_V2=0`` gives; see bench_ingest: Ray 2.60's default V2 path reads a
-  small split in one task, so nothing streams and the decoding does not overlap training);
+* ``raycmr_v1``: ``build_trainer(cfg).fit()`` with ``train.num_workers=1`` (Ray Train worker +
+  DeepSpeed + Ray Data) as shipped (``data.parquet_reader=v1``), samples/s as the run reports it
+  (``samples_per_s``, from ``epoch_time_s``) for epochs 2.. only (epoch 1 pays worker start-up,
+  imports, warm-up);
+* ``raycmr_v2``: the same run with ``data.parquet_reader=v2``, Ray 2.60's default V2 Parquet
+  read path (see bench_ingest: it reads a small split in one task, so nothing streams and the
+  decoding does not overlap training);
 * without ``--small`` also ``deepspeed+raydata`` / ``deepspeed+raydata_v1``: the in-process
   engine fed by ``build_dataset`` + ``iter_worker_batches`` as a training worker is, without
   Ray Train, with the first batch's wait of each epoch.
@@ -34,6 +35,7 @@ checkpoints happen outside ``epoch_time_s``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import math
@@ -49,7 +51,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from ray.data import DataContext
 
 try:  # `python -m benchmarks.bench_train_overhead` from the repo root
     from benchmarks.common import print_table, set_threads, write_result
@@ -76,7 +77,7 @@ except ImportError:  # `python benchmarks/bench_train_overhead.py`
         tiny_run_overrides,
     )
 
-from raycmr.config import Config, load_config
+from raycmr.config import Config, load_config, with_overrides
 from raycmr.data.pipeline import TENSOR_COLUMNS, build_dataset, iter_worker_batches
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
@@ -95,8 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rounds of the in-process arms before and again after the raycmr run")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (train.torch_threads)")
-    p.add_argument("--read-paths", nargs="+", choices=["v2", "v1"], default=["v2", "v1"],
-                   help="one raycmr run per Ray Data Parquet read path (v2: Ray's default)")
+    p.add_argument("--read-paths", nargs="+", choices=["v1", "v2"], default=["v1", "v2"],
+                   help="one raycmr run per data.parquet_reader (v1: the default; v2: Ray 2.60 default)")
     p.add_argument("--no-data-arms", dest="data_arms", action="store_false",
                    help="leave out the in-process DeepSpeed + Ray Data arms")
     p.add_argument("--seed", type=int, default=0)
@@ -210,15 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         for i in rng.permutation(steps_per_epoch):
             ds_step(batches[i])
 
-    ctx = DataContext.get_current()
     datasets: dict[str, Any] = {}
     if args.data_arms:
-        datasets["deepspeed+raydata"] = build_dataset(cfg.data.train, cfg.data, training=True,
-                                                      seed=args.seed)
-        ctx.use_datasource_v2 = False  # chosen when the dataset is built
-        datasets["deepspeed+raydata_v1"] = build_dataset(cfg.data.train, cfg.data,
-                                                         training=True, seed=args.seed)
-        ctx.use_datasource_v2 = True
+        for name, reader in (("deepspeed+raydata", "v2"), ("deepspeed+raydata_v1", "v1")):
+            data = dataclasses.replace(cfg.data, parquet_reader=reader)
+            datasets[name] = build_dataset(cfg.data.train, data, training=True, seed=args.seed)
     ray_rows: dict[str, list[int]] = {name: [] for name in datasets}
     first_batch: dict[str, list[float]] = {name: [] for name in datasets}
 
@@ -255,12 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     in_process_rounds("first")
     fits: dict[str, dict[str, Any]] = {}
     for path in args.read_paths:
-        ctx.use_datasource_v2 = path == "v2"  # the datasets are built in build_trainer
         fit_start = time.perf_counter()
-        try:
-            _, epochs = fit_with_epoch_metrics(cfg)
-        finally:
-            ctx.use_datasource_v2 = True
+        _, epochs = fit_with_epoch_metrics(with_overrides(cfg, {"data.parquet_reader": path}))
         steady = [e for e in epochs if int(e.get("epoch", 0)) >= 2 and "samples_per_s" in e]
         if not steady:
             raise SystemExit(f"the raycmr run ({path}) reported no epoch >= 2: {epochs}")
@@ -284,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": "DeepSpeed engine in-process, same in-memory batches",
         "deepspeed+raydata": "DeepSpeed engine in-process fed by the Ray Data pipeline",
         "deepspeed+raydata_v1": "the same on Ray Data's V1 Parquet read path",
-        "raycmr_v2": "raycmr train, 1 worker (Ray Train + DeepSpeed + Ray Data), as shipped",
-        "raycmr_v1": "the same with RAY_DATA_USE_DATASOURCE_V2=0 (V1 Parquet read path)",
+        "raycmr_v1": "raycmr train, 1 worker (Ray Train + DeepSpeed + Ray Data), as shipped "
+                     "(data.parquet_reader=v1)",
+        "raycmr_v2": "the same with data.parquet_reader=v2 (Ray 2.60's default V2 read path)",
     }
     base = med(rate["plain"])
     rows: list[dict[str, Any]] = []
@@ -300,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = [
         (f"raycmr train (1 worker) / plain PyTorch loop, {label}: {x[f'raycmr_{path}']:.2f} "
          f"({'meets' if x[f'raycmr_{path}'] >= 0.9 else 'misses'} the 0.9 target)")
-        for path, label in (("v2", "as shipped (Ray Data V2 read path)"),
-                            ("v1", "with Ray Data's V1 read path")) if path in fits]
+        for path, label in (("v1", "as shipped (Ray Data V1 read path)"),
+                            ("v2", "with Ray Data's V2 read path")) if path in fits]
     parts: dict[str, float] = {"DeepSpeed engine": 1 - x["deepspeed"]}
     if "raycmr_v1" in x:
         parts["Ray Train + Ray Data (V1) feed on shared cores"] = x["deepspeed"] - x["raycmr_v1"]
