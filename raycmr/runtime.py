@@ -19,4 +19,7 @@ def init_ray(min_cpus: float = 0) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     num_cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard stays on: its State API is how Ray Train's PlacementGroupCleaner sees that a
+    # run's controller died (a trial stopped by ASHA) and frees the run's worker placement
+    # group; without it the CPUs stay reserved and later trials wait forever.
+    ray.init(num_cpus=num_cpus, log_to_driver=True)

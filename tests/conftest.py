@@ -21,11 +21,13 @@ needs_wikipedia = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray cluster for the whole test session (8 logical CPUs on 2 cores, so that
-    2 training workers and Ray Data tasks fit side by side)."""
+    2 training workers and Ray Data tasks fit side by side). The dashboard runs, as in
+    :func:`raycmr.runtime.init_ray`: Ray Train frees a stopped trial's placement group through
+    its State API."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -425,3 +425,14 @@ def test_tune_asha_kill_resume_best_config(ray_cluster, feature_shards, tmp_path
                  f"train.storage_path={tmp_path / 'best_runs'}", "train.name=best"]) == 0
     assert "val_avg_map" in capsys.readouterr().out
     assert list((tmp_path / "best_runs" / "best").glob("checkpoint_*"))
+
+    # 4. the trials ASHA stopped gave their workers' CPUs back: Ray Train's PlacementGroupCleaner
+    # removes a dead run's placement group (it needs the dashboard's State API)
+    deadline, live = time.time() + 60, None
+    while time.time() < deadline:
+        live = [pg["bundles"] for pg in ray_cluster.util.placement_group_table().values()
+                if pg["state"] != "REMOVED"]
+        if not live:
+            break
+        time.sleep(1)
+    assert not live, live
