@@ -12,8 +12,13 @@ gradient on the concatenated batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -28,9 +33,18 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def comm_device() -> torch.device:
+    """Where the tensors of a collective must live: the current CUDA device under NCCL (it
+    refuses CPU tensors), the CPU otherwise (gloo)."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _gather_sizes(rows: int) -> list[int]:
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.long))
+    device = comm_device()
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.long, device=device))
     return [int(s.item()) for s in sizes]
 
 
@@ -83,19 +97,40 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(value: float) -> float:
     """Mean of a Python number over all ranks (the value itself in a world of 1)."""
-    if world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world_size()
+    return all_reduce_sum(value) / world_size()
 
 
 def all_reduce_sum(value: float) -> float:
+    """Sum of a Python number over all ranks."""
     if world_size() == 1:
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
+
+
+def while_all_have(items: Iterable[T]) -> Iterator[T]:
+    """The items of ``items`` for as long as *every* rank still has one.
+
+    Before each item the ranks agree (all-reduce MIN of "I have one"). Each worker's stream
+    holds an equal share of the *rows*, but bad rows are dropped after the split, so one worker
+    can run out of full batches first; without the agreement the others would enter the next
+    step's collectives (embedding gather, gradient all-reduce) alone and wait forever.
+    """
+    iterator = iter(items)
+    while True:
+        item = next(iterator, _END)
+        has = item is not _END
+        if world_size() > 1:
+            t = torch.tensor([int(has)], dtype=torch.long, device=comm_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            has = bool(t.item())
+        if not has:
+            return
+        yield item
+
+
+_END = object()
 
 
 def rows_before_and_total(rows: int) -> tuple[int, int]:

@@ -175,15 +175,13 @@ def dckt_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums: collections.defaultdict[str, float] = collections.defaultdict(float)
         n_logged, local_rows, epoch_start = 0, 0, time.time()
         dropped: collections.Counter[str] = collections.Counter()
-        batches = iter(iter_worker_batches(
+        batches = iter_worker_batches(
             source_shard, cfg.train.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
             seed=seed + 7919 * (epochs_before + epoch), drop_last=True,
-        ))
-        for micro in range(micro_per_epoch):
-            item = next(batches, None)
-            if _reduce([item is not None], device, "min")[0] < 1:
-                break  # some worker's source pass ended early: all stop together
-            src_batch, bad = item
+        )
+        # a worker whose source pass ends early stops every worker (distributed.while_all_have)
+        for micro, (src_batch, bad) in zip(range(micro_per_epoch),
+                                           distributed.while_all_have(batches)):
             dropped.update(bad)
             tgt_batch = target.next()
             out = engine(_to_device(src_batch, device, dtype), _to_device(tgt_batch, device, dtype),

@@ -135,7 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             train_shard, cfg.train.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.train.seed + epoch * 1000 + rank, drop_last=True,
         )
-        for micro, (batch, dropped) in enumerate(batches):
+        for micro, (batch, dropped) in enumerate(distributed.while_all_have(batches)):
             dropped_epoch.update(dropped)
             progress = engine.global_steps / max(total_steps, 1)
             lam = grl_lambda_now(cfg, progress, samples_seen)
