@@ -63,6 +63,10 @@ class ModelConfig:
     embed_dim: int = 128
     shared_layers: int = 0  # weight-shared top layers after the projections
     num_classes: int = 0  # DSCMR linear classifier on the common space (0 = none)
+    # Where retrieval ranks (evaluation, index, serving): "common" = cosine in the common space;
+    # "label" = P(same class) from the classifier's posteriors (needs num_classes)
+    retrieval_space: str = "common"
+    label_temperature: float = 1.0  # softmax temperature of the label-space posteriors
 
 
 @dataclass
@@ -363,6 +367,7 @@ _CHOICES = {
     "model.text.kind": ("hf_config", "hf_pretrained", "minilm", "mlp"),
     "model.image.input_norm": ("none", "layernorm", "batchnorm"),
     "model.text.input_norm": ("none", "layernorm", "batchnorm"),
+    "model.retrieval_space": ("common", "label"),
     "loss.kind": ("vse_mh", "vse_sh", "infonce", "none"),
     "loss.grl.schedule": ("constant", "dann", "dynamic"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -394,5 +399,11 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"data.kind=features needs MLP towers: set model.{tower}.kind=mlp"
                 )
+    if cfg.model.retrieval_space == "label" and cfg.model.num_classes <= 0:
+        raise ConfigError("model.retrieval_space=label ranks by class posteriors: set "
+                          "model.num_classes to the class count (and train the classifier, "
+                          "loss.dscmr.enabled=true), or use model.retrieval_space=common")
+    if cfg.model.label_temperature <= 0:
+        raise ConfigError(f"model.label_temperature must be > 0, got {cfg.model.label_temperature}")
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

@@ -52,12 +52,13 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return image @ _mix() / 4 + noise, image
 
 
-def model_config(gallery: str = ""):
+def model_config(gallery: str = "", **model: object):
     return config_from_dict({
         "data": {"kind": "features", "test": [gallery] if gallery else []},
         "model": {"embed_dim": 8,
                   "image": {"kind": "mlp", "input_dim": IMAGE_DIM, "hidden_dims": [16]},
-                  "text": {"kind": "mlp", "input_dim": TEXT_DIM, "hidden_dims": [16]}},
+                  "text": {"kind": "mlp", "input_dim": TEXT_DIM, "hidden_dims": [16]},
+                  **model},
         "index": {"kind": "flat"},
     })
 
@@ -89,8 +90,8 @@ def write_gallery(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return names, image, text
 
 
-def write_checkpoint(path: Path, gallery: str) -> DualEncoder:
-    cfg = model_config(gallery)
+def write_checkpoint(path: Path, gallery: str, **model: object) -> DualEncoder:
+    cfg = model_config(gallery, **model)
     torch.manual_seed(0)
     model = DualEncoder(cfg.model).eval()
     path.mkdir(parents=True)
@@ -246,6 +247,44 @@ def test_serve_config_file_matches_the_builder() -> None:
     assert set(app.args) <= set(ServeConfig.__dataclass_fields__) | set(EXTRA_ARGS)
     names = {d.name for d in app.deployments}
     assert names <= {"Ingress", "QueryEncoder", "Retriever", "Reranker"}
+
+
+@pytest.mark.ray
+def test_label_space_index_ranks_by_probability_of_same_class(ray_cluster, tmp_path) -> None:
+    """A checkpoint with ``retrieval_space: label``: `raycmr index` stores 5-d label-space
+    vectors (3 classes + 2), the serve app accepts that index (and refuses a common-space one),
+    and the served query vectors rank the gallery by sum_c p(c|query) p(c|image)."""
+    from raycmr.evaluate.index import load_index, search
+    from raycmr.index_build import build_gallery_index
+    from raycmr.serve.app import build_app, encode_queries, plan_app
+
+    names, image, queries = write_gallery(tmp_path / "gallery")
+    label = {"num_classes": 3, "retrieval_space": "label", "label_temperature": 0.5}
+    model = write_checkpoint(tmp_path / "ckpt", str(tmp_path / "gallery"), **label)
+    build_gallery_index(str(tmp_path / "ckpt"), "test", tmp_path / "index", num_actors=1,
+                        batch_size=16)
+    index, ids = load_index(tmp_path / "index")
+    assert index.d == 5 and index.ntotal == N_IMAGES
+    assert plan_app({"checkpoint": str(tmp_path / "ckpt"),
+                     "index_path": str(tmp_path / "index")}).count == N_IMAGES
+    with pytest.raises(ConfigError, match="holds 5-d vectors but checkpoint .* embeds to 8-d"):
+        write_checkpoint(tmp_path / "common", str(tmp_path / "gallery"))
+        build_app({"checkpoint": str(tmp_path / "common"), "index_path": str(tmp_path / "index")})
+
+    pos = {n: i for i, n in enumerate(names)}
+    gallery = torch.from_numpy(image[[pos[n] for n in ids]])
+    query = encode_queries(model, [{"text_feat": q.tolist()} for q in queries], None, 0)
+    found_scores, found_ids = search(index, query, 5)
+    with torch.no_grad():
+        p_img = torch.softmax(model.classifier(model.encode_image({"image_feat": gallery})) / 0.5,
+                              -1).double().numpy()
+        p_txt = torch.softmax(model.classifier(
+            model.encode_text({"text_feat": torch.from_numpy(queries)})) / 0.5, -1).double().numpy()
+    same_class = p_txt @ p_img.T
+    np.testing.assert_allclose(found_scores, np.sort(same_class, axis=1)[:, ::-1][:, :5],
+                               atol=1e-5)
+    picked = np.take_along_axis(same_class, found_ids, axis=1)
+    np.testing.assert_allclose(picked, found_scores, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ end to end

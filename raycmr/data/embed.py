@@ -35,7 +35,7 @@ class _Embedder:
                    if k in ("pixel_values", "input_ids", "attention_mask", "image_feat",
                             "text_feat")}
         with torch.no_grad():
-            img, txt = self.model(tensors)
+            img, txt = self.model.retrieval_embed(tensors)
         return {"img": img.numpy(), "txt": txt.numpy(), "group": batch["group"][valid],
                 "label": batch["label"][valid]}
 

@@ -12,10 +12,11 @@ from raycmr.evaluate.metrics import group_pairs, map_both_ways, retrieval_metric
 
 @torch.no_grad()
 def embed_batches(encoder, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """Embed every (image, caption) pair: ``img``, ``txt`` [N, d] float32, ``group``, ``label``."""
+    """Embed every (image, caption) pair in the retrieval space (``encoder.retrieval_embed``):
+    ``img``, ``txt`` [N, d] float32, ``group``, ``label``."""
     parts: dict[str, list[np.ndarray]] = {"img": [], "txt": [], "group": [], "label": []}
     for batch in batches:
-        img, txt = encoder(batch)
+        img, txt = encoder.retrieval_embed(batch)
         parts["img"].append(img.float().cpu().numpy())
         parts["txt"].append(txt.float().cpu().numpy())
         parts["group"].append(batch["group"].cpu().numpy())

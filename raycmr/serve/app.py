@@ -185,10 +185,14 @@ def plan_app(args: dict[str, Any]) -> ServePlan:
              "build one with `raycmr index --checkpoint CKPT --out DIR`")
     meta = json.loads(_read_text(_join(index_path, "meta.json")))
     gallery = json.loads(_read_text(_join(index_path, "gallery.json")))
-    if meta["dim"] != cfg.model.embed_dim:
+    from raycmr.models.dual_encoder import retrieval_dim
+
+    dim = retrieval_dim(cfg.model)
+    if meta["dim"] != dim:
         raise ConfigError(
             f"index '{index_path}' holds {meta['dim']}-d vectors but checkpoint '{checkpoint}' "
-            f"embeds to {cfg.model.embed_dim}-d; rebuild the index with this checkpoint"
+            f"embeds to {dim}-d (retrieval_space {cfg.model.retrieval_space}); rebuild the "
+            "index with this checkpoint"
         )
     features = cfg.model.text.kind == "mlp"
     plan = ServePlan(
@@ -275,7 +279,7 @@ def encode_queries(model, queries: list[dict[str, Any]], tokenize, max_len: int,
 
     batch = _query_batch(queries, tokenize, max_len)
     with torch.no_grad():
-        emb = model.encode_text({k: v.to(device) for k, v in batch.items()})
+        emb = model.retrieval_embed_text({k: v.to(device) for k, v in batch.items()})
     return emb.float().cpu().numpy()
 
 
