@@ -90,6 +90,14 @@ class DSCMRConfig:
 
 
 @dataclass
+class DistillConfig:
+    enabled: bool = False
+    weight: float = 1.0
+    reranker: str = ""  # directory written by raycmr.models.reranker.save_reranker (the teacher)
+    temperature: float = 1.0  # softmax temperature of the teacher's scores
+
+
+@dataclass
 class LossConfig:
     kind: str = "vse_mh"  # "vse_mh", "vse_sh", "infonce" or "none"
     weight: float = 1.0
@@ -98,6 +106,7 @@ class LossConfig:
     global_negatives: bool = True  # gather embeddings across workers before the loss
     grl: GRLConfig = field(default_factory=GRLConfig)
     dscmr: DSCMRConfig = field(default_factory=DSCMRConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
@@ -405,5 +414,15 @@ def validate(cfg: Config) -> None:
                           "loss.dscmr.enabled=true), or use model.retrieval_space=common")
     if cfg.model.label_temperature <= 0:
         raise ConfigError(f"model.label_temperature must be > 0, got {cfg.model.label_temperature}")
+    distill = cfg.loss.distill
+    if distill.enabled:
+        if not distill.reranker:
+            raise ConfigError("loss.distill.enabled needs a teacher: set loss.distill.reranker to a "
+                              "directory written by raycmr.models.reranker.save_reranker")
+        if cfg.data.kind != "features":
+            raise ConfigError("loss.distill scores batch pairs with a reranker over stored image "
+                              "vectors: it needs data.kind=features")
+        if distill.temperature <= 0:
+            raise ConfigError(f"loss.distill.temperature must be > 0, got {distill.temperature}")
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

@@ -2,6 +2,7 @@
 
     L = w_c * L_contrastive(global batch) + w_grl * L_adversary
       + (w_common * J_common + alpha * J_label + beta * J_invariance)     [DSCMR]
+      + w_d * L_distill(local batch, frozen reranker as teacher)          [Miech et al. 2021]
 
 The contrastive part sees every worker's embeddings (gathered with gradient) unless
 ``loss.global_negatives`` is off; the other parts are per-worker means (their gradients are
@@ -19,6 +20,25 @@ from raycmr.losses.contrastive import infonce_loss, vse_loss
 from raycmr.models.dual_encoder import DualEncoder
 
 
+def load_teacher(cfg: Config) -> nn.Module:
+    """The frozen reranker of ``loss.distill.reranker``, checked against the feature sizes."""
+    from raycmr.config import ConfigError
+    from raycmr.models.reranker import load_reranker
+
+    teacher = load_reranker(cfg.loss.distill.reranker)
+    rc = teacher.cfg
+    if rc.query != "features" or rc.text_dim != cfg.model.text.input_dim \
+            or rc.image_dim != cfg.model.image.input_dim:
+        raise ConfigError(
+            f"loss.distill.reranker '{cfg.loss.distill.reranker}' scores {rc.query} queries of "
+            f"{rc.text_dim}-d against {rc.image_dim}-d images; this model reads text_feat of "
+            f"{cfg.model.text.input_dim}-d and image_feat of {cfg.model.image.input_dim}-d: "
+            "train the reranker on the same features")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
 class CrossModalObjective(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -29,6 +49,26 @@ class CrossModalObjective(nn.Module):
             from raycmr.models.adversary import ModalityDiscriminator
 
             self.discriminator = ModalityDiscriminator(cfg.model.embed_dim, cfg.loss.grl.hidden_dim)
+        # Kept out of the module tree on purpose: DeepSpeed must not cast (bf16), shard,
+        # optimise or checkpoint the frozen teacher; the config names its directory.
+        self._teacher: tuple[nn.Module, ...] = (load_teacher(cfg),) if cfg.loss.distill.enabled \
+            else ()
+
+    def distillation(self, img: torch.Tensor, txt: torch.Tensor,
+                     batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KL of the fast model's in-batch text->image distribution from the teacher's."""
+        from raycmr.losses.distill import distillation_loss
+
+        (teacher,) = self._teacher
+        if next(teacher.parameters()).device != img.device:
+            teacher.to(img.device)
+        b = img.shape[0]
+        with torch.no_grad():
+            slow = teacher.score_candidates(
+                {"text_feat": batch["text_feat"]},
+                batch["image_feat"].unsqueeze(0).expand(b, -1, -1))
+        fast = self.encoder.logit_scale.exp() * (txt @ img.t())
+        return distillation_loss(fast, slow, self.cfg.loss.distill.temperature)
 
     def contrastive(self, img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor):
         loss_cfg = self.cfg.loss
@@ -71,5 +111,9 @@ class CrossModalObjective(nn.Module):
                              beta=d.beta, common_weight=d.weight)
             total = total + res["total"]
             parts.update({f"dscmr_{k}": v.detach() for k, v in res.items()})
+        if self._teacher:
+            distill = self.distillation(img, txt, batch)
+            total = total + loss_cfg.distill.weight * distill
+            parts["distill"] = distill.detach()
         parts["loss"] = total
         return parts

@@ -50,10 +50,12 @@ _DEFAULTS: list[tuple[str, str, tuple, Any]] = [
     ("loss.temperature", "loguniform", (0.02, 0.2), lambda c: c.loss.kind == "infonce"),
     ("loss.weight", "uniform", (0.1, 1.0),
      lambda c: c.loss.kind != "none"
-     and (c.loss.grl.enabled or c.loss.dscmr.enabled or c.dckt.enabled)),
+     and (c.loss.grl.enabled or c.loss.dscmr.enabled or c.loss.distill.enabled
+          or c.dckt.enabled)),
     ("loss.grl.alpha", "uniform", (0.1, 1.0), lambda c: c.loss.grl.enabled),
     ("loss.dscmr.alpha", "loguniform", (0.03, 3.0), lambda c: c.loss.dscmr.enabled),
     ("loss.dscmr.beta", "loguniform", (0.01, 1.0), lambda c: c.loss.dscmr.enabled),
+    ("loss.distill.weight", "loguniform", (0.03, 3.0), lambda c: c.loss.distill.enabled),
     ("dckt.alpha", "uniform", (0.5, 1.0), lambda c: c.dckt.enabled),
     ("train.lr", "loguniform", (1e-4, 3e-3), lambda c: True),
 ]
@@ -65,8 +67,8 @@ DEFAULT_SPACE: dict[str, dict[str, list]] = {k: {kind: list(a)} for k, kind, a, 
 def default_space(cfg: Config) -> dict[str, ParamSpec]:
     """The default space restricted to what ``cfg`` enables: VSE++ margin (or the InfoNCE
     temperature), the contrastive weight when other loss terms exist, the GRL ceiling alpha, the
-    DSCMR alpha/beta, the DCKT selection ceiling alpha (for when DCKT runs can be searched), and
-    the learning rate."""
+    DSCMR alpha/beta, the distillation weight, the DCKT selection ceiling alpha (for when DCKT
+    runs can be searched), and the learning rate."""
     return {k: ParamSpec(k, kind, tuple(a)) for k, kind, a, when in _DEFAULTS if when(cfg)}
 
 
