@@ -5,6 +5,7 @@
     raycmr eval --checkpoint runs/NAME/checkpoint_... [--split test]
     raycmr tune --config wikipedia tune.num_samples=8
     raycmr index --checkpoint runs/NAME/checkpoint_... --split test --out out/index
+    raycmr reranker --checkpoint runs/NAME/checkpoint_... --out out/index/reranker
     raycmr serve --checkpoint runs/NAME/checkpoint_... --index out/index
 """
 
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="embed a gallery (Ray Data) and write a FAISS index")
     index_build.add_arguments(p)
     p.set_defaults(func=index_build.run)
+
+    from raycmr import rerank_train
+
+    p = sub.add_parser("reranker", help="train the cross-attention reranker (Serve, distillation)")
+    rerank_train.add_arguments(p)
+    p.set_defaults(func=rerank_train.run)
 
     p = sub.add_parser("serve", help="run the retrieval service (Ray Serve, blocking)")
     serve_cli.add_arguments(p)

@@ -93,7 +93,7 @@ class DSCMRConfig:
 class DistillConfig:
     enabled: bool = False
     weight: float = 1.0
-    reranker: str = ""  # directory written by raycmr.models.reranker.save_reranker (the teacher)
+    reranker: str = ""  # the teacher: a directory written by `raycmr reranker` (save_reranker)
     temperature: float = 1.0  # softmax temperature of the teacher's scores
 
 
@@ -418,7 +418,7 @@ def validate(cfg: Config) -> None:
     if distill.enabled:
         if not distill.reranker:
             raise ConfigError("loss.distill.enabled needs a teacher: set loss.distill.reranker to a "
-                              "directory written by raycmr.models.reranker.save_reranker")
+                              "directory written by `raycmr reranker --checkpoint CKPT --out DIR`")
         if cfg.data.kind != "features":
             raise ConfigError("loss.distill scores batch pairs with a reranker over stored image "
                               "vectors: it needs data.kind=features")

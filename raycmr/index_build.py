@@ -120,13 +120,13 @@ def scan_gallery(files: list[str], fmt: str, *, image_dim: int = 0
 
 
 def resolve_split(cfg: Config, split: str | list[str]) -> list[str]:
-    """``"test"``/``"val"`` -> the config's shards for that split; anything else is paths
+    """``"train"``/``"val"``/``"test"`` -> the config's shards for that split; anything else is paths
     (a list, or one string with comma-separated paths)."""
     if isinstance(split, str) and split in ("test", "val", "train"):
         paths = getattr(cfg.data, split)
         if not paths:
             raise ConfigError(f"the checkpoint's config has no data.{split} shards: pass "
-                              "--split PATH[,PATH...] or the override data.{split}=[PATH]")
+                              f"--split PATH[,PATH...] or the override data.{split}=[PATH]")
         return list(paths)
     paths = [p for p in split.split(",") if p] if isinstance(split, str) else list(split)
     if not paths:
@@ -192,8 +192,8 @@ def build_gallery_index(
         if missing:
             raise ConfigError(f"gallery images {missing[:3]} have no readable image_feat vector")
         rerank = np.stack(vecs).astype(np.float32)
-    else:
-        rerank = img
+    else:  # the common-space image embedding (richer than label-space retrieval vectors)
+        rerank = np.ascontiguousarray(emb["img_common"][rows], dtype=np.float32)
     index = build_index_from_config(img, cfg.index)
     out = save_index(index, names, out)
     np.save(out / RERANK_FEATS_FILE, rerank)

@@ -86,18 +86,19 @@ class DualEncoder(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(batch), self.encode_text(batch)
 
-    def _to_retrieval(self, emb: torch.Tensor, modality: str) -> torch.Tensor:
+    def to_retrieval(self, emb: torch.Tensor, modality: str) -> torch.Tensor:
+        """Common-space embeddings of ``modality`` ("image"/"text") -> retrieval vectors."""
         if self.retrieval_space == "common":
             return emb
         return label_space_embedding(self.classifier(emb), modality, self.label_temperature)
 
     def retrieval_embed_image(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The image vectors that retrieval ranks by dot product (see ``retrieval_space``)."""
-        return self._to_retrieval(self.encode_image(batch), "image")
+        return self.to_retrieval(self.encode_image(batch), "image")
 
     def retrieval_embed_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The text vectors that retrieval ranks by dot product (see ``retrieval_space``)."""
-        return self._to_retrieval(self.encode_text(batch), "text")
+        return self.to_retrieval(self.encode_text(batch), "text")
 
     def retrieval_embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.retrieval_embed_image(batch), self.retrieval_embed_text(batch)

@@ -234,7 +234,7 @@ def load_reranker(directory: str | Path) -> CrossAttentionReranker:
     if missing:
         raise ConfigError(
             f"no reranker at '{src}': missing {', '.join(missing)} (write one with "
-            "raycmr.models.reranker.save_reranker)"
+            "`raycmr reranker --checkpoint CKPT --out DIR` or save_reranker)"
         )
     cfg = RerankerConfig.from_dict(yaml.safe_load((src / CONFIG_FILE).read_text()) or {})
     model = CrossAttentionReranker(cfg)

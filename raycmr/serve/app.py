@@ -18,7 +18,7 @@ dot product ranks the whole gallery, the slow cross-attention model reorders the
 ``build_app(args)`` is the application builder named by ``raycmr.serve.app:build_app`` in Serve
 config files (``serve deploy``, KubeRay RayService). ``args`` are :class:`ServeConfig` keys
 (``index_path``, ``checkpoint``, ``top_k``, ``rerank_k``, ``route_prefix``) plus the optional
-``reranker`` (a directory written by ``save_reranker``; default ``INDEX/reranker`` when present,
+``reranker`` (a directory written by ``raycmr reranker``; default ``INDEX/reranker`` when present,
 ``"none"`` turns the stage off), ``max_batch_size``, ``batch_wait_timeout_s`` and ``use_gpu``.
 Paths may be local or ``s3://``/``gs://`` URIs (each replica copies what it needs to a local
 temporary directory). ``route_prefix`` is applied by whoever runs the application
@@ -217,7 +217,8 @@ def _resolve_reranker(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> str
     if not arg and not _exists(_join(uri, WEIGHTS_FILE)):
         return ""  # no reranker next to the index: serve the fast stage only
     _require(uri, (WEIGHTS_FILE, CONFIG_FILE), "reranker",
-             "write one with raycmr.models.reranker.save_reranker, or pass reranker=none")
+             "write one with `raycmr reranker --checkpoint CKPT --out DIR`, or pass "
+             "reranker=none")
     rcfg = RerankerConfig.from_dict(yaml.safe_load(_read_text(_join(uri, CONFIG_FILE))) or {})
     want = "features" if plan.query_input == "text_feat" else "tokens"
     if rcfg.query != want:
