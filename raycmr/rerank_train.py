@@ -180,4 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"held-out text->image R@1 among {report['candidates']} images "
               f"({report['eval_pairs']} pairs): dual encoder {report['fast_r1']:.1f}%, "
               f"reranker {report['reranker_r1']:.1f}%")
+        if report["reranker_r1"] < report["fast_r1"]:
+            print("note: the reranker ranks worse than the dual encoder on these held-out pairs; "
+                  "train it longer (--steps) or serve without it (reranker=none)")
     return 0
