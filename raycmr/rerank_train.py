@@ -78,13 +78,22 @@ def _select(query: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
     return {k: v.index_select(0, index) for k, v in query.items()}
 
 
-def reranker_config(cfg, pairs: dict[str, Any], *, width: int, heads: int, layers: int):
+def auto_fast_weight(cfg, model) -> float:
+    """Weight of the fast score in a residual reranker: the dual encoder's learned inverse
+    temperature for InfoNCE checkpoints (its calibrated logits), else 10 (cosines x 10)."""
+    if cfg.loss.kind == "infonce":
+        return float(model.logit_scale.detach().exp())
+    return 10.0
+
+
+def reranker_config(cfg, pairs: dict[str, Any], *, width: int, heads: int, layers: int,
+                    fast_weight: float = 0.0):
     """The :class:`RerankerConfig` that fits this checkpoint's queries and stored images."""
     from raycmr.data.text import load_tokenizer
     from raycmr.models.reranker import RerankerConfig
 
     shape: dict[str, Any] = {"image_dim": int(pairs["image"].shape[1]), "width": width,
-                             "heads": heads, "layers": layers}
+                             "heads": heads, "layers": layers, "fast_weight": fast_weight}
     if "text_feat" in pairs["query"]:
         return RerankerConfig(query="features", text_dim=int(pairs["query"]["text_feat"].shape[1]),
                               **shape)
@@ -95,9 +104,12 @@ def reranker_config(cfg, pairs: dict[str, Any], *, width: int, heads: int, layer
 def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
                    eval_split: str = "val", steps: int = 500, batch_size: int = 64,
                    lr: float = 3e-3, width: int = 64, heads: int = 4, layers: int = 1,
-                   candidates: int = 100, num_actors: int = 2, seed: int = 0) -> dict[str, Any]:
+                   candidates: int = 100, num_actors: int = 2, seed: int = 0,
+                   fast_weight: float | None = None) -> dict[str, Any]:
     """Fit a reranker on ``split`` of ``checkpoint``'s config, save it to ``out``, and return
-    the held-out report (``fast_r1``, ``reranker_r1`` in %, over blocks of ``candidates``)."""
+    the held-out report (``fast_r1``, ``reranker_r1`` in %, over blocks of ``candidates``).
+    ``fast_weight`` > 0 makes it residual (see ``RerankerConfig.fast_weight``); None picks
+    :func:`auto_fast_weight`, 0 trains the slow score alone."""
     import torch
 
     from raycmr.index_build import resolve_split
@@ -114,13 +126,19 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
     if eval_split:
         held = collect_pairs(cfg, model, resolve_split(cfg, eval_split), num_actors=num_actors,
                              batch_size=256)
+    if fast_weight is None:
+        fast_weight = auto_fast_weight(cfg, model)
     torch.manual_seed(seed)
     reranker = CrossAttentionReranker(reranker_config(cfg, train, width=width, heads=heads,
-                                                      layers=layers))
+                                                      layers=layers, fast_weight=fast_weight))
+    fast_vecs = None
+    if fast_weight > 0:
+        fast_vecs = (torch.from_numpy(train["fast_txt"]), torch.from_numpy(train["fast_img"]))
     losses = fit_reranker(reranker, train["query"], train["image"], groups=train["group"],
-                          steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+                          fast=fast_vecs, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     save_reranker(reranker, out)
     report: dict[str, Any] = {"pairs": len(train["group"]), "steps": steps,
+                              "fast_weight": fast_weight,
                               "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
                               "fit_s": time.perf_counter() - t0, "out": str(out)}
     if held is not None:
@@ -132,8 +150,9 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
         @torch.no_grad()
         def slow(rows):
             image = held["image"][torch.from_numpy(rows)]
-            return reranker.score_candidates(_select(held["query"], rows),
-                                             image.unsqueeze(0).expand(len(rows), -1, -1))
+            scores = reranker.score_candidates(_select(held["query"], rows),
+                                               image.unsqueeze(0).expand(len(rows), -1, -1))
+            return scores.numpy() + fast_weight * fast(rows)  # as the Serve app combines them
 
         report.update(eval_pairs=len(groups), candidates=min(candidates, len(groups)),
                       fast_r1=block_recall_at_1(fast, groups, candidates, seed),
@@ -157,6 +176,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--candidates", type=int, default=100,
                    help="images each held-out query ranks in the R@1 report")
+    p.add_argument("--fast-weight", type=float, default=None,
+                   help="residual reranking: + this x the dual encoder's score (default: its "
+                        "InfoNCE inverse temperature, else 10; 0 = the slow score alone)")
     p.add_argument("--num-actors", type=int, default=2, help="Ray Data embedding actors")
 
 
@@ -170,10 +192,11 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, args.out, split=args.split, eval_split=args.eval_split,
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
             heads=args.heads, layers=args.layers, candidates=args.candidates,
-            num_actors=args.num_actors)
+            num_actors=args.num_actors, fast_weight=args.fast_weight)
     except (ShardReadError, ShardSchemaError) as exc:
         raise ConfigError(str(exc)) from None
-    print(f"reranker: {report['pairs']} pairs, {report['steps']} steps, loss "
+    print(f"reranker: {report['pairs']} pairs, {report['steps']} steps, fast weight "
+          f"{report['fast_weight']:.2f}, loss "
           f"{report['first_loss']:.3f} -> {report['last_loss']:.3f}, "
           f"{report['fit_s']:.1f} s -> {report['out']}")
     if "fast_r1" in report:

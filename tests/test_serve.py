@@ -118,6 +118,10 @@ def test_merge_stages() -> None:
     assert [r["score"] for r in out] == pytest.approx([0.5, 0.3, 0.1, 0.6])
     assert [r["id"] for r in merge_stages(hits, None, k=2)] == ["a", "b"]
     assert [r["id"] for r in merge_stages(hits, [0.2, 0.2], k=3)] == ["a", "b", "c"]  # stable
+    # residual reranker: slow + 2 * retrieval score = 1.9, 2.1, 1.7 -> b, a, c, then d
+    out = merge_stages(hits, [0.1, 0.5, 0.3], k=4, fast_weight=2.0)
+    assert [r["id"] for r in out] == ["b", "a", "c", "d"]
+    assert [r["score"] for r in out] == pytest.approx([2.1, 1.9, 1.7, 0.6])
 
 
 def test_build_app_rejects_bad_paths(tmp_path) -> None:
@@ -319,7 +323,8 @@ def test_reranker_command_learns_and_serve_accepts_it(ray_cluster, tmp_path) -> 
     from raycmr.rerank_train import train_reranker
 
     report = train_reranker(str(tmp_path / "ckpt"), tmp_path / "index" / "reranker", steps=300,
-                            batch_size=32, lr=1e-2, width=16, heads=2, num_actors=1)
+                            batch_size=32, lr=1e-2, width=16, heads=2, num_actors=1,
+                            fast_weight=0.0)
     assert report["pairs"] == 800 and report["eval_pairs"] == 200 and report["candidates"] == 100
     assert report["last_loss"] < report["first_loss"] - 1.0
     # chance is 1% among 100 images; the untrained dual encoder is near it

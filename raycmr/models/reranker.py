@@ -54,6 +54,10 @@ class RerankerConfig:
     heads: int = 4
     layers: int = 1
     dropout: float = 0.0
+    # Residual reranking: final score = slow score + fast_weight * the dual encoder's dot
+    # product of the pair (0 = the slow score alone). With it the head starts at zero, so an
+    # untrained reranker ranks exactly like the fast stage and training learns a correction.
+    fast_weight: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
@@ -68,6 +72,8 @@ class RerankerConfig:
         for name in ("query_tokens", "image_tokens", "width", "heads", "layers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"reranker.{name} must be positive, got {getattr(self, name)}")
+        if self.fast_weight < 0:
+            raise ConfigError(f"reranker.fast_weight must be >= 0, got {self.fast_weight}")
         if self.width % self.heads:
             raise ConfigError(
                 f"reranker.width={self.width} must be a multiple of reranker.heads={self.heads}"
@@ -112,6 +118,9 @@ class CrossAttentionReranker(nn.Module):
         )
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, 1)
+        if cfg.fast_weight > 0:  # residual: start from the fast stage's ranking
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def query_states(self, query: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens [Q, L, w], keep [Q, L] bool)`` for a batch of queries.
@@ -181,6 +190,7 @@ def fit_reranker(
     image: torch.Tensor,
     *,
     groups: torch.Tensor | None = None,
+    fast: tuple[torch.Tensor, torch.Tensor] | None = None,
     steps: int = 200,
     batch_size: int = 64,
     lr: float = 3e-3,
@@ -192,10 +202,16 @@ def fit_reranker(
     Each step samples ``batch_size`` pairs and scores every query against every image of the
     batch; the loss is the cross-entropy of the true image among them (in-batch softmax). Pairs
     sharing a ``groups`` value (captions of one image) are not used as each other's negatives.
+    A residual reranker (``cfg.fast_weight > 0``) needs ``fast = (query_vecs, image_vecs)``, the
+    dual encoder's retrieval vectors of the same pairs: its scores are the slow score plus
+    ``fast_weight * <query_vec, image_vec>``, as the Serve app combines them.
     """
     n = image.shape[0]
     if n < 2:
         raise ValueError(f"fit_reranker needs at least 2 pairs, got {n}")
+    if (model.cfg.fast_weight > 0) != (fast is not None):
+        raise ValueError("a reranker with fast_weight > 0 trains on the fast stage's vectors: "
+                         "pass fast=(query_vecs, image_vecs); without fast_weight, pass none")
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
@@ -205,6 +221,8 @@ def fit_reranker(
         rows = torch.randperm(n, generator=generator)[:b]
         cands = image[rows].unsqueeze(0).expand(b, b, image.shape[1])
         scores = model.score_candidates(_select(query, rows), cands)
+        if fast is not None:
+            scores = scores + model.cfg.fast_weight * (fast[0][rows] @ fast[1][rows].T)
         if groups is not None:
             g = groups[rows]
             same = (g[:, None] == g[None, :]) & ~torch.eye(b, dtype=torch.bool)

@@ -126,6 +126,7 @@ class ServePlan:
     max_text_len: int
     count: int
     index_kind: str
+    rerank_fast_weight: float = 0.0  # residual reranker: + fast_weight * retrieval score
 
 
 def _coerce_extra(key: str, value: Any) -> Any:
@@ -205,6 +206,12 @@ def plan_app(args: dict[str, Any]) -> ServePlan:
         count=int(meta["count"]), index_kind=str(meta["kind"]),
     )
     plan.reranker = _resolve_reranker(extra["reranker"], plan, gallery)
+    if plan.reranker:
+        from raycmr.models.reranker import CONFIG_FILE, RerankerConfig
+
+        rcfg = RerankerConfig.from_dict(
+            yaml.safe_load(_read_text(_join(plan.reranker, CONFIG_FILE))) or {})
+        plan.rerank_fast_weight = rcfg.fast_weight
     return plan
 
 
@@ -405,10 +412,13 @@ class Reranker:
 
 
 def merge_stages(hits: list[tuple[int, str, float]], scores: list[float] | None,
-                 k: int) -> list[dict[str, Any]]:
+                 k: int, fast_weight: float = 0.0) -> list[dict[str, Any]]:
     """The response: the first ``len(scores)`` hits reordered by reranker score (stable for
-    ties), then the remaining hits in retrieval order; the first ``k`` of them."""
+    ties), then the remaining hits in retrieval order; the first ``k`` of them. A residual
+    reranker's score is ``slow + fast_weight * retrieval score``."""
     n = len(scores) if scores is not None else 0
+    if n and fast_weight:
+        scores = [s + fast_weight * h[2] for s, h in zip(scores, hits)]
     order = sorted(range(n), key=lambda i: -scores[i]) if n else []
     out = [{"id": hits[i][1], "score": float(scores[i]), "stage": "rerank"} for i in order]
     out += [{"id": h[1], "score": float(h[2]), "stage": "retrieve"} for h in hits[n:]]
@@ -469,7 +479,7 @@ class Ingress:
         if req.rerank and self.reranker is not None and hits:
             head = [h[0] for h in hits[: self.plan.rerank_k]]
             scores = await self.reranker.score.remote(query, head)
-        return merge_stages(hits, scores, req.k)
+        return merge_stages(hits, scores, req.k, self.plan.rerank_fast_weight)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
