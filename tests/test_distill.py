@@ -126,3 +126,7 @@ def test_distill_config_errors(tmp_path) -> None:
                   tmp_path / "wrong")
     with pytest.raises(ConfigError, match="train the reranker on the same features"):
         CrossModalObjective(config_from_dict(_config(str(tmp_path / "wrong"))))
+    save_reranker(CrossAttentionReranker(RerankerConfig(text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
+                                                         fast_weight=10.0)), tmp_path / "residual")
+    with pytest.raises(ConfigError, match="--fast-weight 0"):
+        CrossModalObjective(config_from_dict(_config(str(tmp_path / "residual"))))

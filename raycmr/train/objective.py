@@ -34,6 +34,11 @@ def load_teacher(cfg: Config) -> nn.Module:
             f"{rc.text_dim}-d against {rc.image_dim}-d images; this model reads text_feat of "
             f"{cfg.model.text.input_dim}-d and image_feat of {cfg.model.image.input_dim}-d: "
             "train the reranker on the same features")
+    if rc.fast_weight > 0:
+        raise ConfigError(
+            f"loss.distill.reranker '{cfg.loss.distill.reranker}' is a residual reranker "
+            f"(fast_weight {rc.fast_weight}): its score leans on a fast model, not a teacher of "
+            "one; train the teacher with `raycmr reranker ... --fast-weight 0`")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
