@@ -71,13 +71,6 @@ def block_recall_at_1(scores_fn, groups: np.ndarray, block: int, seed: int = 0) 
     return 100.0 * hits / total
 
 
-def _select(query: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
-    import torch
-
-    index = torch.from_numpy(rows)
-    return {k: v.index_select(0, index) for k, v in query.items()}
-
-
 def auto_fast_weight(cfg, model) -> float:
     """Weight of the fast score in a residual reranker: the dual encoder's learned inverse
     temperature for InfoNCE checkpoints (its calibrated logits), else 10 (cosines x 10)."""
@@ -113,7 +106,12 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
     import torch
 
     from raycmr.index_build import resolve_split
-    from raycmr.models.reranker import CrossAttentionReranker, fit_reranker, save_reranker
+    from raycmr.models.reranker import (
+        CrossAttentionReranker,
+        fit_reranker,
+        save_reranker,
+        select_queries,
+    )
     from raycmr.runtime import init_ray
     from raycmr.train.checkpoint import find_checkpoint_dir, load_exported
 
@@ -150,7 +148,7 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
         @torch.no_grad()
         def slow(rows):
             image = held["image"][torch.from_numpy(rows)]
-            scores = reranker.score_candidates(_select(held["query"], rows),
+            scores = reranker.score_candidates(select_queries(held["query"], rows),
                                                image.unsqueeze(0).expand(len(rows), -1, -1))
             return scores.numpy() + fast_weight * fast(rows)  # as the Serve app combines them
 

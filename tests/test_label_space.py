@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_metrics import ap_by_loop
 
 from raycmr.config import ConfigError, load_config
 from raycmr.evaluate.metrics import average_precision_per_query
@@ -49,16 +50,9 @@ def test_metrics_rank_by_probability_of_same_class() -> None:
     lq, lg = rng.standard_normal((20, 3)) * 2, rng.standard_normal((40, 3)) * 2
     ql, gl = rng.integers(0, 3, 20), rng.integers(0, 3, 40)
     pq, pg = _softmax(lq, 1.0), _softmax(lg, 1.0)
-    expected = []
-    for i in range(20):
-        score = [float(pq[i] @ pg[j]) for j in range(40)]
-        order = sorted(range(40), key=lambda j: (-score[j], j))
-        hits, total = 0, 0.0
-        for pos, j in enumerate(order, start=1):
-            if gl[j] == ql[i]:
-                hits += 1
-                total += hits / pos
-        expected.append(total / hits if hits else 0.0)
+    same_class = [[sum(pq[i, c] * pg[j, c] for c in range(3)) for j in range(40)]
+                  for i in range(20)]
+    expected = ap_by_loop(same_class, ql, gl)
     eq = label_space_embedding(torch.from_numpy(lq), "text").numpy()
     eg = label_space_embedding(torch.from_numpy(lg), "image").numpy()
     ap = average_precision_per_query(eq, eg, ql, gl)

@@ -193,12 +193,12 @@ def test_average_precision_ties_are_stable() -> None:
     assert ap[0] == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-def _brute_force_ap(q, g, ql, gl, k=None):
+def ap_by_loop(scores, ql, gl, k=None):
+    """AP of every query row of ``scores`` [n_q][n_g] by explicit loops: rank descending, ties
+    in gallery order, precision at each relevant rank averaged over the relevant retrieved."""
     aps = []
-    for i in range(q.shape[0]):
-        sims = [float(q[i] @ g[j] / (np.linalg.norm(q[i]) * np.linalg.norm(g[j])))
-                for j in range(g.shape[0])]
-        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))
+    for i, row in enumerate(scores):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
         if k is not None:
             order = order[:k]
         hits, total = 0, 0.0
@@ -208,6 +208,12 @@ def _brute_force_ap(q, g, ql, gl, k=None):
                 total += hits / pos
         aps.append(total / hits if hits else 0.0)
     return np.array(aps)
+
+
+def _brute_force_ap(q, g, ql, gl, k=None):
+    sims = [[float(q[i] @ g[j] / (np.linalg.norm(q[i]) * np.linalg.norm(g[j])))
+             for j in range(g.shape[0])] for i in range(q.shape[0])]
+    return ap_by_loop(sims, ql, gl, k)
 
 
 @pytest.mark.parametrize("k", [None, 10])

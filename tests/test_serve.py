@@ -148,6 +148,10 @@ def test_build_app_rejects_bad_paths(tmp_path) -> None:
         build_app({**ok, "top_k": 5, "rerank_k": 6})
     with pytest.raises(ConfigError, match="reranker '.*rr' does not exist"):
         build_app({**ok, "reranker": str(tmp_path / "rr")})
+    save_reranker(CrossAttentionReranker(RerankerConfig(text_dim=8, image_dim=IMAGE_DIM,
+                                                        fast_weight=3.0)), tmp_path / "res")
+    residual = plan_app({**ok, "reranker": str(tmp_path / "res")})
+    assert (residual.reranker, residual.rerank_fast_weight) == (str(tmp_path / "res"), 3.0)
     save_reranker(CrossAttentionReranker(RerankerConfig(text_dim=8, image_dim=32)),
                   tmp_path / "rr")
     with pytest.raises(ConfigError, match="takes 32-d image vectors but index .* stores 16-d"):

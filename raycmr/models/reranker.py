@@ -180,7 +180,9 @@ class CrossAttentionReranker(nn.Module):
         return self.score_pairs(query, candidates.reshape(q * c, -1), index).view(q, c)
 
 
-def _select(query: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+def select_queries(query: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:
+    """The queries at ``rows`` (an index tensor or array) of every tensor in ``query``."""
+    rows = torch.as_tensor(rows)
     return {k: v[rows] for k, v in query.items()}
 
 
@@ -220,7 +222,7 @@ def fit_reranker(
     for _ in range(steps):
         rows = torch.randperm(n, generator=generator)[:b]
         cands = image[rows].unsqueeze(0).expand(b, b, image.shape[1])
-        scores = model.score_candidates(_select(query, rows), cands)
+        scores = model.score_candidates(select_queries(query, rows), cands)
         if fast is not None:
             scores = scores + model.cfg.fast_weight * (fast[0][rows] @ fast[1][rows].T)
         if groups is not None:

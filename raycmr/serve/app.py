@@ -205,24 +205,19 @@ def plan_app(args: dict[str, Any]) -> ServePlan:
         tokenizer=cfg.data.tokenizer, max_text_len=cfg.data.max_text_len,
         count=int(meta["count"]), index_kind=str(meta["kind"]),
     )
-    plan.reranker = _resolve_reranker(extra["reranker"], plan, gallery)
-    if plan.reranker:
-        from raycmr.models.reranker import CONFIG_FILE, RerankerConfig
-
-        rcfg = RerankerConfig.from_dict(
-            yaml.safe_load(_read_text(_join(plan.reranker, CONFIG_FILE))) or {})
-        plan.rerank_fast_weight = rcfg.fast_weight
+    plan.reranker, plan.rerank_fast_weight = _resolve_reranker(extra["reranker"], plan, gallery)
     return plan
 
 
-def _resolve_reranker(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> str:
+def _resolve_reranker(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> tuple[str, float]:
+    """``(reranker directory or "" for none, its fast_weight)``, checked against the plan."""
     from raycmr.models.reranker import CONFIG_FILE, WEIGHTS_FILE, RerankerConfig
 
     if arg.lower() == "none" or plan.rerank_k == 0:
-        return ""
+        return "", 0.0
     uri = arg or _join(plan.index_path, RERANKER_SUBDIR)
     if not arg and not _exists(_join(uri, WEIGHTS_FILE)):
-        return ""  # no reranker next to the index: serve the fast stage only
+        return "", 0.0  # no reranker next to the index: serve the fast stage only
     _require(uri, (WEIGHTS_FILE, CONFIG_FILE), "reranker",
              "write one with `raycmr reranker --checkpoint CKPT --out DIR`, or pass "
              "reranker=none")
@@ -239,7 +234,7 @@ def _resolve_reranker(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> str
             f"reranker '{uri}' takes {rcfg.image_dim}-d image vectors but index "
             f"'{plan.index_path}' stores {gallery['rerank_dim']}-d {gallery['rerank_features']}"
         )
-    return uri
+    return uri, rcfg.fast_weight
 
 
 # ------------------------------------------------------------------------------- deployments
