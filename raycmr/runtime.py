@@ -22,4 +22,6 @@ def init_ray(min_cpus: float = 0) -> None:
     # The dashboard stays on: its State API is how Ray Train's PlacementGroupCleaner sees that a
     # run's controller died (a trial stopped by ASHA) and frees the run's worker placement
     # group; without it the CPUs stay reserved and later trials wait forever.
-    ray.init(num_cpus=num_cpus, log_to_driver=True)
+    # address="local": a cluster left by `ray start` on this machine is joined only through
+    # RAY_ADDRESS, never by accident (ray.init() alone would attach to it).
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)

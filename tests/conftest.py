@@ -27,7 +27,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, log_to_driver=False)
+        ray.init(address="local", num_cpus=8, log_to_driver=False)
     yield ray
     ray.shutdown()
 
