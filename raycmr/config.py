@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -183,11 +183,32 @@ class IndexConfig:
 
 @dataclass
 class ServeConfig:
+    """The retrieval service (``raycmr serve``, ``serve deploy jobs/serve_config.yaml``)."""
+
     index_path: str = ""
     checkpoint: str = ""
-    top_k: int = 100
-    rerank_k: int = 20
+    top_k: int = 100  # candidates retrieved per query
+    rerank_k: int = 20  # of them reordered by the reranker
     route_prefix: str = "/"
+    reranker: str = ""  # reranker dir; "" = INDEX/reranker when present; "none" = off
+    max_batch_size: int = 16  # requests batched into one forward pass / FAISS search
+    batch_wait_timeout_s: float = 0.01
+    use_gpu: bool = False  # encoder and reranker on a GPU
+    host: str = "127.0.0.1"  # HTTP host; 0.0.0.0 listens on every interface
+    port: int = 8000
+    # Replicas of every deployment at start (autoscaling between replicas and max_replicas):
+    # 2 keeps the service answering while one replica dies and is replaced.
+    replicas: int = 2
+    max_replicas: int = 4
+    retries: int = 3  # attempts more per search when a downstream replica dies mid-request
+    # Bearer-token check on every route but /healthz: "token" (the token comes from the
+    # environment variable named by token_env, else from token_file) or "none" (no check).
+    auth: Literal["token", "none"] = "token"
+    token_env: str = "RAYCMR_SERVE_TOKEN"
+    token_file: str = ""
+    max_body_bytes: int = 4_000_000  # larger request bodies get 413 (image uploads included)
+    max_query_chars: int = 1000  # longer text queries get 422
+    docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json
 
 
 @dataclass
@@ -242,6 +263,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
+        return value
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of "
+                              f"{', '.join(map(str, choices))}")
         return value
     if typ is bool:
         if isinstance(value, bool):
@@ -388,7 +415,25 @@ _CHOICES = {
 }
 
 
+def _validate_serve(s: ServeConfig) -> None:
+    if s.top_k <= 0:
+        raise ConfigError(f"serve.top_k must be positive, got {s.top_k}")
+    if not 0 <= s.rerank_k <= s.top_k:
+        raise ConfigError(f"serve.rerank_k must be in [0, top_k={s.top_k}], got {s.rerank_k}")
+    for key in ("max_batch_size", "replicas", "max_body_bytes", "max_query_chars"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"serve.{key} must be positive, got {getattr(s, key)}")
+    if s.batch_wait_timeout_s < 0 or s.retries < 0:
+        raise ConfigError("serve.batch_wait_timeout_s and serve.retries must be >= 0")
+    if s.max_replicas < s.replicas:
+        raise ConfigError(f"serve.max_replicas ({s.max_replicas}) must be >= serve.replicas "
+                          f"({s.replicas})")
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"serve.port must be in 0..65535, got {s.port}")
+
+
 def validate(cfg: Config) -> None:
+    _validate_serve(cfg.serve)
     for key, choices in _CHOICES.items():
         value = cfg.get(key)
         if value not in choices:

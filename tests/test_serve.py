@@ -38,6 +38,7 @@ from raycmr.train.checkpoint import write_export
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, N_PAIRED, IMAGE_DIM, TEXT_DIM = 24, 12, 16, 8
 TOP_K, RERANK_K = 24, 16
+TOKEN = "test-token-0123456789abcdef"
 
 
 def _mix() -> np.ndarray:
@@ -109,7 +110,7 @@ def _free_port() -> int:
 
 
 def test_merge_stages() -> None:
-    from raycmr.serve.app import merge_stages
+    from raycmr.serve.scoring import merge_stages
 
     hits = [(5, "a", 0.9), (2, "b", 0.8), (7, "c", 0.7), (1, "d", 0.6)]
     out = merge_stages(hits, [0.1, 0.5, 0.3], k=4)
@@ -125,7 +126,8 @@ def test_merge_stages() -> None:
 
 
 def test_build_app_rejects_bad_paths(tmp_path) -> None:
-    from raycmr.serve.app import build_app, plan_app
+    from raycmr.serve.app import build_app
+    from raycmr.serve.plan import plan_app
 
     ckpt = tmp_path / "ckpt"
     write_checkpoint(ckpt, "")
@@ -134,7 +136,7 @@ def test_build_app_rejects_bad_paths(tmp_path) -> None:
     (index / "gallery.json").write_text(json.dumps({"rerank_dim": IMAGE_DIM,
                                                     "rerank_features": "image_feat"}))
     np.save(index / "rerank_feats.npy", np.zeros((8, IMAGE_DIM), np.float32))
-    ok = {"checkpoint": str(ckpt), "index_path": str(index)}
+    ok = {"checkpoint": str(ckpt), "index_path": str(index), "auth": "none"}
     plan = plan_app(ok)
     assert (plan.query_input, plan.text_dim, plan.reranker, plan.count) == ("text_feat", 8, "", 8)
 
@@ -168,7 +170,7 @@ def test_text_queries_encode_and_rerank_in_batches() -> None:
     """The text path (tokenizer + HF text tower, token-id reranker) without a cluster: a batch
     of ragged requests gives what each query computed alone gives."""
     from raycmr.data.text import load_text_encoder
-    from raycmr.serve.app import encode_queries, rerank_scores
+    from raycmr.serve.scoring import encode_queries, rerank_scores
 
     cfg = config_from_dict({
         "data": {"kind": "images", "tokenizer": "minilm", "max_text_len": 12},
@@ -245,14 +247,12 @@ def test_scan_gallery_names_images_like_the_pipeline(tmp_path) -> None:
 def test_serve_config_file_matches_the_builder() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from raycmr.serve.app import EXTRA_ARGS
-
     doc = yaml.safe_load((ROOT / "jobs" / "serve_config.yaml").read_text())
     parse = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
     (app,) = parse(doc).applications
     assert app.import_path == "raycmr.serve.app:build_app"
     assert {"index_path", "checkpoint"} <= set(app.args)
-    assert set(app.args) <= set(ServeConfig.__dataclass_fields__) | set(EXTRA_ARGS)
+    assert set(app.args) <= set(ServeConfig.__dataclass_fields__)
     names = {d.name for d in app.deployments}
     assert names <= {"Ingress", "QueryEncoder", "Retriever", "Reranker"}
 
@@ -264,7 +264,9 @@ def test_label_space_index_ranks_by_probability_of_same_class(ray_cluster, tmp_p
     and the served query vectors rank the gallery by sum_c p(c|query) p(c|image)."""
     from raycmr.evaluate.index import load_index, search
     from raycmr.index_build import build_gallery_index
-    from raycmr.serve.app import build_app, encode_queries, plan_app
+    from raycmr.serve.app import build_app
+    from raycmr.serve.plan import plan_app
+    from raycmr.serve.scoring import encode_queries
 
     names, image, queries = write_gallery(tmp_path / "gallery")
     label = {"num_classes": 3, "retrieval_space": "label", "label_temperature": 0.5}
@@ -273,11 +275,12 @@ def test_label_space_index_ranks_by_probability_of_same_class(ray_cluster, tmp_p
                         batch_size=16)
     index, ids = load_index(tmp_path / "index")
     assert index.d == 5 and index.ntotal == N_IMAGES
-    assert plan_app({"checkpoint": str(tmp_path / "ckpt"),
-                     "index_path": str(tmp_path / "index")}).count == N_IMAGES
+    assert plan_app({"checkpoint": str(tmp_path / "ckpt"), "index_path": str(tmp_path / "index"),
+                     "auth": "none"}).count == N_IMAGES
     with pytest.raises(ConfigError, match="holds 5-d vectors but checkpoint .* embeds to 8-d"):
         write_checkpoint(tmp_path / "common", str(tmp_path / "gallery"))
-        build_app({"checkpoint": str(tmp_path / "common"), "index_path": str(tmp_path / "index")})
+        build_app({"checkpoint": str(tmp_path / "common"), "index_path": str(tmp_path / "index"),
+                   "auth": "none"})
 
     pos = {n: i for i, n in enumerate(names)}
     gallery = torch.from_numpy(image[[pos[n] for n in ids]])
@@ -312,7 +315,7 @@ def test_reranker_command_learns_and_serve_accepts_it(ray_cluster, tmp_path) -> 
     from raycmr.cli import main
     from raycmr.index_build import build_gallery_index
     from raycmr.models.reranker import load_reranker
-    from raycmr.serve.app import plan_app
+    from raycmr.serve.plan import plan_app
 
     write_pairs(tmp_path / "train", 800, seed=11)
     write_pairs(tmp_path / "val", 200, seed=12)
@@ -336,7 +339,8 @@ def test_reranker_command_learns_and_serve_accepts_it(ray_cluster, tmp_path) -> 
     reranker = load_reranker(tmp_path / "index" / "reranker")
     assert (reranker.cfg.query, reranker.cfg.text_dim, reranker.cfg.image_dim) == (
         "features", TEXT_DIM, IMAGE_DIM)
-    plan = plan_app({"checkpoint": str(tmp_path / "ckpt"), "index_path": str(tmp_path / "index")})
+    plan = plan_app({"checkpoint": str(tmp_path / "ckpt"), "index_path": str(tmp_path / "index"),
+                     "auth": "none"})
     assert plan.reranker.endswith("reranker") and plan.count == 200
     # the command line: a split that does not exist is named, exit status 2, nothing written
     assert main(["reranker", "--checkpoint", str(tmp_path / "ckpt"), "--out",
@@ -375,14 +379,19 @@ def served(ray_cluster, tmp_path_factory):
     save_reranker(reranker, tmp / "index" / "reranker")  # the default place build_app looks
 
     port = _free_port()
+    (tmp / "token").write_text(TOKEN + "\n")
+    args = {"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"), "top_k": TOP_K,
+            "rerank_k": RERANK_K, "max_batch_size": 8, "batch_wait_timeout_s": 0.1,
+            "replicas": 1, "max_replicas": 1, "token_env": "", "token_file": str(tmp / "token"),
+            "max_query_chars": 50, "max_body_bytes": 20_000}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"),
-                         "top_k": TOP_K, "rerank_k": RERANK_K, "max_batch_size": 8,
-                         "batch_wait_timeout_s": 0.1}), name=APP_NAME, route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=headers)
     try:
         yield {"tmp": tmp, "names": names, "image": image, "queries": queries, "model": model,
-               "record": record, "client": client, "url": f"http://127.0.0.1:{port}"}
+               "record": record, "client": client, "url": f"http://127.0.0.1:{port}",
+               "headers": headers, "args": args}
     finally:
         client.close()
         serve.shutdown()
@@ -415,7 +424,8 @@ def _search_all(served, **body) -> list[list[dict]]:
     import httpx
 
     async def fire():
-        async with httpx.AsyncClient(base_url=served["url"], timeout=120) as client:
+        async with httpx.AsyncClient(base_url=served["url"], timeout=120,
+                                     headers=served["headers"]) as client:
             return await asyncio.gather(*[
                 client.post("/search", json={"text_feat": q.tolist(), **body})
                 for q in served["queries"]
@@ -501,3 +511,51 @@ def test_bad_requests_get_clear_errors(served, body, status, needle) -> None:
     r = served["client"].post("/search", json=body)
     assert r.status_code == status
     assert needle in r.text
+
+
+@pytest.mark.ray
+def test_token_limits_and_docs(served) -> None:
+    """Every route but /healthz needs the bearer token (none: 401, wrong: 403); oversized
+    bodies get 413, overlong text queries 422; /docs is off by default."""
+    import httpx
+
+    url, query = served["url"], {"text_feat": served["queries"][0].tolist(), "k": 3}
+    expected, _ = _expected_retrieval(served, RERANK_K)
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    for method, path, body in [("POST", "/search", query), ("GET", "/stats", None),
+                               ("GET", "/image/img00", None),
+                               ("POST", "/search/image", None)]:
+        kwargs = {"json": body} if body is not None else {}
+        none = httpx.request(method, url + path, **kwargs)
+        assert none.status_code == 401, (path, none.text)
+        assert none.headers["www-authenticate"] == "Bearer"
+        wrong = httpx.request(method, url + path, headers={"Authorization": "Bearer nope"},
+                              **kwargs)
+        assert wrong.status_code == 403, (path, wrong.text)
+    page = httpx.get(url + "/")  # the page answers 401 with its login form
+    assert page.status_code == 401 and 'id="login-form"' in page.text
+    assert httpx.post(url + "/login", json={"token": "nope"}).status_code == 403
+    login = httpx.post(url + "/login", json={"token": TOKEN})
+    assert login.status_code == 204
+    cookie = login.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+    with httpx.Client(base_url=url, cookies=login.cookies) as browser:  # the cookie works alike
+        assert browser.get("/").status_code == 200
+        got = browser.post("/search", json=query)
+        assert got.status_code == 200
+    right = served["client"].post("/search", json=query)
+    assert [r["id"] for r in right.json()] == [r["id"] for r in got.json()]
+    reranked = np.argsort(-_expected_rerank(served, expected[0].tolist(),
+                                            served["queries"][0]), kind="stable")
+    assert [r["id"] for r in right.json()] == expected[0][reranked][:3].tolist()
+    stages = [part.split(";")[0] for part in right.headers["server-timing"].split(", ")]
+    assert stages == ["encode", "retrieve", "rerank"]
+
+    client = served["client"]
+    big = client.post("/search", content=b"x" * 30_000,
+                      headers={"content-type": "application/json"})
+    assert big.status_code == 413 and "max_body_bytes" in big.text
+    long = client.post("/search", json={"text": "a" * 51, "k": 3})
+    assert long.status_code == 422 and "at most 50" in long.text
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 404

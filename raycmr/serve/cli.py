@@ -1,16 +1,22 @@
 """`raycmr serve`: run the retrieval service on a local or existing Ray cluster (blocking).
 
+    export RAYCMR_SERVE_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(24))')
     raycmr serve --checkpoint runs/NAME/checkpoint_... --index out/index [--port 8000]
-    curl -X POST localhost:8000/search -H 'content-type: application/json' \\
-         -d '{"text": "a red circle on the left", "k": 5}'
+    curl -X POST localhost:8000/search -H "Authorization: Bearer $RAYCMR_SERVE_TOKEN" \\
+         -H 'content-type: application/json' -d '{"text": "a red circle on the left", "k": 5}'
 
-For a long-lived deployment use ``serve deploy jobs/serve_config.yaml`` (or the KubeRay
-RayService in ``cluster/kuberay/rayservice.yaml``): the same application builder.
+Without a token in ``RAYCMR_SERVE_TOKEN`` (or ``--token-file``) a random one is made and
+printed; ``--no-auth`` turns the check off. The search page is at ``/``. For a long-lived
+deployment use ``serve deploy jobs/serve_config.yaml`` (or the KubeRay RayService in
+``cluster/kuberay/rayservice.yaml``): the same application builder.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import time
 
 from raycmr.config import ServeConfig
 
@@ -20,36 +26,86 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeConfig()
     p.add_argument("--checkpoint", required=True, help="checkpoint dir the index was built with")
     p.add_argument("--index", required=True, help="index dir written by `raycmr index`")
-    p.add_argument("--reranker", default="",
+    p.add_argument("--reranker", default=d.reranker,
                    help="reranker dir (default: INDEX/reranker if present; 'none' = off)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="candidates retrieved per query")
     p.add_argument("--rerank-k", type=int, default=d.rerank_k, help="candidates reranked")
     p.add_argument("--route-prefix", default=d.route_prefix)
-    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--host", default=d.host, help="HTTP host (0.0.0.0 to listen on all)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=d.batch_wait_timeout_s)
+    p.add_argument("--replicas", type=int, default=d.replicas,
+                   help="replicas of every deployment at start")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help=f"autoscaling ceiling (default: max(--replicas, {d.max_replicas}))")
+    p.add_argument("--token-file", default=d.token_file,
+                   help=f"file holding the bearer token (default: ${d.token_env}, else a "
+                        "random token printed at start)")
+    p.add_argument("--no-auth", action="store_true", help="no token check (trusted networks)")
+    p.add_argument("--docs", action="store_true", help="serve FastAPI's /docs")
     p.add_argument("--use-gpu", action="store_true", help="encoder and reranker on a GPU")
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The :class:`ServeConfig` of the command line (validated by the plan)."""
+    max_replicas = args.max_replicas or max(args.replicas, ServeConfig.max_replicas)
+    return ServeConfig(
+        checkpoint=args.checkpoint, index_path=args.index, reranker=args.reranker,
+        top_k=args.top_k, rerank_k=args.rerank_k, route_prefix=args.route_prefix,
+        host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s, replicas=args.replicas,
+        max_replicas=max_replicas, token_file=args.token_file,
+        auth="none" if args.no_auth else "token", docs=args.docs, use_gpu=args.use_gpu)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``raycmr serve``: build, deploy and block until Ctrl-C."""
+    """Entry point of ``raycmr serve``: build, deploy and block until Ctrl-C (exit status 0)."""
+    cfg = serve_config(args)
+    token = None  # read by the plan from the environment / token file
+    generated = (cfg.auth == "token" and not cfg.token_file
+                 and not os.environ.get(cfg.token_env, "").strip())
+    if generated:
+        token = secrets.token_urlsafe(24)
+    try:
+        return _serve(cfg, token, generated)
+    except KeyboardInterrupt:
+        print("\nstopped", flush=True)
+        return 0
+
+
+def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
+    import ray
     from ray import serve
 
     from raycmr.runtime import init_ray
-    from raycmr.serve.app import APP_NAME, build_app
+    from raycmr.serve.app import APP_NAME, build_from_plan, cpus_needed
+    from raycmr.serve.plan import plan_app
 
-    app = build_app({
-        "checkpoint": args.checkpoint, "index_path": args.index, "reranker": args.reranker,
-        "top_k": args.top_k, "rerank_k": args.rerank_k, "route_prefix": args.route_prefix,
-        "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_timeout_s, "use_gpu": args.use_gpu,
-    })  # checks the paths before starting anything
-    init_ray(min_cpus=4)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    prefix = "/" + args.route_prefix.strip("/")
-    url = f"http://{args.host}:{args.port}{prefix.rstrip('/')}"
-    print(f"serving {args.index} at {url}/search (POST), {url}/healthz; Ctrl-C stops",
-          flush=True)
-    serve.run(app, name=APP_NAME, route_prefix=prefix, blocking=True)
-    return 0
+    plan = plan_app(cfg, token)  # checks the paths before starting anything
+    app = build_from_plan(plan)
+    started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    init_ray(min_cpus=cpus_needed(plan) + 1)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        prefix = "/" + cfg.route_prefix.strip("/")
+        url = f"http://{cfg.host}:{cfg.port}{prefix.rstrip('/')}"
+        serve.run(app, name=APP_NAME, route_prefix=prefix, blocking=False)
+        print(f"serving {cfg.index_path} at {url}/ (search page), {url}/search (POST), "
+              f"{url}/healthz; Ctrl-C stops", flush=True)
+        if generated:
+            print(f"token (send 'Authorization: Bearer TOKEN'; set {cfg.token_env} to choose "
+                  f"your own): {token}", flush=True)
+        elif cfg.auth == "token":
+            print(f"token: from {'$' + cfg.token_env if not cfg.token_file else cfg.token_file}",
+                  flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping the service…", flush=True)
+        serve.delete(APP_NAME)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        print("stopped", flush=True)
+        return 0

@@ -1,0 +1,260 @@
+"""The Serve application's plan: every argument and file checked on the driver, before any Ray
+work, into one :class:`ServePlan` that the deployments are built from.
+
+A mistake (a missing checkpoint or index file, an index of another model, a reranker that takes
+other inputs, auth on without a token) raises :class:`ConfigError` with one line naming the fix.
+Paths may be local or ``s3://``/``gs://`` URIs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raycmr.config import ConfigError, ServeConfig, config_from_dict
+
+RERANKER_SUBDIR = "reranker"
+INDEX_FILES = ("index.faiss", "ids.parquet", "meta.json", "gallery.json", "rerank_feats.npy")
+CHECKPOINT_FILES = ("model.pt", "config.yaml")
+
+
+# ------------------------------------------------------------------------------------- paths
+
+
+def _split(uri: str):
+    from raycmr.data.paths import ShardReadError, split_uri
+
+    try:
+        fs, path, _ = split_uri(uri)
+    except ShardReadError as exc:
+        raise ConfigError(str(exc)) from None
+    return fs, path
+
+
+def is_remote(uri: str) -> bool:
+    """True for ``s3://``, ``gs://`` and other non-file URIs."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(uri: str, name: str) -> str:
+    """``uri/name`` for local paths and URIs alike."""
+    return uri.rstrip("/") + "/" + name
+
+
+def _exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _split(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    """A small text file (local or remote) as a string."""
+    fs, path = _split(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode("utf-8")
+
+
+def read_bytes(uri: str) -> bytes:
+    """A file (local or remote) as bytes."""
+    fs, path = _split(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _require(uri: str, files: tuple[str, ...], what: str, fix: str) -> None:
+    if not _exists(uri):
+        raise ConfigError(f"{what} '{uri}' does not exist; {fix}")
+    missing = [f for f in files if not _exists(join(uri, f))]
+    if missing:
+        raise ConfigError(f"{what} '{uri}' is missing {', '.join(missing)}; {fix}")
+
+
+def local_dir(uri: str) -> Path:
+    """A local directory holding ``uri``'s files: the path itself, or a fresh copy of a remote
+    directory (``s3://``, ``gs://``) in a temporary directory."""
+    if not is_remote(uri):
+        return Path(uri.removeprefix("file://")).expanduser()
+    import pyarrow.fs as pafs
+
+    fs, path = _split(uri)
+    dest = Path(tempfile.mkdtemp(prefix="raycmr-serve-"))
+    pafs.copy_files(path, str(dest), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class ServePlan:
+    """Everything the deployments need, checked on the driver before anything is deployed."""
+
+    serve: ServeConfig  # the validated settings (no secret in it: the token is hashed below)
+    checkpoint: str  # resolved checkpoint dir
+    reranker: str  # "" = no rerank stage
+    query_input: str  # "text" or "text_feat"
+    text_dim: int  # text_feat length (0 for text)
+    tokenizer: str
+    max_text_len: int
+    image_size: int
+    count: int
+    index_kind: str
+    data_kind: str  # the gallery's shards: "images" (image bytes + captions) or "features"
+    shards: list[str] = field(default_factory=list)  # the gallery's shard paths
+    rerank_fast_weight: float = 0.0  # residual reranker: + fast_weight * retrieval score
+    token_sha256: str = ""  # hex digest of the bearer token; "" = no auth
+
+    @property
+    def index_path(self) -> str:
+        return self.serve.index_path
+
+    @property
+    def top_k(self) -> int:
+        return self.serve.top_k
+
+    @property
+    def rerank_k(self) -> int:
+        return self.serve.rerank_k
+
+    @property
+    def has_images(self) -> bool:
+        """The gallery's shards hold image bytes (thumbnails) and captions (image->text)."""
+        return self.data_kind == "images"
+
+
+def serve_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
+    """Builder ``args`` (ServeConfig keys) as a validated :class:`ServeConfig`."""
+    if isinstance(args, ServeConfig):
+        args = dataclasses.asdict(args)
+    args = dict(args or {})
+    fields = set(ServeConfig.__dataclass_fields__)
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise ConfigError(f"unknown serve arg(s) {', '.join(unknown)}; valid: "
+                          f"{', '.join(sorted(fields))}")
+    return config_from_dict({"serve": args}).serve
+
+
+def read_token(cfg: ServeConfig, environ: dict[str, str] | None = None) -> str:
+    """The bearer token: the environment variable ``cfg.token_env``, else ``cfg.token_file``;
+    ``""`` when ``cfg.auth`` is ``"none"``. Auth on without a token is a :class:`ConfigError`."""
+    if cfg.auth == "none":
+        return ""
+    environ = os.environ if environ is None else environ
+    token = environ.get(cfg.token_env, "").strip() if cfg.token_env else ""
+    if not token and cfg.token_file:
+        try:
+            token = read_text(cfg.token_file).strip()
+        except (OSError, ConfigError) as exc:
+            raise ConfigError(f"serve token_file '{cfg.token_file}' cannot be read ({exc}); "
+                              "give a readable file holding the token") from None
+        if not token:
+            raise ConfigError(f"serve token_file '{cfg.token_file}' is empty")
+    if not token:
+        raise ConfigError(f"serve auth is on but no token was given: set the environment variable "
+                          f"{cfg.token_env} or serve token_file, or auth=none to turn the check "
+                          "off")
+    if len(token) < 16:
+        raise ConfigError("the serve token is shorter than 16 characters; use a long random one, "
+                          "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`")
+    return token
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 hex digest of a token ("" for none): replicas keep only this."""
+    return hashlib.sha256(token.encode()).hexdigest() if token else ""
+
+
+def _resolve_checkpoint(uri: str) -> str:
+    if not uri:
+        raise ConfigError("serve arg 'checkpoint' is empty: give the checkpoint dir the index "
+                          "was built with")
+    if is_remote(uri):
+        _require(uri, CHECKPOINT_FILES, "checkpoint", "give a checkpoint dir written by training")
+        return uri
+    from raycmr.train.checkpoint import find_checkpoint_dir
+
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise ConfigError(f"checkpoint '{uri}' does not exist; give a checkpoint dir (holding "
+                          "model.pt) or a run dir")
+    return str(find_checkpoint_dir(path))
+
+
+def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None) -> ServePlan:
+    """Validate builder ``args`` and the files they name; :class:`ConfigError` on a mistake.
+
+    ``token`` (the bearer token) defaults to :func:`read_token` of the settings.
+    """
+    cfg = serve_config(args)
+    token = read_token(cfg) if token is None else token
+    checkpoint = _resolve_checkpoint(cfg.checkpoint)
+    model_cfg = config_from_dict(yaml.safe_load(read_text(join(checkpoint, "config.yaml"))))
+    index_path = cfg.index_path
+    if not index_path:
+        raise ConfigError("serve arg 'index_path' is empty: build one with `raycmr index`")
+    _require(index_path, INDEX_FILES, "index directory",
+             "build one with `raycmr index --checkpoint CKPT --out DIR`")
+    meta = json.loads(read_text(join(index_path, "meta.json")))
+    gallery = json.loads(read_text(join(index_path, "gallery.json")))
+    from raycmr.models.dual_encoder import retrieval_dim
+
+    dim = retrieval_dim(model_cfg.model)
+    if meta["dim"] != dim:
+        raise ConfigError(
+            f"index '{index_path}' holds {meta['dim']}-d vectors but checkpoint '{checkpoint}' "
+            f"embeds to {dim}-d (retrieval_space {model_cfg.model.retrieval_space}); rebuild the "
+            "index with this checkpoint"
+        )
+    features = model_cfg.model.text.kind == "mlp"
+    plan = ServePlan(
+        serve=cfg, checkpoint=checkpoint, reranker="",
+        query_input="text_feat" if features else "text",
+        text_dim=model_cfg.model.text.input_dim if features else 0,
+        tokenizer=model_cfg.data.tokenizer, max_text_len=model_cfg.data.max_text_len,
+        image_size=model_cfg.data.image_size, count=int(meta["count"]),
+        index_kind=str(meta["kind"]),
+        data_kind=str(gallery.get("data_kind", model_cfg.data.kind)),
+        shards=[str(s) for s in gallery.get("shards", [])],
+        token_sha256=token_digest(token),
+    )
+    plan.reranker, plan.rerank_fast_weight = _resolve_reranker(cfg.reranker, plan, gallery)
+    return plan
+
+
+def _resolve_reranker(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> tuple[str, float]:
+    """``(reranker directory or "" for none, its fast_weight)``, checked against the plan."""
+    from raycmr.models.reranker import CONFIG_FILE, WEIGHTS_FILE, RerankerConfig
+
+    if arg.lower() == "none" or plan.rerank_k == 0:
+        return "", 0.0
+    uri = arg or join(plan.index_path, RERANKER_SUBDIR)
+    if not arg and not _exists(join(uri, WEIGHTS_FILE)):
+        return "", 0.0  # no reranker next to the index: serve the fast stage only
+    _require(uri, (WEIGHTS_FILE, CONFIG_FILE), "reranker",
+             "write one with `raycmr reranker --checkpoint CKPT --out DIR`, or pass "
+             "reranker=none")
+    rcfg = RerankerConfig.from_dict(yaml.safe_load(read_text(join(uri, CONFIG_FILE))) or {})
+    want = "features" if plan.query_input == "text_feat" else "tokens"
+    if rcfg.query != want:
+        raise ConfigError(f"reranker '{uri}' scores query {rcfg.query} but this model's queries "
+                          f"are {plan.query_input}; train a reranker with query={want}")
+    if want == "features" and rcfg.text_dim != plan.text_dim:
+        raise ConfigError(f"reranker '{uri}' takes {rcfg.text_dim}-d text_feat, the model "
+                          f"{plan.text_dim}-d")
+    if rcfg.image_dim != gallery["rerank_dim"]:
+        raise ConfigError(
+            f"reranker '{uri}' takes {rcfg.image_dim}-d image vectors but index "
+            f"'{plan.index_path}' stores {gallery['rerank_dim']}-d {gallery['rerank_features']}"
+        )
+    return uri, rcfg.fast_weight
