@@ -254,7 +254,16 @@ def test_serve_config_file_matches_the_builder() -> None:
     assert {"index_path", "checkpoint"} <= set(app.args)
     assert set(app.args) <= set(ServeConfig.__dataclass_fields__)
     names = {d.name for d in app.deployments}
-    assert names <= {"Ingress", "QueryEncoder", "Retriever", "Reranker"}
+    assert names <= {"Ingress", "QueryEncoder", "Retriever", "Reranker", "Gallery"}
+    # safe by default: local only, token on, no /docs; replica loss survived
+    from raycmr.serve.plan import serve_config
+
+    cfg = serve_config(app.args)
+    assert doc["http_options"]["host"] == "127.0.0.1" == ServeConfig().host
+    assert (cfg.auth, cfg.docs, cfg.replicas) == ("token", False, 2)
+    scaling = {d.name: d.autoscaling_config for d in app.deployments}
+    for name in ("Ingress", "QueryEncoder"):
+        assert scaling[name]["min_replicas"] >= 2 < scaling[name]["max_replicas"], name
 
 
 @pytest.mark.ray
@@ -559,3 +568,64 @@ def test_token_limits_and_docs(served) -> None:
     assert long.status_code == 422 and "at most 50" in long.text
     for path in ("/docs", "/openapi.json", "/redoc"):
         assert client.get(path).status_code == 404
+
+
+@pytest.mark.ray
+def test_replica_loss_under_load_is_survived(served) -> None:
+    """2 replicas of every deployment; 8 clients for 16 s while one replica of each deployment
+    is killed in turn: every search whose downstream replica died is retried on the other one,
+    so only requests that were inside the killed Ingress itself can fail (fewer than 8)."""
+    from ray import serve
+
+    from raycmr.serve.app import APP_NAME, build_app
+    from raycmr.serve.loadtest import replica_actor_names, run_load
+
+    serve.run(build_app({**served["args"], "replicas": 2, "max_replicas": 2}), name=APP_NAME,
+              route_prefix="/")
+    deployments = ("QueryEncoder", "Retriever", "Reranker", "Ingress")
+    assert all(len(replica_actor_names(APP_NAME, d)) == 2 for d in deployments)
+    bodies = [{"text_feat": q.tolist(), "k": 5} for q in served["queries"]]
+    report = run_load(served["url"], bodies, headers=served["headers"], clients=8,
+                      duration_s=16, kills=[(APP_NAME, d) for d in deployments])
+    summary = report.summary()
+    print("replica-kill load:", summary)
+    assert len(report.killed) == 4 and report.requests > 40, summary
+    after = report.failures_after()
+    downstream = sum(n for name, n in after.items() if "#Ingress#" not in name)
+    assert downstream == 0, summary  # retried: no failure from a dead encoder/retriever/reranker
+    assert report.failures < 8, summary  # at most the requests in flight in the killed Ingress
+    # the answers after the kills are still the brute-force ones
+    ids, _ = _expected_retrieval(served, 5)
+    got = served["client"].post("/search", json={**bodies[0], "rerank": False}).json()
+    assert [r["id"] for r in got] == ids[0].tolist()
+
+
+def test_plan_reads_the_token_from_env_or_file(tmp_path) -> None:
+    """Auth is on unless turned off: the token comes from the named environment variable, else
+    the file; none, an empty file or a short token is a one-line ConfigError; replicas keep only
+    the token's SHA-256."""
+    import hashlib
+
+    from raycmr.serve.plan import read_token, serve_config, token_digest
+
+    cfg = serve_config({"token_env": "T"})
+    assert read_token(cfg, {"T": " " + TOKEN + "\n"}) == TOKEN
+    (tmp_path / "tok").write_text(TOKEN + "\n")
+    from_file = serve_config({"token_env": "T", "token_file": str(tmp_path / "tok")})
+    assert read_token(from_file, {}) == TOKEN
+    assert read_token(from_file, {"T": "x" * 20}) == "x" * 20  # the environment wins
+    assert read_token(serve_config({"auth": "none"}), {}) == ""
+    with pytest.raises(ConfigError, match="no token was given: set the environment variable T "
+                                          "or serve token_file, or auth=none"):
+        read_token(cfg, {})
+    with pytest.raises(ConfigError, match="shorter than 16"):
+        read_token(cfg, {"T": "short"})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="token_file '.*empty' is empty"):
+        read_token(serve_config({"token_file": str(tmp_path / "empty"), "token_env": ""}), {})
+    with pytest.raises(ConfigError, match="serve.auth' is 'off'; choose one of token, none"):
+        serve_config({"auth": "off"})
+    with pytest.raises(ConfigError, match="serve.max_replicas \\(1\\) must be >= serve.replicas"):
+        serve_config({"replicas": 2, "max_replicas": 1})
+    assert token_digest(TOKEN) == hashlib.sha256(TOKEN.encode()).hexdigest()
+    assert token_digest("") == ""

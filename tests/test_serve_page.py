@@ -1,0 +1,229 @@
+"""The search page and the image routes in a real browser (headless Chromium via Playwright).
+
+A tiny random-init image/text dual encoder (ViT + BERT from configs, MiniLM tokenizer) over 16
+synthetic shape images (two captions each) is indexed with `raycmr index` and served with the
+token on; Chromium signs in through the page's form, types a caption, and the page must show
+thumbnails that load and put first the image a brute-force ranking of the model's own
+embeddings puts first; uploading a gallery image must list first the caption a brute-force
+image->text ranking puts first. Also: `raycmr serve` stops on Ctrl-C (SIGINT) with exit status
+0 and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raycmr.config import config_from_dict
+from raycmr.models.dual_encoder import DualEncoder
+from raycmr.train.checkpoint import write_export
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "page-test-token-0123456789"
+N_IMAGES = 16
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image_model_config(gallery: str):
+    return config_from_dict({
+        "data": {"kind": "images", "test": [gallery], "image_size": 32, "tokenizer": "minilm",
+                 "max_text_len": 16},
+        "model": {"embed_dim": 16,
+                  "image": {"kind": "hf_config", "hf_config": {
+                      "model_type": "vit", "image_size": 32, "patch_size": 8,
+                      "num_channels": 3, "hidden_size": 16, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "intermediate_size": 32}},
+                  "text": {"kind": "hf_config", "hf_config": {
+                      "model_type": "bert", "vocab_size": 30522, "hidden_size": 16,
+                      "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 32, "max_position_embeddings": 32}}},
+        "index": {"kind": "flat"},
+    })
+
+
+@pytest.mark.ray
+def test_serve_command_stops_cleanly_on_ctrl_c(ray_cluster, tmp_path) -> None:
+    """`raycmr serve` joined to the test cluster: SIGINT -> exit 0, no traceback, app gone."""
+    import httpx
+    from ray import serve
+
+    from raycmr.data.synthetic import write_synthetic_split
+    from raycmr.index_build import build_gallery_index
+
+    write_synthetic_split(tmp_path / "gallery", "test", 4, seed=1, image_size=32,
+                          progress=False)
+    cfg = _image_model_config(str(tmp_path / "gallery"))
+    (tmp_path / "ckpt").mkdir()
+    write_export(tmp_path / "ckpt", DualEncoder(cfg.model).state_dict(), cfg, {"epoch": 0})
+    build_gallery_index(str(tmp_path / "ckpt"), "test", tmp_path / "index", num_actors=1)
+    port = _free_port()
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(ROOT), "RAYCMR_SERVE_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycmr.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"),
+         "--index", str(tmp_path / "index"), "--port", str(port), "--replicas", "1",
+         "--top-k", "4", "--rerank-k", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        assert "Ctrl-C stops" in "".join(lines), "".join(lines)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["gallery"] == 4
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + out
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "stopped" in output
+    assert "raycmr" not in serve.status().applications
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def page_app(ray_cluster, tmp_path_factory):
+    """An image gallery served with auth on; the model and the gallery rows for references."""
+    import httpx
+    from ray import serve
+
+    from raycmr.data.synthetic import write_synthetic_split
+    from raycmr.index_build import build_gallery_index
+    from raycmr.serve.app import APP_NAME, build_app
+
+    tmp = tmp_path_factory.mktemp("page")
+    write_synthetic_split(tmp / "gallery", "test", N_IMAGES, seed=3, image_size=32,
+                          captions_per_image=2, progress=False)
+    cfg = _image_model_config(str(tmp / "gallery"))
+    torch.manual_seed(0)
+    model = DualEncoder(cfg.model).eval()
+    (tmp / "ckpt").mkdir()
+    write_export(tmp / "ckpt", model.state_dict(), cfg, {"epoch": 0})
+    build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", num_actors=1, batch_size=16)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"),
+                         "top_k": 10, "rerank_k": 5, "replicas": 1, "max_replicas": 1},
+                        token=TOKEN), name=APP_NAME, route_prefix="/")
+    rows = pq.read_table(tmp / "gallery").to_pylist()
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "model": model, "rows": rows, "tmp": tmp,
+               "client": httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                      headers={"Authorization": f"Bearer {TOKEN}"})}
+    finally:
+        serve.shutdown()
+
+
+def _references(app) -> dict[str, np.ndarray | list]:
+    """Brute force with the model in this process: image and caption embeddings."""
+    from raycmr.data.text import load_text_encoder
+    from raycmr.data.transforms import decode_image
+
+    rows = app["rows"]
+    images = {r["image_id"]: r["image"] for r in rows}
+    ids = sorted(images)
+    pixels = torch.from_numpy(np.stack([decode_image(images[i], 32)[0] for i in ids]))
+    tokens, mask = load_text_encoder("minilm")([r["caption"] for r in rows], 16)
+    with torch.no_grad():
+        img = app["model"].encode_image({"pixel_values": pixels}).numpy()
+        txt = app["model"].encode_text({"input_ids": torch.from_numpy(tokens),
+                                        "attention_mask": torch.from_numpy(mask)}).numpy()
+    return {"ids": ids, "img": img, "txt": txt, "images": images}
+
+
+def _browser():
+    if CHROMIUM is None:
+        pytest.skip("no Chromium: install Debian's `chromium` package (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("no playwright: pip install -e '.[test]' (Python package `playwright`)")
+    return sync_playwright
+
+
+@pytest.mark.ray
+def test_search_page_in_chromium(page_app, tmp_path) -> None:
+    sync_playwright = _browser()
+    ref = _references(page_app)
+    query = page_app["rows"][5]["caption"]
+    q = ref["txt"][5]
+    best = ref["ids"][int(np.argmax(ref["img"] @ q))]
+    upload_id = ref["ids"][2]
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(ref["images"][upload_id])
+    caption_scores = ref["txt"] @ ref["img"][2]
+    best_caption = page_app["rows"][int(np.argmax(caption_scores))]["caption"]
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        requests_out: list[str] = []
+        page.on("request", lambda r: requests_out.append(r.url))
+        page.goto(page_app["url"] + "/")
+        page.fill("#token", "wrong-token")
+        page.click("#login-form button")
+        page.wait_for_selector("#login-status:has-text('wrong token')")
+        page.fill("#token", TOKEN)
+        page.click("#login-form button")
+        page.wait_for_selector("#search-form", state="visible")
+        page.fill("#query", query)
+        page.fill("#k", "5")
+        page.click("#search-form button")
+        page.wait_for_selector(".card >> nth=4")
+        page.wait_for_function("Array.from(document.querySelectorAll('.card img'))"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        cards = page.locator(".card")
+        assert cards.count() == 5
+        assert cards.nth(0).get_attribute("data-id") == best
+        widths = page.eval_on_selector_all(".card img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert widths == [32] * 5  # the gallery's own 32x32 PNGs
+        status = page.inner_text("#status")
+        assert "encode" in status and "retrieve" in status and "5 results" in status
+        page.set_input_files("#file", str(upload))
+        page.click("#upload-form button")
+        page.wait_for_selector("#captions li")
+        first = page.inner_text("#captions li >> nth=0")
+        assert best_caption in first
+        page.screenshot(path=str(tmp_path / "search_page.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "search_page.png").stat().st_size > 10_000
+    # nothing was fetched from anywhere but the app itself
+    assert all(u.startswith(page_app["url"]) for u in requests_out), requests_out
+
+
+@pytest.mark.ray
+def test_image_routes(page_app) -> None:
+    client = page_app["client"]
+    row = page_app["rows"][0]
+    got = client.get(f"/image/{row['image_id']}")
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert got.content == row["image"]
+    assert client.get("/image/nope").status_code == 404
+    bad = client.post("/search/image", content=b"not an image")
+    assert bad.status_code == 400 and "not a decodable image" in bad.text
