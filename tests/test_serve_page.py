@@ -60,27 +60,22 @@ def _image_model_config(gallery: str):
 
 
 @pytest.mark.ray
-def test_serve_command_stops_cleanly_on_ctrl_c(ray_cluster, tmp_path) -> None:
-    """`raycmr serve` joined to the test cluster: SIGINT -> exit 0, no traceback, app gone."""
+def test_serve_command_stops_cleanly_on_ctrl_c(page_files) -> None:
+    """`raycmr serve` joined to the test cluster: SIGINT -> exit 0, no traceback, app gone.
+    (Runs before the module's own app is deployed: both are named raycmr.)"""
     import httpx
+    import ray
     from ray import serve
 
-    from raycmr.data.synthetic import write_synthetic_split
-    from raycmr.index_build import build_gallery_index
-
-    write_synthetic_split(tmp_path / "gallery", "test", 4, seed=1, image_size=32,
-                          progress=False)
-    cfg = _image_model_config(str(tmp_path / "gallery"))
-    (tmp_path / "ckpt").mkdir()
-    write_export(tmp_path / "ckpt", DualEncoder(cfg.model).state_dict(), cfg, {"epoch": 0})
-    build_gallery_index(str(tmp_path / "ckpt"), "test", tmp_path / "index", num_actors=1)
+    tmp = page_files["tmp"]
     port = _free_port()
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": str(ROOT), "RAYCMR_SERVE_TOKEN": TOKEN}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raycmr.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"),
-         "--index", str(tmp_path / "index"), "--port", str(port), "--replicas", "1",
-         "--top-k", "4", "--rerank-k", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "raycmr.cli", "serve", "--checkpoint", str(tmp / "ckpt"),
+         "--index", str(tmp / "index"), "--port", str(port), "--replicas", "1",
+         "--top-k", "4", "--rerank-k", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
         deadline = time.time() + 300
@@ -92,7 +87,7 @@ def test_serve_command_stops_cleanly_on_ctrl_c(ray_cluster, tmp_path) -> None:
             if "Ctrl-C stops" in line:
                 break
         assert "Ctrl-C stops" in "".join(lines), "".join(lines)
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["gallery"] == 4
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["gallery"] == N_IMAGES
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -107,14 +102,10 @@ def test_serve_command_stops_cleanly_on_ctrl_c(ray_cluster, tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def page_app(ray_cluster, tmp_path_factory):
-    """An image gallery served with auth on; the model and the gallery rows for references."""
-    import httpx
-    from ray import serve
-
+def page_files(ray_cluster, tmp_path_factory):
+    """An image gallery, a random-init checkpoint and its index; the model and the rows."""
     from raycmr.data.synthetic import write_synthetic_split
     from raycmr.index_build import build_gallery_index
-    from raycmr.serve.app import APP_NAME, build_app
 
     tmp = tmp_path_factory.mktemp("page")
     write_synthetic_split(tmp / "gallery", "test", N_IMAGES, seed=3, image_size=32,
@@ -125,14 +116,25 @@ def page_app(ray_cluster, tmp_path_factory):
     (tmp / "ckpt").mkdir()
     write_export(tmp / "ckpt", model.state_dict(), cfg, {"epoch": 0})
     build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", num_actors=1, batch_size=16)
+    return {"tmp": tmp, "model": model, "rows": pq.read_table(tmp / "gallery").to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def page_app(page_files):
+    """The gallery served with the token on, on a free port."""
+    import httpx
+    from ray import serve
+
+    from raycmr.serve.app import APP_NAME, build_app
+
+    tmp = page_files["tmp"]
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"),
                          "top_k": 10, "rerank_k": 5, "replicas": 1, "max_replicas": 1},
                         token=TOKEN), name=APP_NAME, route_prefix="/")
-    rows = pq.read_table(tmp / "gallery").to_pylist()
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "model": model, "rows": rows, "tmp": tmp,
+        yield {**page_files, "url": f"http://127.0.0.1:{port}",
                "client": httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
                                       headers={"Authorization": f"Bearer {TOKEN}"})}
     finally:
