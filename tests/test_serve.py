@@ -139,6 +139,13 @@ def test_build_app_rejects_bad_paths(tmp_path) -> None:
     ok = {"checkpoint": str(ckpt), "index_path": str(index), "auth": "none"}
     plan = plan_app(ok)
     assert (plan.query_input, plan.text_dim, plan.reranker, plan.count) == ("text_feat", 8, "", 8)
+    assert not plan.has_images  # a feature gallery: no thumbnails, no image -> text
+    gallery = json.loads((index / "gallery.json").read_text())
+    (index / "gallery.json").write_text(json.dumps({**gallery, "data_kind": "images",
+                                                    "shards": [str(tmp_path / "moved")]}))
+    moved = plan_app(ok)  # shards gone: search still served, the page's images off, said why
+    assert not moved.has_images and "moved" in moved.gallery_note
+    (index / "gallery.json").write_text(json.dumps(gallery))
 
     with pytest.raises(ConfigError, match="checkpoint '.*nope' does not exist"):
         build_app({**ok, "checkpoint": str(tmp_path / "nope")})

@@ -83,6 +83,8 @@ def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
     from raycmr.serve.plan import plan_app
 
     plan = plan_app(cfg, token)  # checks the paths before starting anything
+    if plan.gallery_note:
+        print(f"note: {plan.gallery_note}", flush=True)
     app = build_from_plan(plan)
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init_ray(min_cpus=cpus_needed(plan) + 1)

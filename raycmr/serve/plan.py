@@ -113,6 +113,7 @@ class ServePlan:
     shards: list[str] = field(default_factory=list)  # the gallery's shard paths
     rerank_fast_weight: float = 0.0  # residual reranker: + fast_weight * retrieval score
     token_sha256: str = ""  # hex digest of the bearer token; "" = no auth
+    gallery_note: str = ""  # why thumbnails and image -> text are off ("" = on, or features)
 
     @property
     def index_path(self) -> str:
@@ -128,8 +129,9 @@ class ServePlan:
 
     @property
     def has_images(self) -> bool:
-        """The gallery's shards hold image bytes (thumbnails) and captions (image->text)."""
-        return self.data_kind == "images"
+        """The gallery's shards hold image bytes (thumbnails) and captions (image->text) and
+        can be read."""
+        return self.data_kind == "images" and not self.gallery_note
 
 
 def serve_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
@@ -229,7 +231,22 @@ def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None
         token_sha256=token_digest(token),
     )
     plan.reranker, plan.rerank_fast_weight = _resolve_reranker(cfg.reranker, plan, gallery)
+    if plan.data_kind == "images":
+        plan.gallery_note = _check_gallery_shards(plan.shards)
     return plan
+
+
+def _check_gallery_shards(shards: list[str]) -> str:
+    """"" when the gallery's image shards can be read, else why not (search still works)."""
+    from raycmr.data.paths import ShardReadError
+    from raycmr.data.schema import ShardSchemaError, check_shards
+
+    try:
+        check_shards(shards, "images")
+    except (ShardReadError, ShardSchemaError) as exc:
+        return (f"the gallery's shards cannot be read ({exc}); the page shows no thumbnails "
+                "and image -> text search is off")
+    return ""
 
 
 def _resolve_reranker(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> tuple[str, float]:
