@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summary()
     after = report.failures_after()
     for at, name in report.killed:
-        print(f"  killed {name} at {at:.1f} s: {after[name]} failed request(s) sent after it")
+        print(f"  killed {name} at {at:.1f} s: {after[name]} failure(s) after it")
     print(f"requests {summary['requests']}, failures {summary['failures']} "
           f"({100 * summary['failure_rate']:.2f}%), p50 {summary['p50_ms']} ms, "
           f"p99 {summary['p99_ms']} ms, {summary['requests_per_s']} req/s"
