@@ -1,9 +1,9 @@
 """Global negatives side by side: training step time with and without the cross-worker gather.
 
-With ``loss.global_negatives=true`` every worker all-gathers the image and text embeddings (and
-group ids) of all workers, so its VSE++/InfoNCE loss sees W*B candidates per anchor instead of B;
-the backward pass all-reduces the gradient of the gathered embeddings (``raycmr.distributed``).
-This measures what that costs at 2 workers.
+With ``loss.global_negatives=true`` every worker all-gathers the image and text embeddings, group
+ids and row counts of all workers in one packed collective and computes the loss of the whole
+global batch (W*B anchors x W*B candidates), so that the backward needs no collective
+(``raycmr.distributed``). This measures what that costs at 2 workers.
 
 Default (and ``--small``): a 2-process gloo harness around ``CrossModalObjective``, like
 ``tests/test_gather_equivalence.py``: each process runs forward + backward + a flat all-reduce of
@@ -111,7 +111,8 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         name, overrides = MODELS[job["model"]]
-        cfg = load_config(name, overrides + [f"loss.kind={job['loss']}"])
+        cfg = load_config(name, overrides + [f"loss.kind={job['loss']}",
+                                             f"train.batch_size={job['batch']}"])
         torch.manual_seed(job["seed"])
         model = CrossModalObjective(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -308,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['step_ms_off']:.0f} ms)" for r in rows]
         summary.append(
             f"torch.distributed collectives per step: {rows[0]['collectives_off']} without the "
-            f"gather (the gradient all-reduce), {rows[0]['collectives_on']} with it (size "
-            "exchanges, embedding and group gathers, gradient all-reduces): at these sizes each "
+            f"gather (the gradient all-reduce), {rows[0]['collectives_on']} with it (the one "
+            "packed gather of embeddings, groups and sizes): at these sizes each "
             "is a latency-bound round trip between the processes")
         method = "harness"
     formats = {"fbc_on_over_off": ".3f", "step_on_over_off": ".3f", "on_over_off_time": ".3f",

@@ -34,7 +34,8 @@ except ImportError:  # `python benchmarks/run_all.py`
     from common import REPO_ROOT, RESULTS_DIR, _fmt, machine_info
 
 BENCH_DIR = REPO_ROOT / "benchmarks"
-BENCHMARKS = ["bench_ingest", "bench_train_overhead", "bench_global_negatives", "bench_index",
+BENCHMARKS = ["bench_ingest", "bench_train_overhead", "bench_global_negatives", "bench_validation",
+              "bench_index",
               "bench_gpu"]
 # bench_index (written before the result conventions grew titles and summaries)
 DEFAULT_COLUMNS = {

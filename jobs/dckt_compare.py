@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
               "train.torch_threads=1", f"model.num_classes={n_target}"]
 
     from raycmr.train.dckt import plan_dckt, run_dckt
-    from raycmr.train.trainer import train
+    from raycmr.train.run import train
 
     # both configs first, so that the two runs see the same code and config files
     dckt_cfg = load_config("dckt_wikipedia", common + ["train.name=dckt"] + args.overrides)

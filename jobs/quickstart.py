@@ -13,7 +13,7 @@ from pathlib import Path
 from raycmr.cli import evaluate_checkpoint
 from raycmr.config import load_config
 from raycmr.data.synthetic import write_synthetic_splits
-from raycmr.train.trainer import train
+from raycmr.train.run import train
 
 SHARDS = Path("out/quickstart/shards")
 

@@ -36,7 +36,7 @@ def _print_metrics(title: str, metrics: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raycmr.train.trainer import train
+    from raycmr.train.run import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)

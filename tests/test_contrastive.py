@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raycmr.distributed import GlobalBatch, local_batch
 from raycmr.losses.contrastive import infonce_loss, vse_loss
 
 
@@ -51,7 +52,7 @@ def infonce_reference(img, txt, groups, scale):
 def test_vse_matches_loop_reference(hardest, margin):
     img, txt = _emb(12, 8, 0), _emb(12, 8, 1)
     groups = torch.arange(12)
-    out = vse_loss(img, txt, groups=groups, margin=margin, hardest=hardest)
+    out = vse_loss(local_batch(img, txt, groups), margin=margin, hardest=hardest)
     ref = vse_reference(img, txt, groups.tolist(), margin, hardest)
     assert out.loss.item() == pytest.approx(ref, abs=1e-10)
     assert ref > 0
@@ -62,12 +63,12 @@ def test_vse_same_image_captions_are_not_negatives():
     groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4, 5])  # COCO-style: captions share an image
     img = img[groups]  # rows of the same image carry the same image embedding
     for hardest in (True, False):
-        out = vse_loss(img, txt, groups=groups, margin=0.2, hardest=hardest)
+        out = vse_loss(local_batch(img, txt, groups), margin=0.2, hardest=hardest)
         ref = vse_reference(img, txt, groups.tolist(), 0.2, hardest)
         assert out.loss.item() == pytest.approx(ref, abs=1e-10)
     # Without group info, same-image captions count as negatives and the loss differs.
-    assert vse_loss(img, txt, margin=0.2).loss.item() != pytest.approx(
-        vse_loss(img, txt, groups=groups, margin=0.2).loss.item())
+    assert vse_loss(local_batch(img, txt), margin=0.2).loss.item() != pytest.approx(
+        vse_loss(local_batch(img, txt, groups), margin=0.2).loss.item())
 
 
 def test_vse_mh_picks_hardest_negative_by_hand():
@@ -77,9 +78,9 @@ def test_vse_mh_picks_hardest_negative_by_hand():
     # anchor 0: pos 1, i2t neg s(i0,c1)=0.5 -> [0.2+0.5-1]_+ = 0; t2i neg s(i1,c0)=0 -> 0
     # anchor 1: pos s(i1,c1)=0.866; i2t neg s(i1,c0)=0 -> [0.2-0.866]_+=0;
     #           t2i neg s(i0,c1)=0.5 -> [0.2+0.5-0.866]_+ = 0
-    assert vse_loss(img, txt, margin=0.2).loss.item() == pytest.approx(0.0)
+    assert vse_loss(local_batch(img, txt), margin=0.2).loss.item() == pytest.approx(0.0)
     # margin 0.5: anchor 1 t2i = 0.5+0.5-0.8660 = 0.1340; anchor 0 i2t = 0.5+0.5-1 = 0
-    out = vse_loss(img, txt, margin=0.5)
+    out = vse_loss(local_batch(img, txt), margin=0.5)
     assert out.loss.item() == pytest.approx((1.0 - math.sqrt(3) / 2) / 2, abs=1e-12)
 
 
@@ -87,7 +88,7 @@ def test_infonce_matches_loop_reference():
     img, txt = _emb(9, 5, 4), _emb(9, 5, 5)
     groups = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4, 5])
     logit_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
-    out = infonce_loss(img, txt, logit_scale, groups=groups)
+    out = infonce_loss(local_batch(img, txt, groups), logit_scale)
     ref = infonce_reference(img, txt, groups.tolist(), 1 / 0.07)
     assert out.loss.item() == pytest.approx(ref, rel=1e-9)
 
@@ -97,10 +98,10 @@ def test_anchor_slice_with_global_candidates_equals_full_batch():
     average to the full-batch loss: the identity behind the multi-worker equivalence."""
     img, txt = _emb(8, 4, 6), _emb(8, 4, 7)
     groups = torch.arange(8)
-    full = vse_loss(img, txt, groups=groups, margin=0.2).loss
+    full = vse_loss(local_batch(img, txt, groups), margin=0.2).loss
     halves = [
-        vse_loss(img[s:s + 4], txt[s:s + 4], img_all=img, txt_all=txt, offset=s,
-                 groups=groups[s:s + 4], groups_all=groups, margin=0.2, denominator=8 / 2).loss
+        vse_loss(GlobalBatch(img, txt, groups, start=s, stop=s + 4, denominator=8 / 2),
+                 margin=0.2).loss
         for s in (0, 4)
     ]
     assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), abs=1e-12)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from raycmr.config import load_config
 from raycmr.data.schema import feature_shard_schema
 from raycmr.data.transforms import stable_hash63
+from raycmr.distributed import local_batch
 from raycmr.losses.contrastive import vse_loss
 from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
 from raycmr.losses.semantic import semantic_loss
@@ -54,7 +55,7 @@ def objective() -> DCKTObjective:
 def _reference_domain_loss(model: DualEncoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One domain's loss from a standalone DualEncoder and the loss functions themselves."""
     img, txt = model(batch)
-    con = vse_loss(img, txt, margin=0.2, hardest=True, groups=batch["group"]).loss
+    con = vse_loss(local_batch(img, txt, batch["group"]), margin=0.2, hardest=True).loss
     p_img = model.image_proj(model.image_tower(batch["image_feat"]))
     p_txt = model.text_proj(model.text_tower(batch["text_feat"]))
     sem = (semantic_loss(model.classifier(model.shared(p_img)), batch["label"])
@@ -194,7 +195,7 @@ def _run_config(root, storage):
 @pytest.mark.ray
 def test_two_round_dckt_run(ray_cluster, two_domains, tmp_path) -> None:
     from raycmr.train.dckt import load_source_model
-    from raycmr.train.trainer import train
+    from raycmr.train.run import train
 
     root, target_rows = two_domains
     result = train(_run_config(root, tmp_path / "runs"))

@@ -10,15 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raycmr.losses.adversary import grad_reverse, grl_lambda, modality_adversary_loss
 from raycmr.losses.dscmr import dscmr_loss
 from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
 from raycmr.losses.semantic import semantic_loss
-from raycmr.models.adversary import (
-    ModalityDiscriminator,
-    grad_reverse,
-    grl_lambda,
-    modality_adversary_loss,
-)
+from raycmr.models.adversary import ModalityDiscriminator
 
 # ----------------------------------------------------------------------------------------- GRL
 

@@ -58,13 +58,14 @@ from raycmr.data.domains import (
 from raycmr.data.paths import split_uri
 from raycmr.models.dual_encoder import DualEncoder
 from raycmr.train import checkpoint as ckpt
-from raycmr.train.dckt_loop import SOURCE_MODEL_FILE
 from raycmr.train.dckt_objective import source_model_config
 from raycmr.train.dckt_selection import (
     pair_average_precision,
     select_pairs,
     selection_probabilities,
 )
+from raycmr.train.tasks.dckt import SOURCE_MODEL_FILE
+from raycmr.train.trainer import absolute_storage_path, build_trainer, run_name
 
 
 @dataclass
@@ -259,21 +260,14 @@ def _write_selection(selection: Selection, root: str) -> str:
 
 
 def _storage_root(cfg: Config, name: str) -> str:
-    from raycmr.train.trainer import _storage_path
-
-    return f"{_storage_path(cfg.train.storage_path).rstrip('/')}/{name}"
+    return f"{absolute_storage_path(cfg.train.storage_path).rstrip('/')}/{name}"
 
 
 def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
                         keys: np.ndarray | None, resume_from: str):
-    """The TorchTrainer of one round: ``source`` and ``target`` (the selected ``keys``; None =
-    all pairs) split across workers, ``val`` whole on every worker."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raycmr.data.pipeline import build_dataset, count_rows
-    from raycmr.train.dckt_loop import dckt_loop_per_worker
-
+    """The TorchTrainer of one round (task ``dckt``, :mod:`raycmr.train.tasks.dckt`):
+    ``source`` and ``target`` (the selected ``keys``; None = all pairs) split across workers,
+    ``val`` sharded for validation."""
     t = cfg.train
     round_cfg = with_overrides(cfg, {"train.resume_from": resume_from})
     datasets = {
@@ -286,45 +280,24 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
     for split, n in rows.items():
         if n <= cfg.data.cache_train_rows:  # small: read and decode once, not once per epoch
             datasets[split] = datasets[split].materialize()
-    if cfg.data.val:
-        val = build_dataset(cfg.data.val, cfg.data, training=False)
-        if count_rows(cfg.data.val) <= cfg.eval.cache_val_rows:
-            val = val.materialize()  # small: decode once, not once per epoch and worker
-        datasets["val"] = val
-    loop_config = {
-        "cfg": round_cfg.to_dict(), "round": round_idx, "epochs": plan.round_epochs[round_idx],
-        "epochs_before": sum(plan.round_epochs[:round_idx]), "per_epoch": plan.per_epoch,
-        "total_steps": plan.total_steps,
+    task_params = {
+        "round": round_idx, "epochs_before": sum(plan.round_epochs[:round_idx]),
         "mmd_weight": 0.0 if round_idx == 0 else cfg.dckt.mmd_weight,
-        "source_classes": plan.source_classes,
-        "target_pairs": plan.target_rows if keys is None else len(keys),
+        "source_classes": plan.source_classes, "target_pairs": rows["target"],
     }
-    resources: dict[str, float] = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = 1
-    return TorchTrainer(
-        dckt_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=f"round{round_idx}", storage_path=root,
-            # keep the newest: the next round starts from this round's last checkpoint
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=t.num_to_keep if t.num_to_keep > 0 else None),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["source", "target"]),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-    )
+    loop = {"steps_per_epoch": plan.per_epoch, "epochs": plan.round_epochs[round_idx],
+            "epoch_offset": task_params["epochs_before"], "total_steps": plan.total_steps,
+            "seed_offset": 1000 * round_idx}
+    # keep the newest: the next round starts from this round's last checkpoint
+    return build_trainer(round_cfg, name=f"round{round_idx}", storage_path=root, task="dckt",
+                         task_params=task_params, datasets=datasets, loop=loop,
+                         keep_best=False)
 
 
 def run_dckt(cfg: Config, *, name: str | None = None) -> DCKTResult:
     """Round 0 (MMD off) then ``dckt.rounds`` transfer rounds; returns every round's record.
     Joins the Ray cluster of RAY_ADDRESS or starts a local one."""
     from raycmr.runtime import init_ray
-    from raycmr.train.trainer import run_name
 
     cfg, plan = plan_dckt(cfg)
     init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)

@@ -29,7 +29,8 @@ a linear softmax starts near uniform and learns slowly). The MMD and pairwise te
 gradients are averaged over workers like any data-parallel loss).
 
 Round 0 of the progressive schedule trains with ``w_mmd = 0`` (the domains only meet through the
-shared layers); the transfer rounds switch the MMD links on (:mod:`raycmr.train.dckt`).
+shared layers); the transfer rounds switch the MMD links on (:mod:`raycmr.train.dckt`; the per-worker side is
+the task :class:`raycmr.train.tasks.dckt.DCKTTask`).
 
 The module keeps the *target* model as ``encoder``: a complete :class:`DualEncoder` (target
 towers + projections, the shared layers, the target classifier), so that the trainer's export,
@@ -48,12 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycmr import distributed
 from raycmr.config import Config, ModelConfig
-from raycmr.losses.contrastive import infonce_loss, vse_loss
 from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
 from raycmr.losses.semantic import semantic_loss
 from raycmr.models.dual_encoder import DualEncoder
+from raycmr.train.objective import contrastive
 
 DOMAINS = ("src", "tgt")
 MEDIA_LAYERS = ("tower", "proj")
@@ -131,27 +131,15 @@ class DCKTObjective(nn.Module):
         state.update({f"shared.{k}": v for k, v in self.encoder.shared.state_dict().items()})
         return state
 
-    def _contrastive(self, img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor):
-        loss_cfg = self.cfg.loss
-        kwargs: dict = {"groups": groups}
-        if loss_cfg.global_negatives and distributed.world_size() > 1:
-            offset, total = distributed.rows_before_and_total(img.shape[0])
-            kwargs.update(img_all=distributed.all_gather_with_grad(img),
-                          txt_all=distributed.all_gather_with_grad(txt),
-                          groups_all=distributed.all_gather_no_grad(groups), offset=offset,
-                          denominator=total / distributed.world_size())
-        if loss_cfg.kind == "infonce":
-            return infonce_loss(img, txt, self.encoder.logit_scale, **kwargs).loss
-        return vse_loss(img, txt, margin=loss_cfg.margin, hardest=loss_cfg.kind == "vse_mh",
-                        **kwargs).loss
-
     def domain_losses(self, layers: dict[str, torch.Tensor], labels: torch.Tensor,
                       groups: torch.Tensor, classifier: nn.Module) -> dict[str, torch.Tensor]:
         """One domain's own losses: ``contrastive``, ``semantic``, ``pair`` (unweighted)."""
         img, txt = layers["img"], layers["txt"]
         out = {}
         if self.cfg.loss.kind != "none":
-            out["contrastive"] = self._contrastive(img, txt, groups)
+            out["contrastive"] = contrastive(self.cfg.loss, img, txt, groups,
+                                             self.encoder.logit_scale,
+                                             self.cfg.train.batch_size).loss
         out["semantic"] = (semantic_loss(classifier(layers["img_common"]), labels)
                            + semantic_loss(classifier(layers["txt_common"]), labels)) / 2.0
         out["pair"] = pairwise_constraint(F.normalize(layers["img_proj"], dim=-1),

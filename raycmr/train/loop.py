@@ -1,6 +1,19 @@
-"""The per-worker training loop run by Ray Train's TorchTrainer: a DeepSpeed engine over the
-cross-modal objective, fed by this worker's Ray Data stream; validation and a checkpoint each
-epoch through ``ray.train.report``."""
+"""The one per-worker training loop run by Ray Train's TorchTrainer, for every task.
+
+A DeepSpeed engine over the task's module, fed by this worker's Ray Data streams; each epoch:
+exactly ``steps_per_epoch * grad_accum`` micro-steps, then one reduction of the epoch's metrics,
+sharded validation and ``ray.train.report`` (with a checkpoint when due). What varies by model is
+the task (:mod:`raycmr.train.tasks`).
+
+Collectives. A micro-step makes only the task's own (the dual encoder: one packed gather of the
+global batch) and DeepSpeed's gradient all-reduce. The step count of an epoch is fixed on the
+driver: Ray Data's equal streaming split gives every worker ``rows // W`` rows, hence the same
+number of full batches; bad rows are dropped inside a batch (a shorter batch, which the packed
+gather handles), so a worker can only fall short when a whole batch was bad, and then it
+repeats its last batch (counted in ``repeated_batches``) instead of every worker agreeing before
+every step. ``samples_seen`` between reports is this worker's rows times ``W`` (what the GRL's
+``dynamic`` schedule reads); the exact count over workers is summed once per epoch.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +22,9 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import ray.data
@@ -20,10 +34,11 @@ import torch
 from raycmr import distributed
 from raycmr.config import Config, config_from_dict
 from raycmr.data.pipeline import iter_worker_batches
-from raycmr.evaluate.summary import embed_batches, evaluate_embeddings
 from raycmr.train import checkpoint as ckpt
 from raycmr.train.deepspeed_config import deepspeed_config
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.tasks import StepInfo, Task, make_task
+
+T = TypeVar("T")
 
 
 def steps_per_epoch(cfg: Config, train_rows: int) -> int:
@@ -33,36 +48,31 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     return max(micro // cfg.train.grad_accum, 0)
 
 
-def grl_lambda_now(cfg: Config, progress: float, samples_seen: int) -> float:
-    if not cfg.loss.grl.enabled:
-        return 0.0
-    from raycmr.models.adversary import grl_lambda
-
-    g = cfg.loss.grl
-    return grl_lambda(g.schedule, progress=progress, samples_seen=samples_seen, lambda_=g.lambda_,
-                      gamma=g.gamma, alpha=g.alpha, ramp_samples=g.ramp_samples)
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
-    out = {}
-    for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
-    return out
+def fixed_steps(items: Iterable[T], count: int, repeated: list[int]) -> Iterator[T]:
+    """Exactly ``count`` items of ``items``; if it runs short, its last item again (each repeat
+    adds 1 to ``repeated[0]``). Raises ValueError when ``items`` is empty but ``count`` is not."""
+    last = _NONE
+    iterator = iter(items)
+    for _ in range(count):
+        item = next(iterator, _NONE)
+        if item is _NONE:
+            if last is _NONE:
+                raise ValueError("this worker's training stream has no valid batch at all")
+            repeated[0] += 1
+            item = last
+        last = item
+        yield item
 
 
-def _export_state_dict(engine, cfg: Config) -> dict[str, torch.Tensor] | None:
-    """The full fp32 encoder state dict on rank 0 (ZeRO-3 params gathered from all ranks)."""
-    encoder = engine.module.encoder
-    gather = contextlib.nullcontext()
-    if cfg.train.zero_stage == 3:
-        import deepspeed
+_NONE: Any = object()
 
-        gather = deepspeed.zero.GatheredParameters(list(encoder.parameters()), modifier_rank=None)
-    with gather:
-        if distributed.rank() != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in encoder.state_dict().items()}
+
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Tensors (in nested dicts) onto ``device``; floating tensors cast to the engine's dtype."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, dtype) for k, v in batch.items()}
+    v = batch.to(device, non_blocking=True)
+    return v.to(dtype) if v.is_floating_point() else v
 
 
 def _restore(engine, cfg: Config) -> dict[str, Any]:
@@ -81,79 +91,98 @@ def _restore(engine, cfg: Config) -> dict[str, Any]:
     return client_state or {}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def _dataset_shard(name: str):
+    try:
+        return ray.train.get_dataset_shard(name)
+    except KeyError:  # Train V2 raises for a dataset the trainer was not given
+        return None
+
+
+def build_engine(task: Task, cfg: Config, total_steps: int):
+    """The DeepSpeed engine over the task's module (the process group already exists)."""
     import deepspeed
 
-    cfg = config_from_dict(loop_config["cfg"])
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    train_rows = int(loop_config["train_rows"])
-    if cfg.train.torch_threads > 0:
-        torch.set_num_threads(cfg.train.torch_threads)
-    torch.manual_seed(cfg.train.seed + distributed.rank())
-    np.random.seed(cfg.train.seed + distributed.rank())
-
-    world, rank = distributed.world_size(), distributed.rank()
-    per_epoch = steps_per_epoch(cfg, train_rows)
-    if per_epoch == 0:
-        raise ValueError(
-            f"{train_rows} training rows give no full batch for {world} workers x batch "
-            f"{cfg.train.batch_size}: lower train.batch_size or train.num_workers"
-        )
-    total_steps = per_epoch * cfg.train.epochs
-    if cfg.train.max_steps > 0:
-        total_steps = min(total_steps, cfg.train.max_steps)
-
-    model = CrossModalObjective(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    module = task.build_module()
+    params = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=deepspeed_config(cfg, total_steps),
+        model=module, model_parameters=params, config=deepspeed_config(cfg, total_steps),
         dist_init_required=False,
     )
+    return engine
+
+
+def train_step(engine, task: Task, batch: Any, info: StepInfo) -> dict[str, torch.Tensor]:
+    """One micro-step: the task's forward, DeepSpeed's backward and step (which steps the
+    optimizer every ``grad_accum`` micro-steps)."""
+    out = task.forward(engine, batch, info)
+    engine.backward(out["loss"])
+    engine.step()
+    return out
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """``loop_config``: ``cfg`` (dict), ``task`` + ``task_params``, ``steps_per_epoch``,
+    ``epochs`` (of this run), ``epoch_offset`` (epochs of earlier runs, DCKT rounds),
+    ``total_steps`` (the LR schedule's length; training stops there), ``inject_failure``."""
+    cfg = config_from_dict(loop_config["cfg"])
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    task = make_task(loop_config["task"], cfg, loop_config.get("task_params"))
+    if cfg.train.torch_threads > 0:
+        torch.set_num_threads(cfg.train.torch_threads)
+    world, rank = distributed.world_size(), distributed.rank()
+    seed = cfg.train.seed + int(loop_config.get("seed_offset", 0)) + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    per_epoch, total_steps = int(loop_config["steps_per_epoch"]), int(loop_config["total_steps"])
+    epochs, epoch_offset = int(loop_config["epochs"]), int(loop_config.get("epoch_offset", 0))
+    micro_per_epoch = per_epoch * cfg.train.grad_accum
+
+    engine = build_engine(task, cfg, total_steps)
     device = engine.device
     dtype = next(engine.module.parameters()).dtype
-
     state = _restore(engine, cfg)
-    start_epoch = int(state.get("epoch", 0))
+    start_epoch = task.first_epoch(state)
     samples_seen = int(state.get("samples_seen", 0))
+    history: list[dict[str, Any]] = list(state.get("history", []))
     # dropped-record counts: global totals of earlier runs (saved by rank 0) + this run's
     dropped_before: collections.Counter[str] = collections.Counter(state.get("dropped", {}))
     dropped_run: collections.Counter[str] = collections.Counter()
     if rank == 0 and state:
-        print(f"[raycmr] resumed at epoch {start_epoch}, step {engine.global_steps}")
+        print(f"[{task.log_name}] resumed at epoch {epoch_offset + start_epoch}, step "
+              f"{engine.global_steps}", flush=True)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    shards = {name: ray.train.get_dataset_shard(name) for name in task.train_splits}
+    val_shard = _dataset_shard("val")
+    task.setup(shards, seed)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, epochs):
         if engine.global_steps >= total_steps:
             break
         engine.train()
         sums: collections.defaultdict[str, float] = collections.defaultdict(float)
-        n_logged, window_rows, window_start, epoch_start = 0, 0, time.perf_counter(), time.time()
+        n_micro, local_rows, window_rows = 0, 0, 0
+        window_start, epoch_start = time.perf_counter(), time.time()
         dropped_epoch: collections.Counter[str] = collections.Counter()
-        batches = iter_worker_batches(
-            train_shard, cfg.train.batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
-            seed=cfg.train.seed + epoch * 1000 + rank, drop_last=True,
-        )
-        for micro, (batch, dropped) in enumerate(distributed.while_all_have(batches)):
+        repeated = [0]
+        for batch, dropped in fixed_steps(task.batches(shards, epoch, seed), micro_per_epoch,
+                                          repeated):
             dropped_epoch.update(dropped)
-            progress = engine.global_steps / max(total_steps, 1)
-            lam = grl_lambda_now(cfg, progress, samples_seen)
-            out = engine(_to_device(batch, device, dtype), grl_lambda=lam)
-            engine.backward(out["loss"])
-            engine.step()
-            rows = int(batch["group"].shape[0])
-            samples_seen += int(distributed.all_reduce_sum(rows)) if world > 1 else rows
+            info = StepInfo(epoch_offset + epoch, engine.global_steps, total_steps,
+                            samples_seen + local_rows * world)
+            out = train_step(engine, task, to_device(batch, device, dtype), info)
+            rows = task.rows(batch)
+            local_rows += rows
             window_rows += rows
-            for k, v in out.items():
-                sums[k] += float(v)
-            n_logged += 1
-            if (micro + 1) % cfg.train.grad_accum == 0 and engine.global_steps % cfg.train.log_every == 0:
+            parts = {k: float(v) for k, v in out.items()}
+            for k, v in parts.items():
+                sums[k] += v
+            n_micro += 1
+            if n_micro % cfg.train.grad_accum == 0 and engine.global_steps % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 if rank == 0:
-                    line = {k: round(float(v), 4) for k, v in out.items()}
-                    print(f"[raycmr] epoch {epoch} step {engine.global_steps}/{total_steps} "
-                          f"lr {engine.get_lr()[0]:.2e} grl_lambda {lam:.3f} "
+                    line = {k: round(v, 4) for k, v in parts.items()}
+                    print(f"[{task.log_name}] epoch {epoch_offset + epoch + 1} step "
+                          f"{engine.global_steps}/{total_steps} lr {engine.get_lr()[0]:.2e} "
                           f"samples/s {window_rows * world / max(elapsed, 1e-9):.1f} "
                           f"dropped {dict(dropped_epoch)} {line}", flush=True)
                 window_rows, window_start = 0, time.perf_counter()
@@ -162,24 +191,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
 
         epoch_time = time.time() - epoch_start
-        dropped_run.update(dropped_epoch)
-        dropped_all = collections.Counter(distributed.sum_counters(dropped_run)) + dropped_before
-        metrics: dict[str, Any] = {f"train_{k}": distributed.all_reduce_mean(v / max(n_logged, 1))
-                                   for k, v in sorted(sums.items())}
+        # the epoch's one reduction: metric parts, rows, repeats and dropped records by reason
+        parts_all = distributed.gather_objects(
+            ({k: v / max(n_micro, 1) for k, v in sums.items()}, local_rows, repeated[0],
+             dict(dropped_epoch)))
+        rows_epoch = sum(p[1] for p in parts_all)
+        samples_seen += rows_epoch
+        dropped_run.update(distributed.merge_counts(p[3] for p in parts_all))
+        dropped_all = dropped_run + dropped_before
+        metrics: dict[str, Any] = {
+            f"train_{k}": sum(p[0].get(k, 0.0) for p in parts_all) / world
+            for k in sorted(sums)}
         metrics.update(
-            epoch=epoch + 1, step=engine.global_steps, samples_seen=samples_seen,
+            epoch=epoch_offset + epoch + 1, step=engine.global_steps, samples_seen=samples_seen,
             lr=float(engine.get_lr()[0]), epoch_time_s=epoch_time,
-            samples_per_s=samples_seen_epoch(n_logged, cfg, world) / max(epoch_time, 1e-9),
+            samples_per_s=rows_epoch / max(epoch_time, 1e-9),
+            repeated_batches=sum(p[2] for p in parts_all),
             dropped_records=sum(dropped_all.values()),
             **{f"dropped_{r}": c for r, c in sorted(dropped_all.items())},
         )
-        metrics.update(validate(engine, val_shard, cfg, device, dtype))
+        metrics.update(task.epoch_metrics(epoch + 1))
+        metrics.update(validate(engine, task, val_shard, cfg, device, dtype))
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        client_state = {"epoch": epoch_offset + epoch + 1, "samples_seen": samples_seen,
+                        "dropped": dict(dropped_all), "history": history,
+                        **task.client_state(epoch + 1)}
         save_now = (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or \
-            epoch + 1 == cfg.train.epochs or engine.global_steps >= total_steps
-        client_state = {"epoch": epoch + 1, "samples_seen": samples_seen,
-                        "dropped": dict(dropped_all)}
+            epoch + 1 == epochs or engine.global_steps >= total_steps
         if save_now:
-            report_with_checkpoint(engine, cfg, metrics, client_state)
+            report_with_checkpoint(engine, task, cfg, metrics, client_state)
         else:
             ray.train.report(metrics)
 
@@ -195,34 +235,51 @@ def _maybe_inject_failure(spec: dict[str, Any] | None, step: int) -> None:
         raise RuntimeError(f"injected worker failure at step {step}")
 
 
-def samples_seen_epoch(micro_batches: int, cfg: Config, world: int) -> int:
-    return micro_batches * cfg.train.batch_size * world
+def _export(engine, task: Task, cfg: Config):
+    """The task's DeepSpeed-free weights on rank 0, ``(None, {})`` elsewhere (ZeRO-3 parameters
+    gathered from all ranks first)."""
+    module = engine.module
+    gather = contextlib.nullcontext()
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gather:
+        if distributed.rank() != 0:
+            return None, {}
+        return task.export(module)
 
 
-def report_with_checkpoint(engine, cfg: Config, metrics: dict[str, Any],
+def report_with_checkpoint(engine, task: Task, cfg: Config, metrics: dict[str, Any],
                            client_state: dict[str, Any]) -> None:
-    state_dict = _export_state_dict(engine, cfg)
+    """DeepSpeed state (``ds/``) + the DeepSpeed-free export (``model.pt``, config, state, and
+    the task's extra files) in one checkpoint, reported to Ray Train."""
+    model_state, extra = _export(engine, task, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(os.path.join(tmp, ckpt.DS_DIR), tag=ckpt.DS_TAG,
                                client_state=client_state)
-        if state_dict is not None:
-            ckpt.write_export(tmp, state_dict, cfg,
+        if model_state is not None:
+            ckpt.write_export(tmp, model_state, cfg,
                               {**client_state, "step": engine.global_steps, "metrics": metrics})
+            for name, state in extra.items():
+                torch.save(state, os.path.join(tmp, name))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 @torch.no_grad()
-def validate(engine, val_shard, cfg: Config, device, dtype) -> dict[str, float]:
-    """R@K both ways (and mAP when labels exist) on the whole validation set. Every rank embeds
-    the full set, so that ZeRO-3's parameter gathering sees the same forward calls everywhere."""
+def validate(engine, task: Task, val_shard, cfg: Config, device, dtype) -> dict[str, float]:
+    """The task's validation metrics; each rank runs its share of the validation batches
+    (:func:`raycmr.distributed.sharded_map`; under ZeRO-3 with equal forward counts)."""
     if val_shard is None:
         return {}
     engine.eval()
-    encoder = engine.module.encoder
-    batches = (_to_device(b, device, dtype) for b, _ in iter_worker_batches(
-        val_shard, cfg.eval.batch_size, shuffle_buffer=0, seed=0, drop_last=False))
-    emb = embed_batches(encoder, batches)
+
+    def shard_map(fn):
+        batches = (b for b, _ in iter_worker_batches(
+            val_shard, cfg.eval.batch_size, shuffle_buffer=0, seed=0, drop_last=False))
+        return distributed.sharded_map(batches, lambda b: fn(to_device(b, device, dtype)),
+                                       equal_calls=cfg.train.zero_stage == 3)
+
+    metrics = task.validate(engine.module, shard_map)
     engine.train()
-    if emb["img"].shape[0] == 0:
-        return {}
-    return {f"val_{k}": v for k, v in evaluate_embeddings(emb).items()}
+    return metrics

@@ -4,9 +4,13 @@
       + (w_common * J_common + alpha * J_label + beta * J_invariance)     [DSCMR]
       + w_d * L_distill(local batch, frozen reranker as teacher)          [Miech et al. 2021]
 
-The contrastive part sees every worker's embeddings (gathered with gradient) unless
-``loss.global_negatives`` is off; the other parts are per-worker means (their gradients are
-averaged over workers by the optimizer, like any data-parallel loss).
+The contrastive part sees every worker's embeddings (one packed gather,
+:func:`raycmr.distributed.gather_global_batch`) unless ``loss.global_negatives`` is off; the
+other parts are per-worker means (their gradients are averaged over workers by the optimizer,
+like any data-parallel loss).
+
+Plain PyTorch (DeepSpeed wraps it in :mod:`raycmr.train.loop`); the task that trains it is
+:class:`raycmr.train.tasks.dual_encoder.DualEncoderTask`.
 """
 
 from __future__ import annotations
@@ -15,9 +19,21 @@ import torch
 from torch import nn
 
 from raycmr import distributed
-from raycmr.config import Config
-from raycmr.losses.contrastive import infonce_loss, vse_loss
+from raycmr.config import Config, LossConfig
+from raycmr.losses.contrastive import ContrastiveOutput, contrastive_loss
 from raycmr.models.dual_encoder import DualEncoder
+
+
+def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
+                groups: torch.Tensor, logit_scale: torch.Tensor, pad_rows: int
+                ) -> ContrastiveOutput:
+    """``loss.kind`` over the global batch of every worker (``loss.global_negatives``, one
+    packed gather padded to ``pad_rows``) or over this worker's batch."""
+    if loss_cfg.global_negatives and distributed.world_size() > 1:
+        batch = distributed.gather_global_batch(img, txt, groups, pad_rows)
+    else:
+        batch = distributed.local_batch(img, txt, groups)
+    return contrastive_loss(loss_cfg.kind, batch, margin=loss_cfg.margin, logit_scale=logit_scale)
 
 
 def load_teacher(cfg: Config) -> nn.Module:
@@ -75,21 +91,6 @@ class CrossModalObjective(nn.Module):
         fast = self.encoder.logit_scale.exp() * (txt @ img.t())
         return distillation_loss(fast, slow, self.cfg.loss.distill.temperature)
 
-    def contrastive(self, img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor):
-        loss_cfg = self.cfg.loss
-        kwargs: dict = {"groups": groups}
-        if loss_cfg.global_negatives and distributed.world_size() > 1:
-            img_all = distributed.all_gather_with_grad(img)
-            txt_all = distributed.all_gather_with_grad(txt)
-            groups_all = distributed.all_gather_no_grad(groups)
-            offset, total = distributed.rows_before_and_total(img.shape[0])
-            kwargs.update(img_all=img_all, txt_all=txt_all, groups_all=groups_all, offset=offset,
-                          denominator=total / distributed.world_size())
-        if loss_cfg.kind == "infonce":
-            return infonce_loss(img, txt, self.encoder.logit_scale, **kwargs)
-        return vse_loss(img, txt, margin=loss_cfg.margin, hardest=loss_cfg.kind == "vse_mh",
-                        **kwargs)
-
     def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0):
         """Returns a dict: ``loss`` (the total, with grad) and detached parts for logging."""
         loss_cfg = self.cfg.loss
@@ -97,12 +98,13 @@ class CrossModalObjective(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = img.new_zeros(())
         if loss_cfg.kind != "none":
-            out = self.contrastive(img, txt, batch["group"])
+            out = contrastive(loss_cfg, img, txt, batch["group"], self.encoder.logit_scale,
+                              self.cfg.train.batch_size)
             total = total + loss_cfg.weight * out.loss
             parts.update(contrastive=out.loss.detach(), hardest_neg_sim=out.hardest_neg_sim,
                          pos_sim=out.pos_sim)
         if self.discriminator is not None:
-            from raycmr.models.adversary import modality_adversary_loss
+            from raycmr.losses.adversary import modality_adversary_loss
 
             adv, acc = modality_adversary_loss(self.discriminator, img, txt, grl_lambda)
             total = total + loss_cfg.grl.weight * adv

@@ -1,0 +1,120 @@
+"""The task interface: what varies between the models the one training engine trains.
+
+The engine (:mod:`raycmr.train.loop` per worker, :mod:`raycmr.train.trainer` on the driver) owns
+everything every model needs: seeding, the DeepSpeed engine, restore from a checkpoint, a step
+count per epoch fixed on the driver (no per-step agreement between workers), backward + step,
+the log line, the once-per-epoch reduction of metrics and dropped-record counts, sharded
+validation, the checkpoint (DeepSpeed state + a DeepSpeed-free export) and ``ray.train.report``.
+A task (open_clip's task pattern) says the rest:
+
+- ``build_module()``: the ``nn.Module`` DeepSpeed wraps (every trainable part of the model);
+- ``setup(shards)``: per-worker preparation once the engine is restored (e.g. DCKT reads its
+  small target split into memory);
+- ``batches(shards, epoch, seed)``: this worker's micro-batches of one epoch as
+  ``(batch, dropped)`` pairs; ``batch`` is a dict of tensors (nested dicts allowed: DCKT pairs a
+  source and a target batch); the engine moves it to the device and runs exactly
+  ``steps_per_epoch * grad_accum`` of them;
+- ``forward(engine, batch, step)``: the loss (key ``loss``, with grad) and named detached metric
+  parts of one micro-batch; it calls ``engine(...)`` so that DeepSpeed sees the forward;
+- ``rows(batch)``: training pairs in a batch (throughput and ``samples_seen``);
+- ``validate(module, shard_map)``: the validation metrics (``val_*``, on rank 0; ``{}`` on the
+  others). ``shard_map(fn)`` runs ``fn(batch) -> dict of row-aligned tensors`` on this worker's
+  share of the validation batches and returns, on rank 0, every batch's result in the order
+  of the whole set (a single process would produce the same). What the metric is - retrieval
+  R@K/mAP of the dual encoder's embeddings, or text->image R@1 after re-ranking a fast model's
+  top-K with a slow model - is the task's choice;
+- ``export(module)``: the DeepSpeed-free weights on rank 0: the state dict written as
+  ``model.pt`` (with config and state, :func:`raycmr.train.checkpoint.write_export`) and extra
+  ``{file name: state dict}`` files;
+- ``first_epoch(state)``, ``client_state()``, ``epoch_metrics()``: what the task keeps in the
+  checkpoint's client state and adds to each epoch's report.
+
+A task is built on every worker from the config and a small JSON-able ``params`` dict the driver
+computed (e.g. DCKT's round and MMD weight). Register a new one in
+:data:`raycmr.train.tasks.TASKS` and start it with
+``build_trainer(cfg, task=NAME, task_params=..., datasets=...)``; the loop does not change.
+"""
+
+from __future__ import annotations
+
+import collections
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from raycmr.config import Config
+
+Batch = dict[str, Any]
+ShardMap = Callable[[Callable[[Batch], dict[str, torch.Tensor]]], "list[dict[str, Any]] | None"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training stands at a micro-step (``samples_seen``: all workers, estimated from
+    this worker's rows between the exact once-per-epoch sums)."""
+
+    epoch: int
+    step: int
+    total_steps: int
+    samples_seen: int
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(self.total_steps, 1)
+
+
+class Task(ABC):
+    """One kind of model the training engine trains (module docstring)."""
+
+    #: the Ray Data datasets this task reads with ``batches`` (split across workers)
+    train_splits: tuple[str, ...] = ("train",)
+    #: the log line's prefix
+    log_name: str = "raycmr"
+
+    def __init__(self, cfg: Config, params: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.params = params
+
+    @abstractmethod
+    def build_module(self) -> nn.Module: ...
+
+    def setup(self, shards: dict[str, Any], seed: int) -> None:
+        """Per-worker preparation after restore (default: nothing)."""
+
+    @abstractmethod
+    def batches(self, shards: dict[str, Any], epoch: int, seed: int
+                ) -> Iterator[tuple[Batch, collections.Counter[str]]]: ...
+
+    @abstractmethod
+    def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def rows(self, batch: Batch) -> int: ...
+
+    @abstractmethod
+    def validate(self, module: nn.Module, shard_map: ShardMap) -> dict[str, float]: ...
+
+    @abstractmethod
+    def export(self, module: nn.Module
+               ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]: ...
+
+    def first_epoch(self, state: dict[str, Any]) -> int:
+        """The epoch to start at, from a restored checkpoint's client state ({} when fresh)."""
+        return int(state.get("epoch", 0))
+
+    def client_state(self, run_epoch: int) -> dict[str, Any]:
+        """Extra client state saved with the checkpoint after ``run_epoch`` epochs of this run."""
+        return {}
+
+    def epoch_metrics(self, run_epoch: int) -> dict[str, Any]:
+        """Extra metrics of the report after ``run_epoch`` epochs of this run."""
+        return {}
+
+
+def state_dict_fp32(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU float32 copy of ``module``'s state dict (call inside ZeRO-3's parameter gather)."""
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
