@@ -28,8 +28,6 @@ temporary directory). ``route_prefix`` is applied by whoever runs the applicatio
 # No `from __future__ import annotations` here: FastAPI reads the request model from the route
 # methods' annotations at runtime, and Serve's ingress wrapper cannot resolve string annotations.
 import collections
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +40,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from raycmr import artifacts
 from raycmr.config import ConfigError, ServeConfig, config_from_dict
 
 APP_NAME = "raycmr"
-RERANKER_SUBDIR = "reranker"
-INDEX_FILES = ("index.faiss", "ids.parquet", "meta.json", "gallery.json", "rerank_feats.npy")
-CHECKPOINT_FILES = ("model.pt", "config.yaml")
+RERANKER_SUBDIR, INDEX_FILES = artifacts.RERANKER_SUBDIR, artifacts.INDEX_FILES
+CHECKPOINT_FILES = artifacts.CHECKPOINT_FILES
 EXTRA_ARGS: dict[str, Any] = {"reranker": "", "max_batch_size": 16,
                               "batch_wait_timeout_s": 0.01, "use_gpu": False}
 
@@ -55,57 +53,10 @@ EXTRA_ARGS: dict[str, Any] = {"reranker": "", "max_batch_size": 16,
 # ------------------------------------------------------------------------------ paths and args
 
 
-def _split(uri: str):
-    from raycmr.data.paths import ShardReadError, split_uri
-
-    try:
-        fs, path, _ = split_uri(uri)
-    except ShardReadError as exc:
-        raise ConfigError(str(exc)) from None
-    return fs, path
-
-
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def _join(uri: str, name: str) -> str:
-    return uri.rstrip("/") + "/" + name
-
-
-def _exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = _split(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def _read_text(uri: str) -> str:
-    fs, path = _split(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode("utf-8")
-
-
-def _require(uri: str, files: tuple[str, ...], what: str, fix: str) -> None:
-    if not _exists(uri):
-        raise ConfigError(f"{what} '{uri}' does not exist; {fix}")
-    missing = [f for f in files if not _exists(_join(uri, f))]
-    if missing:
-        raise ConfigError(f"{what} '{uri}' is missing {', '.join(missing)}; {fix}")
-
-
-def local_dir(uri: str) -> Path:
-    """A local directory holding ``uri``'s files: the path itself, or a fresh copy of a remote
-    directory (``s3://``, ``gs://``) in a temporary directory."""
-    if not _is_remote(uri):
-        return Path(uri.removeprefix("file://")).expanduser()
-    import pyarrow.fs as pafs
-
-    fs, path = _split(uri)
-    dest = Path(tempfile.mkdtemp(prefix="raycmr-serve-"))
-    pafs.copy_files(path, str(dest), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem())
-    return dest
+# Locations (local paths or object-store URIs) are read through raycmr.artifacts.
+_is_remote, _join, _exists, _read_text = (artifacts.is_remote, artifacts.join, artifacts.exists,
+                                          artifacts.read_text)
+_require, local_dir = artifacts.require, artifacts.local_dir
 
 
 @dataclass
@@ -150,13 +101,11 @@ def _resolve_checkpoint(uri: str) -> str:
     if _is_remote(uri):
         _require(uri, CHECKPOINT_FILES, "checkpoint", "give a checkpoint dir written by training")
         return uri
-    from raycmr.train.checkpoint import find_checkpoint_dir
-
     path = Path(uri.removeprefix("file://")).expanduser()
     if not path.exists():
         raise ConfigError(f"checkpoint '{uri}' does not exist; give a checkpoint dir (holding "
                           "model.pt) or a run dir")
-    return str(find_checkpoint_dir(path))
+    return artifacts.find_checkpoint(path)
 
 
 def plan_app(args: dict[str, Any]) -> ServePlan:
@@ -178,14 +127,14 @@ def plan_app(args: dict[str, Any]) -> ServePlan:
         raise ConfigError("serve args max_batch_size must be > 0 and batch_wait_timeout_s >= 0")
 
     checkpoint = _resolve_checkpoint(serve_cfg.checkpoint)
-    cfg = config_from_dict(yaml.safe_load(_read_text(_join(checkpoint, "config.yaml"))))
+    cfg = artifacts.read_config(checkpoint)
     index_path = serve_cfg.index_path
     if not index_path:
         raise ConfigError("serve arg 'index_path' is empty: build one with `raycmr index`")
     _require(index_path, INDEX_FILES, "index directory",
              "build one with `raycmr index --checkpoint CKPT --out DIR`")
-    meta = json.loads(_read_text(_join(index_path, "meta.json")))
-    gallery = json.loads(_read_text(_join(index_path, "gallery.json")))
+    meta = artifacts.read_index_meta(index_path)
+    gallery = artifacts.read_gallery(index_path)
     from raycmr.models.dual_encoder import retrieval_dim
 
     dim = retrieval_dim(cfg.model)
@@ -316,10 +265,8 @@ class QueryEncoder:
 
     def __init__(self, plan: ServePlan):
         from raycmr.data.text import load_text_encoder
-        from raycmr.train.checkpoint import load_exported
-
         self.device = _device(plan.use_gpu)
-        model, cfg = load_exported(local_dir(plan.checkpoint))
+        model, cfg = artifacts.load_exported(plan.checkpoint)
         self.model = model.to(self.device).eval()
         self.features = plan.query_input == "text_feat"
         self.max_len = cfg.data.max_text_len
@@ -345,9 +292,9 @@ class Retriever:
     """FAISS inner-product search over the gallery: embedding -> top_k (row, id, score)."""
 
     def __init__(self, plan: ServePlan):
-        from raycmr.evaluate.index import load_index
+        from raycmr.index.faiss_index import load_index
 
-        self.index, self.ids = load_index(local_dir(plan.index_path))
+        self.index, self.ids = load_index(plan.index_path)
         self.top_k = plan.top_k
         self.search.set_max_batch_size(plan.max_batch_size)
         self.search.set_batch_wait_timeout_s(plan.batch_wait_timeout_s)
@@ -356,7 +303,7 @@ class Retriever:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def search(self, embeddings: list[np.ndarray]) -> list[list[tuple[int, str, float]]]:
         """One embedding per request -> its hits, best first (missing slots dropped)."""
-        from raycmr.evaluate.index import search
+        from raycmr.index.faiss_index import search
 
         self.stats.add(len(embeddings))
         scores, rows = search(self.index, np.stack(embeddings), self.top_k)
@@ -374,20 +321,11 @@ class Reranker:
 
     def __init__(self, plan: ServePlan):
         from raycmr.data.text import load_text_encoder
-        from raycmr.index_build import RERANK_FEATS_FILE
         from raycmr.models.reranker import load_reranker
 
         self.device = _device(plan.use_gpu)
         self.model = load_reranker(local_dir(plan.reranker)).to(self.device).eval()
-        if _is_remote(plan.index_path):
-            fs, path = _split(_join(plan.index_path, RERANK_FEATS_FILE))
-            dest = Path(tempfile.mkdtemp(prefix="raycmr-serve-")) / RERANK_FEATS_FILE
-            with fs.open_input_stream(path) as src, open(dest, "wb") as out:
-                out.write(src.read())
-            feats_path = dest
-        else:
-            feats_path = local_dir(plan.index_path) / RERANK_FEATS_FILE
-        self.feats = np.load(feats_path, mmap_mode="r")
+        self.feats = artifacts.read_rerank_feats(plan.index_path)
         self.features = self.model.cfg.query == "features"
         self.tokenize = None if self.features else load_text_encoder(plan.tokenizer)
         self.score.set_max_batch_size(plan.max_batch_size)

@@ -27,7 +27,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from raycmr import distributed
+from raycmr import artifacts, distributed
 from raycmr.config import Config, config_from_dict
 from raycmr.data.pipeline import iter_worker_batches
 from raycmr.train import checkpoint as ckpt
@@ -110,8 +110,8 @@ def report_with_checkpoint(engine, cfg: Config, metrics: dict[str, Any],
         engine.save_checkpoint(os.path.join(tmp, ckpt.DS_DIR), tag=ckpt.DS_TAG,
                                client_state=client_state)
         if enc is not None:
-            ckpt.write_export(tmp, enc, cfg,
-                              {**client_state, "step": engine.global_steps, "metrics": metrics})
+            artifacts.write_export(tmp, enc, cfg,
+                                   {**client_state, "step": engine.global_steps, "metrics": metrics})
             torch.save(src, os.path.join(tmp, SOURCE_MODEL_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

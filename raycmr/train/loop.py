@@ -17,10 +17,11 @@ import ray.data
 import ray.train
 import torch
 
-from raycmr import distributed
+from raycmr import artifacts, distributed
 from raycmr.config import Config, config_from_dict
 from raycmr.data.pipeline import iter_worker_batches
-from raycmr.evaluate.summary import embed_batches, evaluate_embeddings
+from raycmr.evaluate.embedding import embed_batches
+from raycmr.evaluate.summary import evaluate_embeddings
 from raycmr.train import checkpoint as ckpt
 from raycmr.train.deepspeed_config import deepspeed_config
 from raycmr.train.objective import CrossModalObjective
@@ -70,7 +71,7 @@ def _restore(engine, cfg: Config) -> dict[str, Any]:
     ``train.resume_from``. Returns the saved client state ({} when starting fresh)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.train.resume_from:
-        checkpoint = ray.train.Checkpoint(str(ckpt.find_checkpoint_dir(cfg.train.resume_from)))
+        checkpoint = ray.train.Checkpoint(str(artifacts.find_checkpoint(cfg.train.resume_from)))
     if checkpoint is None:
         return {}
     with checkpoint.as_directory() as directory:
@@ -206,8 +207,8 @@ def report_with_checkpoint(engine, cfg: Config, metrics: dict[str, Any],
         engine.save_checkpoint(os.path.join(tmp, ckpt.DS_DIR), tag=ckpt.DS_TAG,
                                client_state=client_state)
         if state_dict is not None:
-            ckpt.write_export(tmp, state_dict, cfg,
-                              {**client_state, "step": engine.global_steps, "metrics": metrics})
+            artifacts.write_export(tmp, state_dict, cfg,
+                                   {**client_state, "step": engine.global_steps, "metrics": metrics})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
