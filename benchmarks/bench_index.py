@@ -46,7 +46,7 @@ except ImportError:  # `python benchmarks/bench_index.py`
     from common import print_table, set_threads, time_interleaved, write_result
 
 from raycmr.config import IndexConfig
-from raycmr.evaluate.index import build_index, clamp_nlist, recall_at_k, search
+from raycmr.index.faiss_index import build_index, clamp_nlist, recall_at_k, search
 
 NAME = "bench_index"
 

@@ -36,7 +36,8 @@ except ImportError:  # `python benchmarks/bench_validation.py`
 
 from raycmr import distributed
 from raycmr.config import load_config
-from raycmr.evaluate.summary import embed_batches, evaluate_embeddings
+from raycmr.evaluate.embedding import embed_batches
+from raycmr.evaluate.summary import evaluate_embeddings
 from raycmr.models.dual_encoder import DualEncoder
 from raycmr.train.tasks.dual_encoder import validate_retrieval
 

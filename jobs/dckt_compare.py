@@ -39,9 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raycmr.cli import evaluate_checkpoint
 from raycmr.config import load_config
 from raycmr.data.writers import write_wikipedia_shards
+from raycmr.evaluate.checkpoint import evaluate_checkpoint
 
 OUT = Path("out/dckt_compare")
 DEFAULT_WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikipedia"

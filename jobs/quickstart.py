@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from raycmr.cli import evaluate_checkpoint
 from raycmr.config import load_config
 from raycmr.data.synthetic import write_synthetic_splits
+from raycmr.evaluate.checkpoint import evaluate_checkpoint
 from raycmr.train.run import train
 
 SHARDS = Path("out/quickstart/shards")

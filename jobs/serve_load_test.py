@@ -33,12 +33,12 @@ def build_service_files(root: Path, n_images: int) -> tuple[Path, Path, np.ndarr
     import pyarrow.parquet as pq
     import torch
 
+    from raycmr.artifacts import write_export
     from raycmr.config import config_from_dict
     from raycmr.data.schema import feature_shard_schema
-    from raycmr.index_build import build_gallery_index
+    from raycmr.index.gallery import build_gallery_index
     from raycmr.models.dual_encoder import DualEncoder
     from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig, save_reranker
-    from raycmr.train.checkpoint import write_export
 
     rng = np.random.default_rng(0)
     image = rng.standard_normal((n_images, IMAGE_DIM)).astype(np.float32)

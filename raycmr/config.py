@@ -25,11 +25,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "images"  # "images" (encoded image bytes + captions) or "features" (vectors)
+    kind: Literal["images", "features"] = "images"  # "images" (encoded image bytes + captions) or "features" (vectors)
     train: list[str] = field(default_factory=list)  # shard files/dirs/globs; local or s3:// gs://
     val: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
-    format: str = "auto"  # "parquet", "webdataset" or "auto" (by file extension)
+    format: Literal["auto", "parquet", "webdataset"] = "auto"  # "parquet", "webdataset" or "auto" (by file extension)
     image_size: int = 64
     augment: bool = True  # random crop + flip on training images
     tokenizer: str = "minilm"  # "minilm" (offline package) or a local path / hub id
@@ -41,18 +41,18 @@ class DataConfig:
     cache_train_rows: int = 0
     # Ray Data's Parquet read path: "v1" (ParquetDatasource: 16x faster start in
     # benchmarks/bench_ingest.py on Ray 2.60), "v2" (Ray 2.60's default) or "ray_default".
-    parquet_reader: str = "v1"
+    parquet_reader: Literal["v1", "v2", "ray_default"] = "v1"
 
 
 @dataclass
 class TowerConfig:
-    kind: str = "hf_config"  # "hf_config" (random init), "hf_pretrained", "minilm" or "mlp"
+    kind: Literal["hf_config", "hf_pretrained", "minilm", "mlp"] = "hf_config"  # "hf_config" (random init), "hf_pretrained", "minilm" or "mlp"
     name_or_path: str = ""  # for hf_pretrained
     hf_config: dict[str, Any] = field(default_factory=dict)  # for hf_config: includes model_type
     input_dim: int = 0  # for mlp
     hidden_dims: list[int] = field(default_factory=lambda: [512])  # for mlp
     dropout: float = 0.0
-    input_norm: str = "none"  # mlp: "none", "layernorm" or "batchnorm" on the input vector
+    input_norm: Literal["none", "layernorm", "batchnorm"] = "none"  # mlp: "none", "layernorm" or "batchnorm" on the input vector
     freeze: bool = False
 
 
@@ -65,7 +65,7 @@ class ModelConfig:
     num_classes: int = 0  # DSCMR linear classifier on the common space (0 = none)
     # Where retrieval ranks (evaluation, index, serving): "common" = cosine in the common space;
     # "label" = P(same class) from the classifier's posteriors (needs num_classes)
-    retrieval_space: str = "common"
+    retrieval_space: Literal["common", "label"] = "common"
     label_temperature: float = 1.0  # softmax temperature of the label-space posteriors
 
 
@@ -73,7 +73,7 @@ class ModelConfig:
 class GRLConfig:
     enabled: bool = False
     weight: float = 1.0
-    schedule: str = "dann"  # "constant", "dann" or "dynamic"
+    schedule: Literal["constant", "dann", "dynamic"] = "dann"  # "constant", "dann" or "dynamic"
     lambda_: float = 1.0  # constant schedule value
     gamma: float = 10.0  # DANN schedule steepness
     alpha: float = 1.0  # ceiling of the lambda schedules
@@ -99,7 +99,7 @@ class DistillConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "vse_mh"  # "vse_mh", "vse_sh", "infonce" or "none"
+    kind: Literal["vse_mh", "vse_sh", "infonce", "none"] = "vse_mh"  # "vse_mh", "vse_sh", "infonce" or "none"
     weight: float = 1.0
     margin: float = 0.2
     temperature: float = 0.07  # InfoNCE initial temperature (learnable)
@@ -137,8 +137,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    zero_stage: int = 0
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"
     log_every: int = 10
     checkpoint_every_epochs: int = 1
     num_to_keep: int = 2
@@ -152,9 +152,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "test"  # "val" or "test"
+    split: Literal["val", "test"] = "test"  # what `raycmr eval` evaluates by default
     batch_size: int = 256
-    metric: str = "rsum"  # validation metric for model selection: "rsum" or "map"
+    metric: Literal["rsum", "map"] = "rsum"  # validation metric for model selection: "rsum" or "map"
     cache_val_rows: int = 20_000  # decode the validation set once when it has at most this many
 
 
@@ -163,8 +163,8 @@ class TuneConfig:
     space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 8
     max_concurrent: int = 2
-    search: str = "random"  # "random" (incl. grid entries) or "optuna"
-    scheduler: str = "asha"  # "asha" or "fifo"
+    search: Literal["random", "optuna"] = "random"  # "random" (incl. grid entries) or "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"  # "asha" or "fifo"
     grace_period: int = 1
     reduction_factor: int = 2
     time_budget_s: float = 0.0  # 0 = no limit
@@ -174,7 +174,7 @@ class TuneConfig:
 
 @dataclass
 class IndexConfig:
-    kind: str = "flat"  # "flat", "ivf" or "hnsw"
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
     nlist: int = 1024
     nprobe: int = 64  # 16 gave recall@10 0.55-0.60 on low-rank data (benchmarks/bench_index.py)
     hnsw_m: int = 32
@@ -264,11 +264,16 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
-    if origin is Literal:
+    if origin is typing.Literal:
         choices = typing.get_args(typ)
-        if value not in choices:
+        if not isinstance(choices[0], str) and isinstance(value, (str, float)):
+            try:  # "2" or 2.0 for an int choice
+                value = value if float(value) != int(float(value)) else int(float(value))
+            except ValueError:
+                pass
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
             raise ConfigError(f"config key '{key}' is {value!r}; choose one of "
-                              f"{', '.join(map(str, choices))}")
+                              f"{', '.join(str(c) for c in choices)}")
         return value
     if typ is bool:
         if isinstance(value, bool):
@@ -395,24 +400,22 @@ def with_overrides(cfg: Config, flat: dict[str, Any]) -> Config:
     return config_from_dict(_merge(cfg.to_dict(), nested))
 
 
-_CHOICES = {
-    "data.kind": ("images", "features"),
-    "data.format": ("auto", "parquet", "webdataset"),
-    "data.parquet_reader": ("v1", "v2", "ray_default"),
-    "model.image.kind": ("hf_config", "hf_pretrained", "minilm", "mlp"),
-    "model.text.kind": ("hf_config", "hf_pretrained", "minilm", "mlp"),
-    "model.image.input_norm": ("none", "layernorm", "batchnorm"),
-    "model.text.input_norm": ("none", "layernorm", "batchnorm"),
-    "model.retrieval_space": ("common", "label"),
-    "loss.kind": ("vse_mh", "vse_sh", "infonce", "none"),
-    "loss.grl.schedule": ("constant", "dann", "dynamic"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "eval.split": ("val", "test"),
-    "eval.metric": ("rsum", "map"),
-    "tune.search": ("random", "optuna"),
-    "tune.scheduler": ("asha", "fifo"),
-    "index.kind": ("flat", "ivf", "hnsw"),
-}
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with dotted command-line ``overrides`` (``["index.nlist=256"]``) applied
+    (used for a checkpoint's config by ``raycmr eval``/``index``)."""
+    if not overrides:
+        return cfg
+    return config_from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))
+
+
+def choices(key: str) -> tuple[Any, ...]:
+    """The values a Literal-typed config key allows (``choices("index.kind")``), else ()."""
+    cls: Any = Config
+    *parents, name = key.split(".")
+    for part in parents:
+        cls = _field_types(cls)[part]
+    typ = _field_types(cls)[name]
+    return typing.get_args(typ) if typing.get_origin(typ) is typing.Literal else ()
 
 
 def _validate_serve(s: ServeConfig) -> None:
@@ -433,18 +436,13 @@ def _validate_serve(s: ServeConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    """Checks across keys and of ranges (choices are checked by their Literal types)."""
     _validate_serve(cfg.serve)
-    for key, choices in _CHOICES.items():
-        value = cfg.get(key)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {', '.join(choices)}")
     positive = ["train.num_workers", "train.batch_size", "train.grad_accum", "model.embed_dim",
                 "data.image_size", "data.max_text_len"]
     for key in positive:
         if cfg.get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {cfg.get(key)}")
-    if cfg.train.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
     if cfg.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
     if cfg.data.kind == "features":

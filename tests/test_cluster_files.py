@@ -96,9 +96,9 @@ def test_launcher_node_types_and_gpu_workers():
 
 def test_launcher_passes_rays_own_schema():
     pytest.importorskip("jsonschema")
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from raycmr.compat import validate_cluster_config
 
-    validate_config(prepare_config(copy.deepcopy(_launcher())))
+    validate_cluster_config(copy.deepcopy(_launcher()))
 
 
 def test_launcher_installs_the_mounted_checkout_with_the_pinned_ray():

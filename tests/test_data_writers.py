@@ -13,7 +13,7 @@ from conftest import WIKIPEDIA as WIKI
 from conftest import needs_wikipedia
 from PIL import Image
 
-from raycmr.data import shards_cli
+from raycmr.data import cli as shards_cli
 from raycmr.data.schema import image_shard_schema
 from raycmr.data.writers import (
     ShardWriter,

@@ -252,7 +252,7 @@ def test_two_round_dckt_run(ray_cluster, two_domains, tmp_path) -> None:
     np.testing.assert_array_equal(saved["selected"], sel.selected)
 
     # the exported target model is a plain DualEncoder with the target classifier
-    from raycmr.train.checkpoint import load_exported
+    from raycmr.artifacts import load_exported
 
     target_model, _ = load_exported(result.rounds[2].checkpoint_path)
     assert target_model.classifier.out_features == 2

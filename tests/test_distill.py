@@ -13,9 +13,9 @@ from raycmr.losses.distill import distillation_loss
 from raycmr.models.reranker import (
     CrossAttentionReranker,
     RerankerConfig,
-    fit_reranker,
     save_reranker,
 )
+from raycmr.rerank.fit import fit_reranker
 from raycmr.train.objective import CrossModalObjective
 
 IMAGE_DIM, TEXT_DIM = 16, 8

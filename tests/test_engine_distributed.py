@@ -138,7 +138,8 @@ def test_one_training_step_makes_one_gather_and_deepspeeds_gradient_all_reduce(t
 
 
 def test_sharded_validation_equals_one_process_on_the_whole_set(two_ranks):
-    from raycmr.evaluate.summary import embed_batches, evaluate_embeddings
+    from raycmr.evaluate.embedding import embed_batches
+    from raycmr.evaluate.summary import evaluate_embeddings
     from raycmr.models.dual_encoder import DualEncoder
 
     cfg = load_config(None, OVERRIDES)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raycmr.config import IndexConfig
-from raycmr.evaluate.index import (
+from raycmr.index.faiss_index import (
     build_index,
     build_index_from_config,
     clamp_nlist,

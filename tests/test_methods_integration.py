@@ -22,9 +22,9 @@ def test_grl_dscmr_and_distillation_two_workers(ray_cluster, tmp_path):
     from raycmr.models.reranker import (
         CrossAttentionReranker,
         RerankerConfig,
-        fit_reranker,
         save_reranker,
     )
+    from raycmr.rerank.fit import fit_reranker
     from raycmr.train.trainer import build_trainer
 
     shards = tmp_path / "wiki"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raycmr.config import load_config
-from raycmr.rerank_train import block_recall_at_1, reranker_config
+from raycmr.rerank.train import block_recall_at_1, reranker_config
 
 
 def test_block_recall_hand_cases() -> None:
@@ -46,7 +46,8 @@ def test_reranker_config_follows_the_checkpoint_inputs() -> None:
 def test_residual_reranker_starts_at_the_fast_stage_and_improves_on_it() -> None:
     """fast_weight > 0: an untrained reranker scores exactly fast_weight * <q, g>; training on
     the true features then lifts held-out R@1 above the (noisy) fast stage's."""
-    from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig, fit_reranker
+    from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
+    from raycmr.rerank.fit import fit_reranker
 
     def pairs(n, seed):
         rng = np.random.default_rng(seed)

@@ -10,10 +10,10 @@ from raycmr.config import ConfigError
 from raycmr.models.reranker import (
     CrossAttentionReranker,
     RerankerConfig,
-    fit_reranker,
     load_reranker,
     save_reranker,
 )
+from raycmr.rerank.fit import fit_reranker
 
 
 def synthetic_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

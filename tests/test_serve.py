@@ -22,18 +22,18 @@ import pytest
 import torch
 import yaml
 
+from raycmr.artifacts import write_export
 from raycmr.config import ConfigError, ServeConfig, config_from_dict, with_overrides
 from raycmr.data.schema import feature_shard_schema
-from raycmr.evaluate.index import build_index, save_index
+from raycmr.index.faiss_index import build_index, save_index
 from raycmr.models.dual_encoder import DualEncoder
 from raycmr.models.reranker import (
     CrossAttentionReranker,
     RerankerConfig,
-    fit_reranker,
     load_reranker,
     save_reranker,
 )
-from raycmr.train.checkpoint import write_export
+from raycmr.rerank.fit import fit_reranker
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, N_PAIRED, IMAGE_DIM, TEXT_DIM = 24, 12, 16, 8
@@ -226,7 +226,7 @@ def test_scan_gallery_names_images_like_the_pipeline(tmp_path) -> None:
     import tarfile
 
     from raycmr.data.transforms import stable_hash63
-    from raycmr.index_build import scan_gallery
+    from raycmr.index.gallery import scan_gallery
 
     names, image, _ = write_gallery(tmp_path / "g")
     found = scan_gallery([str(tmp_path / "g" / "part-0.parquet")], "parquet",
@@ -278,8 +278,8 @@ def test_label_space_index_ranks_by_probability_of_same_class(ray_cluster, tmp_p
     """A checkpoint with ``retrieval_space: label``: `raycmr index` stores 5-d label-space
     vectors (3 classes + 2), the serve app accepts that index (and refuses a common-space one),
     and the served query vectors rank the gallery by sum_c p(c|query) p(c|image)."""
-    from raycmr.evaluate.index import load_index, search
-    from raycmr.index_build import build_gallery_index
+    from raycmr.index.faiss_index import load_index, search
+    from raycmr.index.gallery import build_gallery_index
     from raycmr.serve.app import build_app
     from raycmr.serve.plan import plan_app
     from raycmr.serve.scoring import encode_queries
@@ -329,7 +329,7 @@ def test_reranker_command_learns_and_serve_accepts_it(ray_cluster, tmp_path) -> 
     Data), beats the (untrained) dual encoder's R@1 on held-out pairs by a wide margin, and the
     Serve app accepts the result next to an index of the same checkpoint."""
     from raycmr.cli import main
-    from raycmr.index_build import build_gallery_index
+    from raycmr.index.gallery import build_gallery_index
     from raycmr.models.reranker import load_reranker
     from raycmr.serve.plan import plan_app
 
@@ -343,7 +343,7 @@ def test_reranker_command_learns_and_serve_accepts_it(ray_cluster, tmp_path) -> 
     write_export(tmp_path / "ckpt", DualEncoder(cfg.model).state_dict(), cfg, {"epoch": 0})
     build_gallery_index(str(tmp_path / "ckpt"), "val", tmp_path / "index", num_actors=1)
 
-    from raycmr.rerank_train import train_reranker
+    from raycmr.rerank.train import train_reranker
 
     report = train_reranker(str(tmp_path / "ckpt"), tmp_path / "index" / "reranker", steps=300,
                             batch_size=32, lr=1e-2, width=16, heads=2, num_actors=1,
@@ -373,7 +373,7 @@ def served(ray_cluster, tmp_path_factory):
     import httpx
     from ray import serve
 
-    from raycmr.index_build import build_gallery_index
+    from raycmr.index.gallery import build_gallery_index
     from raycmr.serve.app import APP_NAME, build_app
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -455,7 +455,7 @@ def _search_all(served, **body) -> list[list[dict]]:
 
 @pytest.mark.ray
 def test_index_has_one_entry_per_image(served) -> None:
-    from raycmr.evaluate.index import load_index
+    from raycmr.index.faiss_index import load_index
 
     index_dir = served["tmp"] / "index"
     index, ids = load_index(index_dir)

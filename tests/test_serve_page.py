@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raycmr.artifacts import write_export
 from raycmr.config import config_from_dict
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train.checkpoint import write_export
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "page-test-token-0123456789"
@@ -105,7 +105,7 @@ def test_serve_command_stops_cleanly_on_ctrl_c(page_files) -> None:
 def page_files(ray_cluster, tmp_path_factory):
     """An image gallery, a random-init checkpoint and its index; the model and the rows."""
     from raycmr.data.synthetic import write_synthetic_split
-    from raycmr.index_build import build_gallery_index
+    from raycmr.index.gallery import build_gallery_index
 
     tmp = tmp_path_factory.mktemp("page")
     write_synthetic_split(tmp / "gallery", "test", N_IMAGES, seed=3, image_size=32,

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raycmr.artifacts import load_exported, read_state
 from raycmr.config import load_config
 from raycmr.data.synthetic import write_synthetic_splits
-from raycmr.train.checkpoint import load_exported, read_state
 
 pytestmark = pytest.mark.ray
 

@@ -4,7 +4,8 @@
 - ``schema``: shard columns and the driver-side check (``ShardSchemaError``, ``ShardReadError``)
 - ``writers``: rolling Parquet ``ShardWriter``; folder-of-images and Wikipedia-features writers
 - ``synthetic``: procedural shape images with attribute captions
-- ``shards_cli``: the ``raycmr shards`` sub-command
+- ``cli``: the ``raycmr shards`` command
 - ``text``: tokenizers; ``transforms``: per-batch decode/augment/tokenize (no Ray)
 - ``pipeline``: ``build_dataset``, ``iter_worker_batches``, ``count_rows``, ``load_tokenizer``
+- ``inference``: Ray Data batch inference with any callable model (``run_batch_inference``)
 """

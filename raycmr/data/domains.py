@@ -11,8 +11,9 @@ reads them in.
 - :func:`read_domain_columns`: small columns (``id``, ``label``) of one domain, on the driver;
 - :func:`build_domain_dataset`: the lazy preprocessed dataset of one domain (optionally only
   the pairs whose key is in ``keys``), with a ``pair_key`` column;
-- :func:`embed_pairs`: distributed batch inference (Ray Data actor pool) of one domain's pairs
-  with a given :class:`~raycmr.models.dual_encoder.DualEncoder` state dict.
+
+A domain's pairs are embedded for selection by :func:`raycmr.evaluate.embedding.embed_pairs`
+(the batch-inference path of evaluation and the index).
 
 Driver-side column reads need Parquet shards (WebDataset tars are rejected with a clear
 message).
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raycmr import compat
 from raycmr.config import Config, ConfigError, DataConfig
 from raycmr.data.paths import split_uri
 from raycmr.data.pipeline import feature_dims, read_parquet
@@ -133,9 +135,7 @@ def _prepare(table: pa.Table, *, kind: str, domain: str | None, keys: np.ndarray
     if kind == "features":
         out = preprocess_features(table, image_dim=image_dim, text_dim=text_dim)
     else:
-        from ray.data import DataContext
-
-        epoch = int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+        epoch = compat.data_epoch()
         out = preprocess_images(table, image_size=data.image_size, max_text_len=data.max_text_len,
                                 encode=load_text_encoder(data.tokenizer),
                                 augment=training and data.augment, seed=seed, epoch=epoch)
@@ -165,57 +165,3 @@ def build_domain_dataset(spec: DomainSpec, data: DataConfig, *, training: bool, 
     return ds.map_batches(_prepare, fn_kwargs=fn_kwargs, batch_format="pyarrow",
                           batch_size=_MAP_BATCH_ROWS[data.kind],
                           num_cpus=data.num_cpus_per_map_task)
-
-
-class _KeyedEmbedder:
-    """A Ray Data actor holding one copy of a dual encoder (state dict + config, no DeepSpeed):
-    a batch of preprocessed pairs -> ``img``, ``txt`` embeddings, ``label``, ``pair_key``."""
-
-    def __init__(self, cfg_dict: dict[str, Any], state_ref):
-        import ray
-        import torch
-
-        from raycmr.config import config_from_dict
-        from raycmr.models.dual_encoder import DualEncoder
-
-        cfg = config_from_dict(cfg_dict)
-        self.model = DualEncoder(cfg.model, temperature=cfg.loss.temperature)
-        state = ray.get(state_ref) if isinstance(state_ref, ray.ObjectRef) else state_ref
-        self.model.load_state_dict(state)
-        self.model.eval()
-        self.torch = torch
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
-        valid = batch["valid"].astype(bool)
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v[valid])) for k, v in batch.items()
-                   if k in ("pixel_values", "input_ids", "attention_mask", "image_feat",
-                            "text_feat")}
-        with torch.no_grad():
-            img, txt = self.model(tensors)
-        return {"img": img.float().numpy(), "txt": txt.float().numpy(),
-                "label": batch["label"][valid], "pair_key": batch["pair_key"][valid]}
-
-
-def embed_pairs(spec: DomainSpec, cfg: Config, state_dict: dict, *, num_actors: int = 2,
-                batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Embed every valid pair of one domain with the :class:`DualEncoder` of ``cfg.model``
-    holding ``state_dict``, on ``num_actors`` Ray Data actors. Returns ``img``, ``txt`` [n, d],
-    ``label``, ``pair_key`` [n], rows sorted by ``pair_key`` (independent of read order)."""
-    import ray
-
-    ds = build_domain_dataset(spec, cfg.data, training=False)
-    embedded = ds.map_batches(
-        _KeyedEmbedder, fn_constructor_args=(cfg.to_dict(), ray.put(state_dict)),
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=max(1, num_actors)),
-        batch_format="numpy",
-    )
-    parts: dict[str, list[np.ndarray]] = {"img": [], "txt": [], "label": [], "pair_key": []}
-    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, chunks in parts.items():
-            chunks.append(batch[k])
-    if not parts["img"]:
-        raise ValueError(f"DCKT {spec.name} domain {spec.describe()} has no valid pairs to embed")
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    order = np.argsort(out["pair_key"], kind="stable")
-    return {k: v[order] for k, v in out.items()}

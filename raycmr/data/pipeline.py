@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from raycmr import compat
 from raycmr.config import DataConfig
 from raycmr.data.paths import ShardReadError, resolve_paths, split_uri
 from raycmr.data.schema import WDS_KEY_EXT, ShardInfo, check_shards
@@ -81,9 +82,7 @@ def _read(info: ShardInfo, *, training: bool, seed: int, reader: str):
 
 
 def _images_fn(table, *, cfg: DataConfig, training: bool, seed: int) -> dict[str, np.ndarray]:
-    from ray.data import DataContext
-
-    epoch = int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
+    epoch = compat.data_epoch()
     return preprocess_images(
         table, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
         encode=load_text_encoder(cfg.tokenizer),

@@ -54,7 +54,7 @@ def load_tokenizer(name: str) -> Any:
 
     source = tokenizer_source(name)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)  # never downloads
     except (OSError, ValueError, KeyError) as exc:
         raise TokenizerError(
             f"cannot load tokenizer '{name}' from '{source}' ({type(exc).__name__}); set "

@@ -1,7 +1,7 @@
-"""Evaluation: R@K / median rank / mAP (``metrics``) and FAISS index build/search/save (``index``).
-
-``metrics`` is pure numpy; ``index`` imports faiss and is imported on its own
-(``from raycmr.evaluate.index import build_index``).
+"""Evaluation: R@K / median rank / mAP (``metrics``, pure numpy), the report of a split's
+embeddings (``summary``), embedding pairs with a dual encoder in-process or by Ray Data batch
+inference (``embedding``), a checkpoint's report (``checkpoint``) and ``raycmr eval`` (``cli``).
+FAISS indexes live in :mod:`raycmr.index`.
 """
 
 from raycmr.evaluate.metrics import (

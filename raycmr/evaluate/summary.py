@@ -1,30 +1,10 @@
-"""From a trained encoder and a stream of batches to the retrieval report of a split."""
+"""The retrieval report of a split's embeddings (R@K, ranks, mAP)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
-import torch
 
 from raycmr.evaluate.metrics import group_pairs, map_both_ways, retrieval_metrics
-
-
-@torch.no_grad()
-def embed_batches(encoder, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """Embed every (image, caption) pair in the retrieval space (``encoder.retrieval_embed``):
-    ``img``, ``txt`` [N, d] float32, ``group``, ``label``."""
-    parts: dict[str, list[np.ndarray]] = {"img": [], "txt": [], "group": [], "label": []}
-    for batch in batches:
-        img, txt = encoder.retrieval_embed(batch)
-        parts["img"].append(img.float().cpu().numpy())
-        parts["txt"].append(txt.float().cpu().numpy())
-        parts["group"].append(batch["group"].cpu().numpy())
-        parts["label"].append(batch["label"].cpu().numpy())
-    if not parts["img"]:
-        return {"img": np.zeros((0, 0), np.float32), "txt": np.zeros((0, 0), np.float32),
-                "group": np.zeros(0, np.int64), "label": np.zeros(0, np.int64)}
-    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def evaluate_embeddings(emb: dict[str, np.ndarray]) -> dict[str, float]:
@@ -38,3 +18,14 @@ def evaluate_embeddings(emb: dict[str, np.ndarray]) -> dict[str, float]:
     metrics["num_images"] = float(len(image_rows))
     metrics["num_captions"] = float(len(txt_to_img))
     return {k: float(v) for k, v in metrics.items()}
+
+
+def print_metrics(title: str, metrics: dict) -> None:
+    """``title`` then one aligned ``key value`` line per metric (floats to 4 decimals)."""
+    print(title)
+    for key in sorted(metrics):
+        value = metrics[key]
+        if isinstance(value, float):
+            print(f"  {key:28s} {value:.4f}")
+        else:
+            print(f"  {key:28s} {value}")

@@ -17,8 +17,8 @@ The image side is one stored vector per gallery item (what ``raycmr index`` writ
 FAISS index: raw ``image_feat`` for feature galleries, the dual encoder's image embedding for
 image galleries), so that reranking needs no image decoding at query time.
 
-Plain PyTorch: no Ray in here. :func:`fit_reranker` trains one on in-memory pairs with an
-in-batch softmax (each query against every image of the batch).
+Plain PyTorch: no Ray in here. :func:`raycmr.rerank.fit.fit_reranker` trains one on in-memory
+pairs with an in-batch softmax (each query against every image of the batch).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -184,58 +183,6 @@ def select_queries(query: dict[str, torch.Tensor], rows) -> dict[str, torch.Tens
     """The queries at ``rows`` (an index tensor or array) of every tensor in ``query``."""
     rows = torch.as_tensor(rows)
     return {k: v[rows] for k, v in query.items()}
-
-
-def fit_reranker(
-    model: CrossAttentionReranker,
-    query: dict[str, torch.Tensor],
-    image: torch.Tensor,
-    *,
-    groups: torch.Tensor | None = None,
-    fast: tuple[torch.Tensor, torch.Tensor] | None = None,
-    steps: int = 200,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    weight_decay: float = 0.01,
-    seed: int = 0,
-) -> list[float]:
-    """Train ``model`` on aligned pairs ``(query[i], image[i])``; returns the loss per step.
-
-    Each step samples ``batch_size`` pairs and scores every query against every image of the
-    batch; the loss is the cross-entropy of the true image among them (in-batch softmax). Pairs
-    sharing a ``groups`` value (captions of one image) are not used as each other's negatives.
-    A residual reranker (``cfg.fast_weight > 0``) needs ``fast = (query_vecs, image_vecs)``, the
-    dual encoder's retrieval vectors of the same pairs: its scores are the slow score plus
-    ``fast_weight * <query_vec, image_vec>``, as the Serve app combines them.
-    """
-    n = image.shape[0]
-    if n < 2:
-        raise ValueError(f"fit_reranker needs at least 2 pairs, got {n}")
-    if (model.cfg.fast_weight > 0) != (fast is not None):
-        raise ValueError("a reranker with fast_weight > 0 trains on the fast stage's vectors: "
-                         "pass fast=(query_vecs, image_vecs); without fast_weight, pass none")
-    generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses = []
-    b = min(batch_size, n)
-    for _ in range(steps):
-        rows = torch.randperm(n, generator=generator)[:b]
-        cands = image[rows].unsqueeze(0).expand(b, b, image.shape[1])
-        scores = model.score_candidates(select_queries(query, rows), cands)
-        if fast is not None:
-            scores = scores + model.cfg.fast_weight * (fast[0][rows] @ fast[1][rows].T)
-        if groups is not None:
-            g = groups[rows]
-            same = (g[:, None] == g[None, :]) & ~torch.eye(b, dtype=torch.bool)
-            scores = scores.masked_fill(same, float("-inf"))
-        loss = F.cross_entropy(scores, torch.arange(b))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def save_reranker(model: CrossAttentionReranker, directory: str | Path) -> Path:

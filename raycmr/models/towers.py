@@ -41,7 +41,7 @@ def _hf_model(cfg: TowerConfig):
     if not path:
         raise ConfigError("an hf_pretrained tower needs name_or_path (a local dir or a hub id)")
     try:
-        return transformers.AutoModel.from_pretrained(path)
+        return transformers.AutoModel.from_pretrained(path, local_files_only=True)  # no download
     except OSError as exc:
         raise ConfigError(
             f"could not load pretrained tower '{path}': {exc.__class__.__name__}; "

@@ -16,14 +16,14 @@ search is idempotent), so losing one replica of a deployment with two costs late
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raycmr.serve.plan import ServePlan, is_remote, join, local_dir, read_bytes
+from raycmr import artifacts
+from raycmr.serve.plan import ServePlan, local_dir
 from raycmr.serve.scoring import (
     BatchStats,
     encode_images,
@@ -43,9 +43,7 @@ def _device(use_gpu: bool) -> str:
 
 
 def _load_model(plan: ServePlan):
-    from raycmr.train.checkpoint import load_exported
-
-    model, cfg = load_exported(local_dir(plan.checkpoint))
+    model, cfg = artifacts.load_exported(plan.checkpoint)
     return model.to(_device(plan.serve.use_gpu)).eval(), cfg
 
 
@@ -86,9 +84,9 @@ class Retriever:
     """FAISS inner-product search over the gallery: embedding -> top_k (row, id, score)."""
 
     def __init__(self, plan: ServePlan):
-        from raycmr.evaluate.index import load_index
+        from raycmr.index.faiss_index import load_index
 
-        self.index, self.ids = load_index(local_dir(plan.index_path))
+        self.index, self.ids = load_index(plan.index_path)
         self.top_k = plan.top_k
         _set_batching(self.search, plan)
         self.stats = BatchStats()
@@ -96,7 +94,7 @@ class Retriever:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def search(self, embeddings: list[np.ndarray]) -> list[list[tuple[int, str, float]]]:
         """One embedding per request -> its hits, best first (missing slots dropped)."""
-        from raycmr.evaluate.index import search
+        from raycmr.index.faiss_index import search
 
         self.stats.add(len(embeddings))
         scores, rows = search(self.index, np.stack(embeddings), self.top_k)
@@ -119,19 +117,11 @@ class Reranker:
 
     def __init__(self, plan: ServePlan):
         from raycmr.data.text import load_text_encoder
-        from raycmr.index_build import RERANK_FEATS_FILE
         from raycmr.models.reranker import load_reranker
 
         self.device = _device(plan.serve.use_gpu)
         self.model = load_reranker(local_dir(plan.reranker)).to(self.device).eval()
-        if is_remote(plan.index_path):
-            import tempfile
-
-            feats_path = Path(tempfile.mkdtemp(prefix="raycmr-serve-")) / RERANK_FEATS_FILE
-            feats_path.write_bytes(read_bytes(join(plan.index_path, RERANK_FEATS_FILE)))
-        else:
-            feats_path = local_dir(plan.index_path) / RERANK_FEATS_FILE
-        self.feats = np.load(feats_path, mmap_mode="r")
+        self.feats = artifacts.read_rerank_feats(plan.index_path)
         features = self.model.cfg.query == "features"
         self.tokenize = None if features else load_text_encoder(plan.tokenizer)
         _set_batching(self.score, plan)

@@ -1,7 +1,7 @@
 """The gallery's own images and captions, read from its shards for the search page: image
 bytes by gallery id (thumbnails) and every caption with its image id (image -> text search).
 
-Gallery ids are named as :mod:`raycmr.index_build` names them: the shard's ``image_id``, else
+Gallery ids are named as :mod:`raycmr.index.gallery` names them: the shard's ``image_id``, else
 the row ``id``. Parquet shards are located by (file, row group, row); WebDataset tars by the
 byte range of each image member, so one thumbnail reads one row group or one member.
 """

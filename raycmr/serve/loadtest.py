@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVE_NAMESPACE = "serve"
-# How Ray Serve names replica actors (ray.serve._private.common.REPLICA_ID_FULL_ID_STR_PREFIX);
-# if a Ray upgrade renames them, kill_one_replica fails loudly ("no live replica").
-REPLICA_PREFIX = "SERVE_REPLICA::"
 
 
 def replica_actor_names(app: str, deployment: str) -> list[str]:
     """Named actors of a deployment's live replicas."""
     import ray
 
-    prefix = f"{REPLICA_PREFIX}{app}#{deployment}#"
+    from raycmr.compat import serve_replica_prefix
+
+    prefix = f"{serve_replica_prefix()}{app}#{deployment}#"
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(prefix))
 

@@ -10,86 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raycmr import artifacts
 from raycmr.config import ConfigError, ServeConfig, config_from_dict
 
-RERANKER_SUBDIR = "reranker"
-INDEX_FILES = ("index.faiss", "ids.parquet", "meta.json", "gallery.json", "rerank_feats.npy")
-CHECKPOINT_FILES = ("model.pt", "config.yaml")
+RERANKER_SUBDIR, INDEX_FILES = artifacts.RERANKER_SUBDIR, artifacts.INDEX_FILES
+CHECKPOINT_FILES = artifacts.CHECKPOINT_FILES
 
-
-# ------------------------------------------------------------------------------------- paths
-
-
-def _split(uri: str):
-    from raycmr.data.paths import ShardReadError, split_uri
-
-    try:
-        fs, path, _ = split_uri(uri)
-    except ShardReadError as exc:
-        raise ConfigError(str(exc)) from None
-    return fs, path
-
-
-def is_remote(uri: str) -> bool:
-    """True for ``s3://``, ``gs://`` and other non-file URIs."""
-    return "://" in uri and not uri.startswith("file://")
-
-
-def join(uri: str, name: str) -> str:
-    """``uri/name`` for local paths and URIs alike."""
-    return uri.rstrip("/") + "/" + name
-
-
-def _exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = _split(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def read_text(uri: str) -> str:
-    """A small text file (local or remote) as a string."""
-    fs, path = _split(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode("utf-8")
-
-
-def read_bytes(uri: str) -> bytes:
-    """A file (local or remote) as bytes."""
-    fs, path = _split(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
-
-
-def _require(uri: str, files: tuple[str, ...], what: str, fix: str) -> None:
-    if not _exists(uri):
-        raise ConfigError(f"{what} '{uri}' does not exist; {fix}")
-    missing = [f for f in files if not _exists(join(uri, f))]
-    if missing:
-        raise ConfigError(f"{what} '{uri}' is missing {', '.join(missing)}; {fix}")
-
-
-def local_dir(uri: str) -> Path:
-    """A local directory holding ``uri``'s files: the path itself, or a fresh copy of a remote
-    directory (``s3://``, ``gs://``) in a temporary directory."""
-    if not is_remote(uri):
-        return Path(uri.removeprefix("file://")).expanduser()
-    import pyarrow.fs as pafs
-
-    fs, path = _split(uri)
-    dest = Path(tempfile.mkdtemp(prefix="raycmr-serve-"))
-    pafs.copy_files(path, str(dest), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem())
-    return dest
+# Locations (local paths or object-store URIs) are read through raycmr.artifacts.
+is_remote, join, read_text, read_bytes = (artifacts.is_remote, artifacts.join, artifacts.read_text,
+                                          artifacts.read_bytes)
+_exists, _require, local_dir = artifacts.exists, artifacts.require, artifacts.local_dir
 
 
 # -------------------------------------------------------------------------------------- plan
@@ -184,13 +121,11 @@ def _resolve_checkpoint(uri: str) -> str:
     if is_remote(uri):
         _require(uri, CHECKPOINT_FILES, "checkpoint", "give a checkpoint dir written by training")
         return uri
-    from raycmr.train.checkpoint import find_checkpoint_dir
-
     path = Path(uri.removeprefix("file://")).expanduser()
     if not path.exists():
         raise ConfigError(f"checkpoint '{uri}' does not exist; give a checkpoint dir (holding "
                           "model.pt) or a run dir")
-    return str(find_checkpoint_dir(path))
+    return artifacts.find_checkpoint(path)
 
 
 def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None) -> ServePlan:
@@ -201,14 +136,14 @@ def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None
     cfg = serve_config(args)
     token = read_token(cfg) if token is None else token
     checkpoint = _resolve_checkpoint(cfg.checkpoint)
-    model_cfg = config_from_dict(yaml.safe_load(read_text(join(checkpoint, "config.yaml"))))
+    model_cfg = artifacts.read_config(checkpoint)
     index_path = cfg.index_path
     if not index_path:
         raise ConfigError("serve arg 'index_path' is empty: build one with `raycmr index`")
     _require(index_path, INDEX_FILES, "index directory",
              "build one with `raycmr index --checkpoint CKPT --out DIR`")
-    meta = json.loads(read_text(join(index_path, "meta.json")))
-    gallery = json.loads(read_text(join(index_path, "gallery.json")))
+    meta = artifacts.read_index_meta(index_path)
+    gallery = artifacts.read_gallery(index_path)
     from raycmr.models.dual_encoder import retrieval_dim
 
     dim = retrieval_dim(model_cfg.model)

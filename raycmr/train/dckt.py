@@ -8,7 +8,7 @@ losses (:mod:`raycmr.train.dckt_objective`) and a progressive schedule:
   pairwise constraint) with the MMD links off, on every target pair, for ``train.epochs``
   passes over the source;
 * rounds ``k = 1 .. dckt.rounds`` - the source model of the previous round's checkpoint embeds
-  every target training pair (Ray Data actor pool, :func:`raycmr.data.domains.embed_pairs`); on
+  every target training pair (Ray Data actor pool, :func:`raycmr.evaluate.embedding.embed_pairs`); on
   the driver, pair ``q`` scores ``AP_q = (AP(img_q -> texts) + AP(txt_q -> images)) / 2`` among
   the target pairs (:func:`~raycmr.train.dckt_selection.pair_average_precision`) and is selected
   with probability::
@@ -46,18 +46,18 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from raycmr import artifacts
 from raycmr.config import Config, ConfigError, config_from_dict, with_overrides
 from raycmr.data.domains import (
     DomainSpec,
     build_domain_dataset,
     domain_specs,
-    embed_pairs,
     pair_keys,
     read_domain_columns,
 )
 from raycmr.data.paths import split_uri
+from raycmr.evaluate.embedding import embed_pairs
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train import checkpoint as ckpt
 from raycmr.train.dckt_objective import source_model_config
 from raycmr.train.dckt_selection import (
     pair_average_precision,
@@ -206,8 +206,8 @@ def plan_dckt(cfg: Config) -> tuple[Config, DCKTPlan]:
 def load_source_model(path: str | Path) -> tuple[DualEncoder, Config]:
     """The source model of a DCKT checkpoint (a DualEncoder with the shared layers and the
     source classifier) and the run's config."""
-    directory = ckpt.find_checkpoint_dir(path)
-    cfg = config_from_dict(yaml.safe_load((directory / ckpt.CONFIG_FILE).read_text()))
+    directory = Path(artifacts.find_checkpoint(path))
+    cfg = config_from_dict(yaml.safe_load((directory / artifacts.CONFIG_FILE).read_text()))
     model = DualEncoder(source_model_config(cfg.model, cfg.dckt.source_classes),
                         temperature=cfg.loss.temperature)
     model.load_state_dict(torch.load(directory / SOURCE_MODEL_FILE, map_location="cpu"))
@@ -219,7 +219,7 @@ def _read_checkpoint(checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any
     """``(source state dict, state.json)`` of a Ray Train checkpoint (local or remote)."""
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / SOURCE_MODEL_FILE, map_location="cpu")
-        return state, ckpt.read_state(directory)
+        return state, artifacts.read_state(directory)
 
 
 # ----------------------------------------------------------------------------------- selection

@@ -31,7 +31,7 @@ import ray.data
 import ray.train
 import torch
 
-from raycmr import distributed
+from raycmr import artifacts, distributed
 from raycmr.config import Config, config_from_dict
 from raycmr.data.pipeline import iter_worker_batches
 from raycmr.train import checkpoint as ckpt
@@ -80,7 +80,7 @@ def _restore(engine, cfg: Config) -> dict[str, Any]:
     ``train.resume_from``. Returns the saved client state ({} when starting fresh)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.train.resume_from:
-        checkpoint = ray.train.Checkpoint(str(ckpt.find_checkpoint_dir(cfg.train.resume_from)))
+        checkpoint = ray.train.Checkpoint(str(artifacts.find_checkpoint(cfg.train.resume_from)))
     if checkpoint is None:
         return {}
     with checkpoint.as_directory() as directory:
@@ -259,8 +259,8 @@ def report_with_checkpoint(engine, task: Task, cfg: Config, metrics: dict[str, A
         engine.save_checkpoint(os.path.join(tmp, ckpt.DS_DIR), tag=ckpt.DS_TAG,
                                client_state=client_state)
         if model_state is not None:
-            ckpt.write_export(tmp, model_state, cfg,
-                              {**client_state, "step": engine.global_steps, "metrics": metrics})
+            artifacts.write_export(tmp, model_state, cfg,
+                                   {**client_state, "step": engine.global_steps, "metrics": metrics})
             for name, state in extra.items():
                 torch.save(state, os.path.join(tmp, name))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

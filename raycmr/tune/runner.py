@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raycmr import compat
 from raycmr.config import Config, ConfigError, config_from_dict, with_overrides
 from raycmr.tune.spaces import ParamSpec, check_search, param_space, parse_space
 
@@ -91,9 +92,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any] | None = None,
     # The run name is the trial id: a restarted trial finds its own run and checkpoints again.
     trainer = build_trainer(cfg, name=trial_id, storage_path=runs_dir,
                             callbacks=[TuneReportCallback()])
-    reported = _reports_so_far()
+    reported = compat.trial_reports_so_far()
     result = trainer.fit()
-    if reported is not None and _reports_so_far() == reported and result.metrics:
+    if reported is not None and compat.trial_reports_so_far() == reported and result.metrics:
         # Nothing reached Tune in this session: the run had already trained to the end before
         # an interruption cut its last reports off. Report where it ended, so that the trial
         # records its final epoch, metric and checkpoint.
@@ -101,16 +102,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any] | None = None,
         if result.checkpoint is not None:
             final["checkpoint_path"] = result.checkpoint.path
         tune.report(final)
-
-
-def _reports_so_far() -> int | None:
-    """How many results this trial process has passed to Tune (None when unknown)."""
-    try:
-        from ray.train._internal.session import get_session
-
-        return int(get_session().iteration)
-    except (ImportError, AttributeError, TypeError, ValueError):  # internal API moved
-        return None
 
 
 def _trial_dirname(trial) -> str:

@@ -18,6 +18,7 @@ import logging
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
+from raycmr import compat
 from raycmr.config import Config, with_overrides
 from raycmr.tune.spaces import ParamSpec, max_value
 
@@ -35,11 +36,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
         super().on_trial_add(tune_controller, trial)
         if not trial.run_metadata.last_result:
             return  # a fresh trial
-        bracket = self._trial_info[trial.trial_id]
-        for result in _recorded_results(trial):
-            if self._time_attr in result and self._metric in result:
-                bracket.on_result(trial, result[self._time_attr],
-                                  self._metric_op * result[self._metric])
+        compat.asha_replay(self, trial, _recorded_results(trial))
 
 
 def _recorded_results(trial) -> list[dict]:

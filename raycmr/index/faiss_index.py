@@ -9,26 +9,23 @@ encoder produces) this is cosine similarity. Three kinds:
 * ``hnsw``: ``IndexHNSWFlat`` graph with ``M = hnsw_m`` links per node; a query explores
   ``ef_search`` candidates. Approximate, no training, the fastest at high recall on CPU.
 
-On disk an index is a directory: ``index.faiss`` (``faiss.write_index``), ``ids.parquet`` (an
-id table: ``row`` int64 -> ``id`` string, one row per indexed vector) and ``meta.json``
-(kind, dim, count, metric and the build/search parameters).
+On disk an index is a directory (:mod:`raycmr.artifacts`, local or object store):
+``index.faiss`` (``faiss.serialize_index``), ``ids.parquet`` (an id table: ``row`` int64 ->
+``id`` string, one row per indexed vector) and ``meta.json`` (kind, dim, count, metric and the
+build/search parameters).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
-META_FILE = "meta.json"
+from raycmr import artifacts
+
 KINDS = ("flat", "ivf", "hnsw")
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this many training points per IVF cell
 
@@ -163,8 +160,9 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     return index
 
 
-def save_index(index: faiss.Index, ids: list[str], directory: str | Path) -> Path:
-    """Write ``index.faiss``, ``ids.parquet`` and ``meta.json`` into ``directory`` (created).
+def save_index(index: faiss.Index, ids: list[str], directory: str | Path) -> str:
+    """Write ``index.faiss``, ``ids.parquet`` and ``meta.json`` into ``directory`` (a local path,
+    created, or an object-store URI) through :mod:`raycmr.artifacts`.
 
     ``ids[i]`` is the external id (e.g. an image key) of the vector at row ``i``.
     """
@@ -173,13 +171,7 @@ def save_index(index: faiss.Index, ids: list[str], directory: str | Path) -> Pat
         raise ValueError(
             f"got {len(ids)} ids for an index of {index.ntotal} vectors; give one id per row"
         )
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     cpu = to_cpu(index)
-    faiss.write_index(cpu, str(out / INDEX_FILE))
-    table = pa.table({"row": pa.array(np.arange(len(ids), dtype=np.int64)),
-                      "id": pa.array(ids, type=pa.string())})
-    pq.write_table(table, out / IDS_FILE)
     meta = {
         "kind": index_kind(cpu),
         "dim": int(cpu.d),
@@ -188,8 +180,8 @@ def save_index(index: faiss.Index, ids: list[str], directory: str | Path) -> Pat
         "params": _index_params(cpu),
         "faiss_version": faiss.__version__,
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    return out
+    return artifacts.write_index_folder(directory, faiss.serialize_index(cpu).tobytes(), ids,
+                                        meta)
 
 
 def load_index(directory: str | Path) -> tuple[faiss.Index, list[str]]:
@@ -197,29 +189,16 @@ def load_index(directory: str | Path) -> tuple[faiss.Index, list[str]]:
 
     Search-time parameters (IVF ``nprobe``, HNSW ``efSearch``) are restored from meta.json.
     """
-    src = Path(directory)
-    missing = [f for f in (INDEX_FILE, IDS_FILE, META_FILE) if not (src / f).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{src} is not a raycmr index directory: missing {', '.join(missing)} (build one with "
-            "`raycmr index` or save_index)"
-        )
-    meta = json.loads((src / META_FILE).read_text())
-    index = faiss.read_index(str(src / INDEX_FILE))
-    table = pq.read_table(src / IDS_FILE)
-    rows = table.column("row").to_numpy()
-    ids = table.column("id").to_pylist()
-    if not np.array_equal(rows, np.arange(len(ids))):
-        order = np.argsort(rows, kind="stable")
-        ids = [ids[i] for i in order]
+    data, ids, meta = artifacts.read_index_folder(directory)
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     if index.ntotal != meta["count"] or len(ids) != index.ntotal or index.d != meta["dim"]:
         raise ValueError(
-            f"{src} is inconsistent: index has {index.ntotal} vectors of dim {index.d}, ids table "
-            f"{len(ids)} rows, meta.json count={meta['count']} dim={meta['dim']}; rebuild it"
+            f"{directory} is inconsistent: index has {index.ntotal} vectors of dim {index.d}, ids "
+            f"table {len(ids)} rows, meta.json count={meta['count']} dim={meta['dim']}; rebuild it"
         )
     params = meta.get("params", {})
-    # read_index already returns the concrete class; a downcast_index() wrapper would not own
-    # the C++ object, which is freed with the original wrapper.
+    # deserialize_index already returns the concrete class; a downcast_index() wrapper would not
+    # own the C++ object, which is freed with the original wrapper.
     if meta["kind"] == "ivf" and "nprobe" in params:
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     if meta["kind"] == "hnsw" and "ef_search" in params:

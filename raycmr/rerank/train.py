@@ -1,11 +1,11 @@
-"""`raycmr reranker`: train the slow cross-attention reranker on a split's pairs.
+"""Training the slow cross-attention reranker on a checkpoint's pairs (`raycmr reranker`).
 
 The reranker (:mod:`raycmr.models.reranker`) scores a query against what ``raycmr index`` stores
 for each gallery image: the raw ``image_feat`` vector for feature shards, the dual encoder's
 common-space image embedding for image shards. Its queries are ``text_feat`` vectors or the
 tokenized captions, whichever the checkpoint's text tower reads. Pairs come from the
 checkpoint's Ray Data pipeline (decoded and embedded on actors, :func:`embed_split`); the fitting
-is :func:`fit_reranker` on the driver (in-batch softmax; a small model).
+is :func:`raycmr.rerank.fit.fit_reranker` on the driver (in-batch softmax; a small model).
 
 Written where the Serve app looks by default (``INDEX/reranker``), or anywhere for
 ``loss.distill.reranker``. On held-out pairs it reports text->image R@1 among blocks of
@@ -14,7 +14,6 @@ Written where the Serve app looks by default (``INDEX/reranker``), or anywhere f
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ def collect_pairs(cfg, model, paths: list[str], *, num_actors: int, batch_size: 
     retrieval vectors ``fast_img``/``fast_txt`` for the side-by-side report."""
     import torch
 
-    from raycmr.data.embed import embed_split
     from raycmr.data.schema import check_shards
+    from raycmr.evaluate.embedding import embed_split
 
     check_shards(paths, cfg.data.kind, cfg.data.format)
     features = cfg.data.kind == "features"
@@ -105,17 +104,13 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
     :func:`auto_fast_weight`, 0 trains the slow score alone."""
     import torch
 
-    from raycmr.index_build import resolve_split
-    from raycmr.models.reranker import (
-        CrossAttentionReranker,
-        fit_reranker,
-        save_reranker,
-        select_queries,
-    )
+    from raycmr.artifacts import load_exported
+    from raycmr.index.gallery import resolve_split
+    from raycmr.models.reranker import CrossAttentionReranker, save_reranker, select_queries
+    from raycmr.rerank.fit import fit_reranker
     from raycmr.runtime import init_ray
-    from raycmr.train.checkpoint import find_checkpoint_dir, load_exported
 
-    model, cfg = load_exported(find_checkpoint_dir(checkpoint))
+    model, cfg = load_exported(checkpoint)
     init_ray(min_cpus=num_actors + 1)
     t0 = time.perf_counter()
     train = collect_pairs(cfg, model, resolve_split(cfg, split), num_actors=num_actors,
@@ -156,52 +151,3 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
                       fast_r1=block_recall_at_1(fast, groups, candidates, seed),
                       reranker_r1=block_recall_at_1(slow, groups, candidates, seed))
     return report
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``raycmr reranker``."""
-    p.add_argument("--checkpoint", required=True, help="dual encoder checkpoint (or run dir)")
-    p.add_argument("--out", required=True,
-                   help="directory to write (INDEX/reranker is where `raycmr serve` looks)")
-    p.add_argument("--split", default="train", help="train, val, test or shard paths")
-    p.add_argument("--eval-split", default="val",
-                   help="held-out pairs for the R@1 report ('' to skip)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--candidates", type=int, default=100,
-                   help="images each held-out query ranks in the R@1 report")
-    p.add_argument("--fast-weight", type=float, default=None,
-                   help="residual reranking: + this x the dual encoder's score (default: its "
-                        "InfoNCE inverse temperature, else 10; 0 = the slow score alone)")
-    p.add_argument("--num-actors", type=int, default=2, help="Ray Data embedding actors")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``raycmr reranker``."""
-    from raycmr.data.paths import ShardReadError
-    from raycmr.data.schema import ShardSchemaError
-
-    try:
-        report = train_reranker(
-            args.checkpoint, args.out, split=args.split, eval_split=args.eval_split,
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
-            heads=args.heads, layers=args.layers, candidates=args.candidates,
-            num_actors=args.num_actors, fast_weight=args.fast_weight)
-    except (ShardReadError, ShardSchemaError) as exc:
-        raise ConfigError(str(exc)) from None
-    print(f"reranker: {report['pairs']} pairs, {report['steps']} steps, fast weight "
-          f"{report['fast_weight']:.2f}, loss "
-          f"{report['first_loss']:.3f} -> {report['last_loss']:.3f}, "
-          f"{report['fit_s']:.1f} s -> {report['out']}")
-    if "fast_r1" in report:
-        print(f"held-out text->image R@1 among {report['candidates']} images "
-              f"({report['eval_pairs']} pairs): dual encoder {report['fast_r1']:.1f}%, "
-              f"reranker {report['reranker_r1']:.1f}%")
-        if report["reranker_r1"] < report["fast_r1"]:
-            print("note: the reranker ranks worse than the dual encoder on these held-out pairs; "
-                  "train it longer (--steps) or serve without it (reranker=none)")
-    return 0

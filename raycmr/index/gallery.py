@@ -1,15 +1,13 @@
-"""`raycmr index`: embed a gallery with Ray Data batch inference and write a FAISS index.
-
-    raycmr index --checkpoint runs/NAME/checkpoint_... --split test --out out/index [--kind hnsw]
+"""A gallery index: embed a split's images with Ray Data batch inference, write a FAISS index.
 
 The gallery is every unique image (``group``) of the shards: captions that share an
 ``image_id`` are one entry. Images are embedded by the checkpoint's image tower on Ray Data actors
-(:func:`raycmr.data.embed.embed_split`), then indexed for inner-product search. The index
+(:func:`raycmr.evaluate.embedding.embed_split`), then indexed for inner-product search. The index
 directory holds:
 
     index.faiss, ids.parquet, meta.json   the FAISS index and its id table (row -> id string;
                                           the shard ``image_id``, else the row ``id``), written
-                                          by :func:`raycmr.evaluate.index.save_index`
+                                          by :func:`raycmr.index.faiss_index.save_index`
     rerank_feats.npy                      [N, F] float32, row i = index row i: the vector the
                                           cross-attention reranker looks at for each image
     gallery.json                          checkpoint, shards, count, embedding dim, and which
@@ -24,7 +22,6 @@ rebuild gives the same rows whatever order Ray Data returns batches in.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tarfile
 import time
@@ -33,10 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from raycmr import artifacts
 from raycmr.config import Config, ConfigError
-
-GALLERY_FILE = "gallery.json"
-RERANK_FEATS_FILE = "rerank_feats.npy"
 
 
 def _gallery_key(image_id: Any, row_id: Any) -> str:
@@ -150,22 +145,15 @@ def build_gallery_index(
     parameters come from ``index.*`` (dotted ``overrides`` apply to the checkpoint's config).
     Returns the ``gallery.json`` record. Needs Ray (a local cluster is started if none).
     """
-    from raycmr.config import parse_overrides, with_overrides
-    from raycmr.data.embed import embed_split
+    from raycmr.config import apply_overrides
     from raycmr.data.schema import check_shards
-    from raycmr.evaluate.index import build_index_from_config, save_index
+    from raycmr.evaluate.embedding import embed_split
+    from raycmr.index.faiss_index import build_index_from_config, save_index
     from raycmr.runtime import init_ray
-    from raycmr.train.checkpoint import find_checkpoint_dir, load_exported
 
-    ckpt_dir = find_checkpoint_dir(checkpoint)
-    model, cfg = load_exported(ckpt_dir)
-    flat: dict[str, Any] = {}
-    if overrides:
-        flat.update(_flatten(parse_overrides(overrides)))
-    if kind:
-        flat["index.kind"] = kind
-    if flat:
-        cfg = with_overrides(cfg, flat)
+    ckpt_dir = artifacts.find_checkpoint(checkpoint)
+    model, cfg = artifacts.load_exported(ckpt_dir)
+    cfg = apply_overrides(cfg, list(overrides or []) + ([f"index.kind={kind}"] if kind else []))
     paths = resolve_split(cfg, split)
     info = check_shards(paths, cfg.data.kind, cfg.data.format)
     features = cfg.data.kind == "features"
@@ -196,9 +184,8 @@ def build_gallery_index(
         rerank = np.ascontiguousarray(emb["img_common"][rows], dtype=np.float32)
     index = build_index_from_config(img, cfg.index)
     out = save_index(index, names, out)
-    np.save(out / RERANK_FEATS_FILE, rerank)
     record = {
-        "checkpoint": str(ckpt_dir.resolve()),
+        "checkpoint": ckpt_dir if artifacts.is_remote(ckpt_dir) else str(Path(ckpt_dir).resolve()),
         "shards": [str(p) for p in paths],
         "data_kind": cfg.data.kind,
         "count": len(names),
@@ -208,45 +195,8 @@ def build_gallery_index(
         "rerank_features": "image_feat" if features else "image_embedding",
         "rerank_dim": int(rerank.shape[1]),
     }
-    (out / GALLERY_FILE).write_text(json.dumps(record, indent=2))
+    artifacts.write_gallery(out, record, rerank)
     print(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
           f"[{cfg.index.kind}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s",
           flush=True)
     return record
-
-
-def _flatten(nested: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in nested.items():
-        if isinstance(v, dict) and k not in ("space", "hf_config"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``raycmr index``."""
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir (or run dir: newest one)")
-    p.add_argument("--split", default="test",
-                   help="test, val, or shard paths (comma-separated) holding the gallery")
-    p.add_argument("--out", required=True, help="index directory to write")
-    p.add_argument("--kind", default=None, choices=["flat", "ivf", "hnsw"],
-                   help="index kind (default: the checkpoint config's index.kind)")
-    p.add_argument("--num-actors", type=int, default=2, help="Ray Data embedding actors")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per embedding batch")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. index.nlist=256")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``raycmr index``."""
-    from raycmr.data.paths import ShardReadError
-    from raycmr.data.schema import ShardSchemaError
-
-    try:
-        build_gallery_index(args.checkpoint, args.split, args.out, kind=args.kind,
-                            overrides=args.overrides, num_actors=args.num_actors,
-                            batch_size=args.batch_size)
-    except (ShardReadError, ShardSchemaError) as exc:
-        raise ConfigError(str(exc)) from None
-    return 0

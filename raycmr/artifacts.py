@@ -1,0 +1,247 @@
+"""What raycmr writes and reads back: checkpoint exports and index folders.
+
+Every location is a local path or an object-store URI (``s3://``, ``gs://``, ``file://``),
+opened through ``pyarrow.fs``; train, eval, ``raycmr index``, the reranker and the Serve app all
+read a model through here, never through the trainer.
+
+A checkpoint directory (one per report, written by every worker and merged by Ray Train)::
+
+    ds/            DeepSpeed engine state (train/checkpoint.py; only training reads it)
+    model.pt       the dual encoder's full state dict, loadable without DeepSpeed (rank 0)
+    config.yaml    the config the run used (rank 0)
+    state.json     epoch, global step, samples seen, metrics at save time (rank 0)
+
+An index folder (``raycmr index``)::
+
+    index.faiss, ids.parquet, meta.json   the FAISS index (serialised bytes), its id table
+                                          (``row`` int64 -> ``id`` string) and its kind, dim,
+                                          count, metric and build/search parameters
+    rerank_feats.npy                      [N, F] float32: what the reranker sees of image row i
+    gallery.json                          checkpoint, shards, count, dims, rerank vector kind
+    reranker/                             optional: the slow stage served next to the index
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import yaml
+
+from raycmr.config import Config, ConfigError, config_from_dict
+
+if TYPE_CHECKING:
+    import torch
+
+    from raycmr.models.dual_encoder import DualEncoder
+
+MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.pt", "config.yaml", "state.json"
+CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE)
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
+GALLERY_FILE, RERANK_FEATS_FILE, RERANKER_SUBDIR = "gallery.json", "rerank_feats.npy", "reranker"
+INDEX_FILES = (INDEX_FILE, IDS_FILE, META_FILE, GALLERY_FILE, RERANK_FEATS_FILE)
+
+
+# ------------------------------------------------------------------------------------ locations
+
+
+def split(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a ``scheme://`` URI."""
+    uri = str(uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:  # ArrowInvalid is a ValueError
+        raise ConfigError(f"cannot open filesystem for '{uri}': {exc}") from None
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for object-store URIs (anything ``scheme://`` except ``file://``)."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def join(uri: str | Path, name: str) -> str:
+    """``uri/name`` for paths and URIs alike."""
+    return str(uri).rstrip("/") + "/" + name
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = split(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    fs, path = split(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def read_text(uri: str | Path) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``uri``, creating its parent directory."""
+    fs, path = split(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def require(uri: str, files: tuple[str, ...], what: str, fix: str) -> None:
+    """:class:`ConfigError` naming ``uri`` unless it exists and holds every one of ``files``."""
+    if not exists(uri):
+        raise ConfigError(f"{what} '{uri}' does not exist; {fix}")
+    missing = [f for f in files if not exists(join(uri, f))]
+    if missing:
+        raise ConfigError(f"{what} '{uri}' is missing {', '.join(missing)}; {fix}")
+
+
+def local_dir(uri: str | Path) -> Path:
+    """A local directory holding ``uri``'s files: the path itself, or a fresh copy of a remote
+    directory in a temporary directory."""
+    if not is_remote(uri):
+        return Path(str(uri).removeprefix("file://")).expanduser()
+    fs, path = split(uri)
+    dest = Path(tempfile.mkdtemp(prefix="raycmr-"))
+    pafs.copy_files(path, str(dest), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+# ---------------------------------------------------------------------------- checkpoint exports
+
+
+def write_export(directory: str | Path, encoder_state: dict[str, torch.Tensor], cfg: Config,
+                 state: dict[str, Any]) -> None:
+    """The DeepSpeed-free part of a checkpoint: ``model.pt``, ``config.yaml``, ``state.json``."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(encoder_state, buffer)
+    write_bytes(join(directory, MODEL_FILE), buffer.getvalue())
+    write_bytes(join(directory, CONFIG_FILE), cfg.to_yaml().encode())
+    write_bytes(join(directory, STATE_FILE),
+                json.dumps(state, indent=2, default=float).encode())
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint ({} when it has none)."""
+    uri = join(directory, STATE_FILE)
+    return json.loads(read_text(uri)) if exists(uri) else {}
+
+
+def find_checkpoint(uri: str | Path) -> str:
+    """Accept a checkpoint dir, or a run dir (then its newest ``checkpoint_*`` holding a model);
+    local or remote. Returns the checkpoint dir (a local path or the URI)."""
+    uri = str(uri)
+    if not is_remote(uri):
+        uri = str(Path(uri.removeprefix("file://")).expanduser())
+    if exists(join(uri, MODEL_FILE)):
+        return uri
+    fs, path = split(uri)
+    infos = []
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(path))
+                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                 and fs.get_file_info(i.path + "/" + MODEL_FILE).type == pafs.FileType.File]
+    if not infos:
+        raise ConfigError(
+            f"no raycmr checkpoint at '{uri}': give a checkpoint dir holding {MODEL_FILE} "
+            "or a run dir holding checkpoint_* dirs"
+        )
+    newest = max(infos, key=lambda i: (i.mtime_ns or 0, i.base_name))
+    return join(uri, newest.base_name)
+
+
+def read_config(checkpoint: str | Path) -> Config:
+    """The config a checkpoint was trained with."""
+    return config_from_dict(yaml.safe_load(read_text(join(find_checkpoint(checkpoint),
+                                                          CONFIG_FILE))))
+
+
+def load_exported(checkpoint: str | Path) -> tuple[DualEncoder, Config]:
+    """The trained dual encoder (eval mode, CPU) and its config, without DeepSpeed."""
+    import torch
+
+    from raycmr.models.dual_encoder import DualEncoder
+
+    directory = find_checkpoint(checkpoint)
+    cfg = read_config(directory)
+    model = DualEncoder(cfg.model, temperature=cfg.loss.temperature)
+    state = torch.load(io.BytesIO(read_bytes(join(directory, MODEL_FILE))), map_location="cpu")
+    model.load_state_dict(state)
+    model.eval()
+    return model, cfg
+
+
+# --------------------------------------------------------------------------------- index folders
+
+
+def write_index_folder(directory: str | Path, index_bytes: bytes, ids: list[str],
+                       meta: dict[str, Any]) -> str:
+    """Write ``index.faiss`` (serialised index), ``ids.parquet`` and ``meta.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory = str(directory)
+    write_bytes(join(directory, INDEX_FILE), index_bytes)
+    table = pa.table({"row": pa.array(np.arange(len(ids), dtype=np.int64)),
+                      "id": pa.array([str(i) for i in ids], type=pa.string())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(join(directory, IDS_FILE), sink.getvalue().to_pybytes())
+    write_bytes(join(directory, META_FILE), json.dumps(meta, indent=2).encode())
+    return directory
+
+
+def read_index_folder(directory: str | Path) -> tuple[bytes, list[str], dict[str, Any]]:
+    """``(serialised index, ids in row order, meta)`` of a folder written by
+    :func:`write_index_folder`; FileNotFoundError naming what is missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    missing = [f for f in (INDEX_FILE, IDS_FILE, META_FILE) if not exists(join(directory, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} is not a raycmr index directory: missing {', '.join(missing)} (build "
+            "one with `raycmr index` or save_index)"
+        )
+    meta = json.loads(read_text(join(directory, META_FILE)))
+    table = pq.read_table(pa.BufferReader(read_bytes(join(directory, IDS_FILE))))
+    rows = table.column("row").to_numpy()
+    ids = table.column("id").to_pylist()
+    if not np.array_equal(rows, np.arange(len(ids))):
+        order = np.argsort(rows, kind="stable")
+        ids = [ids[i] for i in order]
+    return read_bytes(join(directory, INDEX_FILE)), ids, meta
+
+
+def write_gallery(directory: str | Path, record: dict[str, Any], rerank_feats: np.ndarray) -> None:
+    """``gallery.json`` and ``rerank_feats.npy`` next to an index."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(rerank_feats, dtype=np.float32))
+    write_bytes(join(directory, RERANK_FEATS_FILE), buffer.getvalue())
+    write_bytes(join(directory, GALLERY_FILE), json.dumps(record, indent=2).encode())
+
+
+def read_gallery(directory: str | Path) -> dict[str, Any]:
+    return json.loads(read_text(join(directory, GALLERY_FILE)))
+
+
+def read_index_meta(directory: str | Path) -> dict[str, Any]:
+    return json.loads(read_text(join(directory, META_FILE)))
+
+
+def read_rerank_feats(directory: str | Path) -> np.ndarray:
+    """``rerank_feats.npy`` of an index folder (memory-mapped when local)."""
+    uri = join(directory, RERANK_FEATS_FILE)
+    if is_remote(uri):
+        return np.load(io.BytesIO(read_bytes(uri)))
+    return np.load(local_dir(directory) / RERANK_FEATS_FILE, mmap_mode="r")

@@ -1,0 +1,30 @@
+"""A checkpoint's retrieval report on a split: embedded by Ray Data batch inference."""
+
+from __future__ import annotations
+
+from raycmr.config import ConfigError
+
+
+def evaluate_checkpoint(checkpoint: str, split: str | None = None,
+                        overrides: list[str] | None = None,
+                        num_actors: int = 2) -> dict[str, float]:
+    """Embed ``split`` ("val" or "test"; None: the checkpoint config's ``eval.split``) of a
+    checkpoint's shards with Ray Data actors and compute its retrieval report
+    (:func:`raycmr.evaluate.summary.evaluate_embeddings`). Dotted ``overrides`` apply to the
+    checkpoint's config (e.g. ``data.test=[other/test]``)."""
+    from raycmr.artifacts import load_exported
+    from raycmr.config import apply_overrides
+    from raycmr.evaluate.embedding import embed_split
+    from raycmr.evaluate.summary import evaluate_embeddings
+    from raycmr.runtime import init_ray
+
+    model, cfg = load_exported(checkpoint)
+    cfg = apply_overrides(cfg, overrides or [])
+    split = split or cfg.eval.split
+    paths = cfg.data.test if split == "test" else cfg.data.val
+    if not paths:
+        raise ConfigError(f"the checkpoint's config has no data.{split} shards: "
+                          f"pass data.{split}=[PATH]")
+    init_ray(min_cpus=num_actors + 1)
+    emb = embed_split(paths, cfg, model.state_dict(), num_actors=num_actors)
+    return evaluate_embeddings(emb)
