@@ -42,6 +42,9 @@ class DataConfig:
     # Ray Data's Parquet read path: "v1" (ParquetDatasource: 16x faster start in
     # benchmarks/bench_ingest.py on Ray 2.60), "v2" (Ray 2.60's default) or "ray_default".
     parquet_reader: Literal["v1", "v2", "ray_default"] = "v1"
+    # CPUs kept free for Ray Data's read/preprocess tasks beside the training workers: checked
+    # against the cluster before training (raycmr.resources), added to a local cluster's size.
+    reserved_cpus: float = 2.0
 
 
 @dataclass
@@ -129,6 +132,9 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Custom resources each worker needs, e.g. {raycmr_worker: 1} on cluster/local_multinode.sh,
+    # whose nodes offer one each: one training worker per node.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     batch_size: int = 64  # per worker, per micro-step
     grad_accum: int = 1
     epochs: int = 3
@@ -142,7 +148,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every_epochs: int = 1
     num_to_keep: int = 2
-    storage_path: str = "runs"  # local dir, NFS or s3:// gs://
+    # local dir, NFS or s3:// gs://; when joining a cluster (RAY_ADDRESS, `ray job submit`) an
+    # absolute path every node shares or a URI (a relative one is refused)
+    storage_path: str = "runs"
     name: str = ""  # run name; empty = generated
     resume_from: str = ""  # a checkpoint dir to continue from
     max_failures: int = 1  # automatic restarts after a worker failure
@@ -438,11 +446,16 @@ def _validate_serve(s: ServeConfig) -> None:
 def validate(cfg: Config) -> None:
     """Checks across keys and of ranges (choices are checked by their Literal types)."""
     _validate_serve(cfg.serve)
-    positive = ["train.num_workers", "train.batch_size", "train.grad_accum", "model.embed_dim",
-                "data.image_size", "data.max_text_len"]
+    positive = ["train.num_workers", "train.batch_size", "train.grad_accum", "train.epochs",
+                "model.embed_dim", "data.image_size", "data.max_text_len"]
     for key in positive:
         if cfg.get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {cfg.get(key)}")
+    if cfg.data.reserved_cpus < 0:
+        raise ConfigError(f"data.reserved_cpus must be >= 0, got {cfg.data.reserved_cpus}")
+    for name, amount in cfg.train.worker_resources.items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+            raise ConfigError(f"train.worker_resources.{name} must be a number >= 0, got {amount!r}")
     if cfg.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
     if cfg.data.kind == "features":

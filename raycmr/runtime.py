@@ -3,8 +3,35 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ray
+
+from raycmr.config import ConfigError
+
+
+def joining_cluster() -> bool:
+    """True when raycmr joins an existing cluster (RAY_ADDRESS set, as under ``ray job submit``)
+    instead of starting a local one."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def cluster_storage_path(path: str, key: str) -> str:
+    """``path`` (a run/output location that workers write to) as Ray should get it: an absolute
+    local path or a URI.
+
+    When joining a cluster a relative path is refused: under ``ray job submit`` it would resolve
+    inside the job's temporary working-dir copy (``/tmp/ray/session_*/runtime_resources/...``),
+    which Ray deletes, and other nodes could not see it anyway."""
+    if "://" in path:
+        return path
+    if joining_cluster() and not Path(path).expanduser().is_absolute():
+        raise ConfigError(
+            f"{key}={path!r} is relative: on a Ray cluster it would land in the job's temporary "
+            f"working-dir copy; set {key} to an absolute path on storage every node shares "
+            f"(e.g. {key}=/mnt/shared/runs) or a URI ({key}=s3://bucket/runs)"
+        )
+    return str(Path(path).expanduser().resolve())
 
 
 def init_ray(min_cpus: float = 0) -> None:

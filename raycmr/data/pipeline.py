@@ -178,5 +178,7 @@ def count_rows(paths: list[str] | str) -> int:
             else:
                 total += pq.ParquetFile(inner, filesystem=fs).metadata.num_rows
         except (OSError, ValueError, tarfile.TarError) as exc:
-            raise ShardReadError(f"shard file '{file}' cannot be read ({exc})") from None
+            raise ShardReadError(
+                f"shard file '{file}' cannot be read ({exc}); it may be truncated: rewrite it "
+                "(raycmr shards ...) or remove it from the split") from None
     return total

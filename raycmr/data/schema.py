@@ -82,8 +82,9 @@ def read_parquet_schema(path: str) -> pa.Schema:
         raise ShardReadError(f"shard file '{path}' does not exist") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ShardReadError(
-            f"shard file '{path}' is not a readable Parquet file ({exc}); "
-            "check the path or set data.format"
+            f"shard file '{path}' is not a readable Parquet file ({exc}); it may be truncated "
+            "or not Parquet: rewrite it (raycmr shards ...) or remove it from the split, "
+            "or set data.format"
         ) from None
 
 
@@ -180,6 +181,9 @@ def check_shards(paths: list[str] | str, kind: str, fmt: str = "auto") -> ShardI
     fmt = detect_format(files, fmt)
     if fmt == "webdataset":
         return ShardInfo(files, fmt, check_webdataset(files[0], kind))
-    schema = read_parquet_schema(files[0])
-    check_schema(schema, kind, files[0])
-    return ShardInfo(files, fmt, list(schema.names))
+    # every file's footer: a truncated shard or one missing a column anywhere in the split is
+    # named here, on the driver, rather than failing inside a Ray Data task mid-epoch
+    schemas = [read_parquet_schema(f) for f in files]
+    for file, schema in zip(files, schemas, strict=True):
+        check_schema(schema, kind, file)
+    return ShardInfo(files, fmt, list(schemas[0].names))

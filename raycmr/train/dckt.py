@@ -297,10 +297,13 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
 def run_dckt(cfg: Config, *, name: str | None = None) -> DCKTResult:
     """Round 0 (MMD off) then ``dckt.rounds`` transfer rounds; returns every round's record.
     Joins the Ray cluster of RAY_ADDRESS or starts a local one."""
-    from raycmr.runtime import init_ray
+    from raycmr.resources import check_cluster_fits, training_demand
+    from raycmr.runtime import cluster_storage_path, init_ray
 
+    cluster_storage_path(cfg.train.storage_path, "train.storage_path")  # refuse before Ray starts
     cfg, plan = plan_dckt(cfg)
-    init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)
+    init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
+    check_cluster_fits(training_demand(cfg))
     name = name or run_name(cfg)
     root = _storage_root(cfg, name)
     if "://" not in root and any(Path(root).glob("round*")):

@@ -36,6 +36,7 @@ from raycmr.config import Config, config_from_dict
 from raycmr.data.pipeline import iter_worker_batches
 from raycmr.train import checkpoint as ckpt
 from raycmr.train.deepspeed_config import deepspeed_config
+from raycmr.train.placement import worker_nodes
 from raycmr.train.tasks import StepInfo, Task, make_task
 
 T = TypeVar("T")
@@ -151,6 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         print(f"[{task.log_name}] resumed at epoch {epoch_offset + start_epoch}, step "
               f"{engine.global_steps}", flush=True)
 
+    nodes = worker_nodes()
     shards = {name: ray.train.get_dataset_shard(name) for name in task.train_splits}
     val_shard = _dataset_shard("val")
     task.setup(shards, seed)
@@ -207,7 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lr=float(engine.get_lr()[0]), epoch_time_s=epoch_time,
             samples_per_s=rows_epoch / max(epoch_time, 1e-9),
             repeated_batches=sum(p[2] for p in parts_all),
-            dropped_records=sum(dropped_all.values()),
+            dropped_records=sum(dropped_all.values()), worker_nodes=nodes,
             **{f"dropped_{r}": c for r, c in sorted(dropped_all.items())},
         )
         metrics.update(task.epoch_metrics(epoch + 1))
@@ -220,18 +222,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch + 1 == epochs or engine.global_steps >= total_steps
         if save_now:
             report_with_checkpoint(engine, task, cfg, metrics, client_state)
+            _maybe_inject_failure(loop_config.get("inject_failure"), engine.global_steps,
+                                  after_checkpoint=True)
         else:
             ray.train.report(metrics)
 
 
-def _maybe_inject_failure(spec: dict[str, Any] | None, step: int) -> None:
-    """Fault-injection for tests of automatic recovery: fail once, at ``spec["step"]``, on
-    rank 0 (a marker file remembers that it happened)."""
-    if not spec or step != spec["step"] or distributed.rank() != 0:
+def _maybe_inject_failure(spec: dict[str, Any] | None, step: int, *,
+                          after_checkpoint: bool = False) -> None:
+    """Fault-injection for tests of automatic recovery: fail once, at ``spec["step"]``, on rank
+    ``spec.get("rank", 0)`` (a marker file remembers that it happened). With
+    ``spec["after_checkpoint"]`` the worker process dies at once (``os._exit``, as if killed)
+    right after reporting the checkpoint of that step, before Ray Train can register it."""
+    if (not spec or step != spec["step"] or distributed.rank() != spec.get("rank", 0)
+            or bool(spec.get("after_checkpoint")) != after_checkpoint):
         return
     marker = Path(spec["marker"])
     if not marker.exists():
         marker.write_text(str(step))
+        if after_checkpoint:
+            os._exit(1)
         raise RuntimeError(f"injected worker failure at step {step}")
 
 

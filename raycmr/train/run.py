@@ -8,7 +8,9 @@ from raycmr.config import Config
 def train(cfg: Config):
     """Run training to the end; returns Ray Train's Result (metrics, checkpoint, path), or with
     ``dckt.enabled`` the DCKT rounds' :class:`~raycmr.train.dckt.DCKTResult` (same fields)."""
-    from raycmr.runtime import init_ray
+    from raycmr.resources import check_cluster_fits, training_demand
+    from raycmr.runtime import cluster_storage_path, init_ray
+    from raycmr.train.orphans import remove_unregistered_checkpoints
 
     if cfg.dckt.enabled:
         from raycmr.train.dckt import run_dckt
@@ -16,5 +18,10 @@ def train(cfg: Config):
         return run_dckt(cfg)
     from raycmr.train.trainer import build_trainer
 
-    init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)
-    return build_trainer(cfg).fit()
+    cluster_storage_path(cfg.train.storage_path, "train.storage_path")  # refuse before Ray starts
+    init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
+    check_cluster_fits(training_demand(cfg))
+    result = build_trainer(cfg).fit()
+    for path in remove_unregistered_checkpoints(result):
+        print(f"[raycmr] removed {path}: a checkpoint a failed worker left unregistered")
+    return result

@@ -8,7 +8,6 @@ trial) builds its datasets here; DCKT's rounds (:mod:`raycmr.train.dckt`) pass t
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from raycmr.config import Config, ConfigError
@@ -16,8 +15,11 @@ from raycmr.data.pipeline import build_dataset, count_rows
 
 
 def absolute_storage_path(path: str) -> str:
-    """Ray Train wants an absolute local path or a URI (s3://, gs://, ...)."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    """Ray Train wants an absolute local path or a URI (s3://, gs://, ...); a relative path is
+    refused when joining a cluster (:func:`raycmr.runtime.cluster_storage_path`)."""
+    from raycmr.runtime import cluster_storage_path
+
+    return cluster_storage_path(path, "train.storage_path")
 
 
 def run_name(cfg: Config) -> str:
@@ -101,7 +103,8 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         callbacks=callbacks,
     )
-    worker_resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    worker_resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker,
+                                          **cfg.train.worker_resources}
     if cfg.train.use_gpu:
         worker_resources["GPU"] = 1
     from raycmr.train.loop import train_loop_per_worker

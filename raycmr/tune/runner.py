@@ -57,8 +57,10 @@ def absolute(path: str) -> str:
 
 def experiment_path(cfg: Config) -> str:
     """``tune.storage_path/tune.name`` as an absolute path or URI (name generated when empty)."""
+    from raycmr.runtime import cluster_storage_path
+
     name = cfg.tune.name or time.strftime("tune-%Y%m%d-%H%M%S")
-    return _join(absolute(cfg.tune.storage_path), name)
+    return _join(cluster_storage_path(cfg.tune.storage_path, "tune.storage_path"), name)
 
 
 def _write_text(path: str, text: str) -> None:
