@@ -3,11 +3,17 @@
 # raylet with its own --temp-dir, port block and CPU count. Use it to exercise multi-node paths
 # (placement across nodes, streaming split, checkpoint sync) without a real cluster.
 #
-#   bash cluster/local_multinode.sh up [--workers N] [--head-cpus N] [--worker-cpus M]
+#   bash cluster/local_multinode.sh up [--workers N] [--head-cpus N] [--worker-cpus M] [--slots K]
+#   RAYCMR_WORKER_RESOURCES='{raycmr_worker: 1}' bash jobs/submit_quickstart.sh /tmp/raycmr-shared
 #   eval "$(bash cluster/local_multinode.sh env)"     # export RAY_ADDRESS for raycmr / drivers
-#   raycmr train --config quickstart train.num_workers=2
 #   bash cluster/local_multinode.sh status
+#   bash cluster/local_multinode.sh kill-node NODE_ID   # kill one node's processes (failure tests)
 #   bash cluster/local_multinode.sh down
+#
+# One training worker per node: every node (head included) offers K (default 1) units of the
+# custom resource `raycmr_worker`; a run with train.worker_resources={raycmr_worker: 1} takes
+# one unit per worker, so its workers land on different nodes (3 nodes: one spare for a restart
+# after a node dies).
 #
 # Isolation from other Ray users on the same machine: every node's --temp-dir lies under
 # $RAYCMR_LOCAL_DIR (so /tmp/ray/ray_current_cluster is never written and a bare `ray.init()`
@@ -44,8 +50,8 @@ AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_AUTH_MODE="$AUTH_MODE"
 
 usage() {
-  echo "usage: bash cluster/local_multinode.sh up|down|status|env [up options]"
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  echo "usage: bash cluster/local_multinode.sh up|down|status|env|kill-node [options]"
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
@@ -64,10 +70,23 @@ node_port_args() {
 # (raylet, gcs_server, dashboard, ...) or that hold a file open under one (log files; this finds
 # the agents and workers, which rename themselves `ray::...`, and the Ray client server).
 cluster_pids() {
-  local pid cmd uid
+  node_pids "n[0-9]*"
+}
+
+# PIDs of the processes of the node(s) whose temp dir under $ROOT matches the name pattern $1
+# (a shell glob such as n2 or n[0-9]*).
+node_pids() {
+  local pid cmd uid dir
   uid=$(id -u)
-  { pgrep -u "$uid" -f -- "$ROOT/n[0-9]" || true
-    find /proc/[0-9]*/fd -maxdepth 1 -lname "$ROOT/n[0-9]*/*" 2>/dev/null | cut -d/ -f3
+  { pgrep -u "$uid" -f -- "$ROOT/n" | while read -r pid; do
+      cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
+      for dir in $cmd; do
+        dir=${dir#*=}
+        # shellcheck disable=SC2053
+        [[ "$dir" == $ROOT/$1 || "$dir" == $ROOT/$1/* ]] && { echo "$pid"; break; }
+      done
+    done
+    find /proc/[0-9]*/fd -maxdepth 1 -lname "$ROOT/$1/*" 2>/dev/null | cut -d/ -f3
   } | sort -un | while read -r pid; do
     [[ "$pid" == "$$" ]] && continue
     [[ "$(stat -c %u "/proc/$pid" 2>/dev/null)" == "$uid" ]] || continue
@@ -82,18 +101,19 @@ head_address() {
 }
 
 cmd_up() {
-  local workers=2 head_cpus=1 worker_cpus=2
+  local workers=2 head_cpus=2 worker_cpus=2 slots=1
   while [[ $# -gt 0 ]]; do
     case "$1" in
+      --slots) slots="${2:-}"; shift $(($# > 1 ? 2 : 1)) ;;
       --workers) workers="${2:-}"; shift $(($# > 1 ? 2 : 1)) ;;
       --head-cpus) head_cpus="${2:-}"; shift $(($# > 1 ? 2 : 1)) ;;
       --worker-cpus) worker_cpus="${2:-}"; shift $(($# > 1 ? 2 : 1)) ;;
       -h|--help) usage ;;
-      *) die "unknown option '$1' for up (use --workers, --head-cpus, --worker-cpus)" ;;
+      *) die "unknown option '$1' for up (use --workers, --head-cpus, --worker-cpus, --slots)" ;;
     esac
   done
   local n
-  for n in "workers=$workers" "head-cpus=$head_cpus" "worker-cpus=$worker_cpus"; do
+  for n in "workers=$workers" "head-cpus=$head_cpus" "worker-cpus=$worker_cpus" "slots=$slots"; do
     [[ "${n#*=}" =~ ^[0-9]+$ ]] || die "--${n%%=*} must be a whole number, got '${n#*=}'"
   done
   [[ -z "$(cluster_pids)" ]] || die "a cluster is already running under $ROOT: run 'down' first"
@@ -105,9 +125,11 @@ cmd_up() {
   local store=$((OBJECT_STORE_MB * 1024 * 1024))
   rm -f "$ADDRESS_FILE"
   mkdir -p "$ROOT/logs"
-  echo "starting head: $head_cpus CPU(s), GCS port $HEAD_PORT, temp dir $ROOT/n0"
+  echo "starting head: $head_cpus CPU(s), $slots raycmr_worker, GCS port $HEAD_PORT, temp dir $ROOT/n0"
   # shellcheck disable=SC2046
+  local resources="{\"raycmr_worker\": $slots}"
   "$RAY" start --head --port "$HEAD_PORT" --num-cpus "$head_cpus" --num-gpus 0 \
+    --resources "$resources" \
     --include-dashboard "$DASHBOARD" --dashboard-port "$DASHBOARD_PORT" \
     --ray-client-server-port "$CLIENT_PORT" --object-store-memory "$store" \
     --temp-dir "$ROOT/n0" --disable-usage-stats $(node_port_args 0) >"$ROOT/logs/n0.start.log" 2>&1 \
@@ -118,9 +140,10 @@ cmd_up() {
 
   local i
   for ((i = 1; i <= workers; i++)); do
-    echo "starting worker node $i: $worker_cpus CPU(s), temp dir $ROOT/n$i"
+    echo "starting worker node $i: $worker_cpus CPU(s), $slots raycmr_worker, temp dir $ROOT/n$i"
     # shellcheck disable=SC2046
     "$RAY" start --address "$address" --num-cpus "$worker_cpus" --num-gpus 0 \
+      --resources "$resources" \
       --object-store-memory "$store" --temp-dir "$ROOT/n$i" --disable-usage-stats \
       $(node_port_args "$i") >"$ROOT/logs/n$i.start.log" 2>&1 \
       || { cat "$ROOT/logs/n$i.start.log" >&2; cmd_down >/dev/null 2>&1 || true
@@ -143,8 +166,9 @@ cmd_up() {
   echo
   echo "  export RAY_ADDRESS=$address RAY_AUTH_MODE=$AUTH_MODE   # raycmr train / eval, drivers"
   if [[ "$DASHBOARD" == "true" ]]; then
-    echo "  ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --runtime-env jobs/runtime_env.yaml \\"
-    echo "      -- raycmr train --config quickstart train.num_workers=2"
+    echo "  # shards + training as Ray jobs, one worker per node, all files under a shared dir:"
+    echo "  RAY_DASHBOARD_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=$AUTH_MODE \\"
+    echo "  RAYCMR_WORKER_RESOURCES='{raycmr_worker: 1}' bash jobs/submit_quickstart.sh $ROOT/shared"
   fi
   echo "  bash cluster/local_multinode.sh down      # when done"
 }
@@ -161,6 +185,31 @@ from ray.core.generated.gcs_pb2 import GcsNodeInfo
 nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=5).values()
 print(sum(1 for n in nodes if n.state == GcsNodeInfo.GcsNodeState.ALIVE))
 EOF
+}
+
+# Kill every process of the node whose Ray node id is $1 (SIGKILL, as a machine that dies):
+# the node is found by its node-manager port, which fixes its index i and temp dir $ROOT/n$i.
+cmd_kill_node() {
+  local node_id="${1:-}" address port i py pids
+  [[ -n "$node_id" ]] || die "usage: kill-node NODE_ID (see 'ray list nodes' or a run's worker_nodes)"
+  address=$(head_address) || die "no cluster running under $ROOT: run 'up' first"
+  py="$(dirname "$(command -v "$RAY")")/python"
+  [[ -x "$py" ]] || py=python
+  port=$("$py" -c '
+import sys
+from ray._raylet import GcsClient
+for node_id, info in GcsClient(address=sys.argv[1]).get_all_node_info(timeout=5).items():
+    if node_id.hex() == sys.argv[2]:
+        print(info.node_manager_port)
+' "$address" "$node_id")
+  [[ -n "$port" ]] || die "no node with id $node_id in the cluster at $address"
+  i=$(( (port - PORT_BASE) / 1000 ))
+  [[ "$i" -ge 1 ]] || die "node $node_id is the head node: kill a worker node, or use 'down'"
+  pids=$(node_pids "n$i")
+  [[ -n "$pids" ]] || die "no processes found for node $i ($ROOT/n$i)"
+  # shellcheck disable=SC2086
+  kill -KILL $pids 2>/dev/null || true
+  echo "killed node $i ($node_id): $(echo "$pids" | wc -w) process(es)"
 }
 
 cmd_env() {
@@ -208,6 +257,7 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
+  kill-node) shift; cmd_kill_node "$@" ;;
   -h|--help|help) usage ;;
   *) usage 1 ;;
 esac
