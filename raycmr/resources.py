@@ -104,9 +104,10 @@ def missing_resources(demand: Demand, nodes: list[dict[str, float]],
     unplaced = _place(demand.bundles, left)
     if unplaced is not None:
         label = demand.labels[unplaced] if demand.labels else "one actor"
-        largest = max(nodes, key=lambda n: sum(n.get(k, 0.0) for k in demand.bundles[unplaced]))
-        return (f"{_fmt(demand.bundles[unplaced])} on a single node for {label} "
-                f"(the largest node has {_fmt({k: largest.get(k, 0.0) for k in demand.bundles[unplaced]})})")
+        bundle = demand.bundles[unplaced]
+        best = max(left, key=lambda n: sum(min(n.get(k, 0.0), v) / v for k, v in bundle.items() if v))
+        return (f"{_fmt(bundle)} on a single node for {label} "
+                f"(at most {_fmt({k: best.get(k, 0.0) for k in bundle})} left on any node)")
     free = sum(n.get("CPU", 0.0) for n in left)
     if free < demand.free_cpus - 1e-9:
         return f"{demand.free_cpus:g} free CPU beside the actors (only {free:g} left)"

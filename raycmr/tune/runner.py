@@ -203,9 +203,9 @@ def start(cfg: Config, *, path: str | None = None, on_start=None) -> Experiment:
     from raycmr.train.trainer import validation_metric
 
     cfg = with_absolute_paths(cfg)  # each trial runs in its own working directory
+    path = path or experiment_path(cfg)
     specs = check_tune_settings(cfg)
     check_data(cfg)
-    path = path or experiment_path(cfg)
     if tune.Tuner.can_restore(path):
         raise ConfigError(f"'{path}' already holds a Tune experiment: continue it with "
                           f"`raycmr tune --resume {path}` or set another tune.name")

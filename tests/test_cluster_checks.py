@@ -1,0 +1,157 @@
+"""Checks made before any Ray work: resources, paths that must survive the trip to a cluster,
+bad settings and bad shards, each stopping with one line that names the problem and the fix."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from raycmr.cli import main
+from raycmr.config import ConfigError, load_config
+from raycmr.data.synthetic import write_synthetic_splits
+from raycmr.resources import ClusterTooSmall, Demand, check_cluster_fits, missing_resources
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------- resource arithmetic
+
+
+def test_two_workers_and_ray_data_do_not_fit_a_two_cpu_head():
+    # the hang of issue 10: 2 workers x 1 CPU + 2 CPUs for Ray Data on a default 2-CPU head
+    demand = Demand(bundles=[{"CPU": 1.0}] * 2, free_cpus=2.0)
+    assert missing_resources(demand, [{"CPU": 2.0}]) == "4 CPU in total (the cluster has 2)"
+    assert missing_resources(demand, [{"CPU": 4.0}]) is None
+
+
+def test_each_worker_must_fit_on_one_node():
+    demand = Demand(bundles=[{"CPU": 2.0, "GPU": 1.0}] * 2, labels=["worker 0", "worker 1"])
+    # 4 CPUs and 2 GPUs in total, but no node holds 2 CPUs beside its GPU
+    nodes = [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0}]
+    assert missing_resources(demand, nodes) == (
+        "{CPU: 2, GPU: 1} on a single node for worker 0 (at most {CPU: 1, GPU: 1} left on any node)")
+    assert missing_resources(demand, [{"CPU": 2.0, "GPU": 1.0}] * 2) is None
+
+
+def test_free_cpus_are_counted_after_placing_the_workers():
+    demand = Demand(bundles=[{"CPU": 2.0, "raycmr_worker": 1.0}] * 2, free_cpus=1.0)
+    nodes = [{"CPU": 2.0, "raycmr_worker": 1.0}, {"CPU": 2.0, "raycmr_worker": 1.0},
+             {"CPU": 0.5}]
+    # 4.5 CPUs >= 5 needed? no: the totals already fall short by 0.5
+    assert missing_resources(demand, nodes) == "5 CPU in total (the cluster has 4.5)"
+    nodes[2]["CPU"] = 1.0
+    assert missing_resources(demand, nodes) is None
+    # CPUs only on the worker nodes: placed workers leave none free there
+    nodes = [{"CPU": 2.5, "raycmr_worker": 1.0}, {"CPU": 2.5, "raycmr_worker": 1.0}]
+    assert missing_resources(demand, nodes) is None
+    nodes = [{"CPU": 3.0, "raycmr_worker": 2.0}, {"CPU": 2.0}]
+    assert missing_resources(demand, nodes) == (
+        "{CPU: 2, raycmr_worker: 1} on a single node for one actor "
+        "(at most {CPU: 1, raycmr_worker: 1} left on any node)")
+
+
+def test_an_autoscaler_maximum_replaces_the_current_nodes():
+    demand = Demand(bundles=[{"CPU": 4.0, "GPU": 1.0}] * 4, free_cpus=2.0)
+    head = [{"CPU": 2.0}]
+    assert missing_resources(demand, head, {"CPU": 64.0, "GPU": 8.0}) is None
+    assert missing_resources(demand, head, {"CPU": 64.0, "GPU": 2.0}) == (
+        "4 GPU (the autoscaler's maximum is 2)")
+
+
+def test_the_connected_cluster_is_checked(ray_cluster):
+    # the session cluster: 8 CPUs, no GPU
+    check_cluster_fits(Demand(bundles=[{"CPU": 1.0}] * 2, free_cpus=6.0))
+    with pytest.raises(ClusterTooSmall) as exc:
+        check_cluster_fits(Demand(bundles=[{"CPU": 1.0, "GPU": 1.0}] * 2, what="training",
+                                  settings="train.use_gpu"))
+    assert str(exc.value) == (
+        "the Ray cluster is too small for training: it needs 2 GPU in total (the cluster has 0); "
+        "change train.use_gpu, or add nodes (ray start --address ...)")
+
+
+def test_train_stops_in_one_line_when_the_cluster_cannot_fit_it(ray_cluster, tmp_path, capsys):
+    code = main(["train", "--config", "quickstart", "train.num_workers=7",
+                 f"train.storage_path={tmp_path}/runs"])
+    lines = _error_lines(capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == (
+        "raycmr: error: the Ray cluster is too small for training (7 workers x {CPU: 1} + 2 CPU "
+        "for Ray Data): it needs 9 CPU in total (the cluster has 8); change train.num_workers, "
+        "train.cpus_per_worker, train.use_gpu, train.worker_resources, data.reserved_cpus, or "
+        "add nodes (ray start --address ...)")
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------ paths on a cluster
+
+
+def test_relative_storage_is_refused_when_joining_a_cluster(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # never reached: refused before Ray starts
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "quickstart"]) == 2
+    assert _error_lines(capsys) == [
+        "raycmr: error: train.storage_path='out/quickstart/runs' is relative: on a Ray cluster it "
+        "would land in the job's temporary working-dir copy; set train.storage_path to an "
+        "absolute path on storage every node shares (e.g. train.storage_path=/mnt/shared/runs) "
+        "or a URI (train.storage_path=s3://bucket/runs)"]
+    assert list(tmp_path.iterdir()) == []
+    assert main(["tune", "--config", "quickstart", f"train.storage_path={tmp_path}/runs"]) == 2
+    assert _error_lines(capsys)[0].startswith(
+        "raycmr: error: tune.storage_path='runs/tune' is relative: on a Ray cluster")
+
+
+# ---------------------------------------------------------------------------- settings and shards
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_non_positive_epochs_are_refused_at_validation(epochs):
+    with pytest.raises(ConfigError) as exc:
+        load_config("quickstart", [f"train.epochs={epochs}"])
+    assert str(exc.value) == f"config key 'train.epochs' must be positive, got {epochs}"
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checks")
+    write_synthetic_splits(root, n_train=40, n_val=8, n_test=8, seed=1, image_size=16,
+                           rows_per_shard=20)
+    return root
+
+
+def _train_args(root, split_dir, tmp_path):
+    return ["train", "--config", "quickstart", f"data.train=[{split_dir}]",
+            f"data.val=[{root}/val]", f"train.storage_path={tmp_path}/runs", "train.batch_size=8"]
+
+
+def test_truncated_shard_is_named_in_one_line(ray_cluster, small_shards, tmp_path, capsys):
+    split = tmp_path / "train"
+    split.mkdir()
+    files = sorted((small_shards / "train").glob("*.parquet"))
+    assert len(files) == 2
+    for f in files:
+        (split / f.name).write_bytes(f.read_bytes())
+    bad = split / files[1].name
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a copy cut short
+    assert main(_train_args(small_shards, split, tmp_path)) == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith(f"raycmr: error: shard file '{bad}' ")
+    assert "truncated" in line and "rewrite it (raycmr shards ...) or remove it" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shard_missing_a_column_is_named_in_one_line(ray_cluster, small_shards, tmp_path, capsys):
+    split = tmp_path / "train"
+    split.mkdir()
+    files = sorted((small_shards / "train").glob("*.parquet"))
+    pq.write_table(pq.read_table(files[0]), split / files[0].name)
+    # the second file, not the first, lacks the captions
+    pq.write_table(pq.read_table(files[1]).drop_columns(["caption"]), split / files[1].name)
+    assert main(_train_args(small_shards, split, tmp_path)) == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith(
+        f"raycmr: error: shard '{split / files[1].name}' is missing column(s) 'caption' needed "
+        "for data.kind=images")
+    assert line.endswith("write shards with `raycmr shards synthetic|folder` or rename the "
+                         "columns to id, image, caption")
