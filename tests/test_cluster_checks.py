@@ -92,10 +92,10 @@ def test_relative_storage_is_refused_when_joining_a_cluster(monkeypatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", "quickstart"]) == 2
     assert _error_lines(capsys) == [
-        "raycmr: error: train.storage_path='out/quickstart/runs' is relative: on a Ray cluster it "
+        ("raycmr: error: train.storage_path='out/quickstart/runs' is relative: on a Ray cluster it "
         "would land in the job's temporary working-dir copy; set train.storage_path to an "
         "absolute path on storage every node shares (e.g. train.storage_path=/mnt/shared/runs) "
-        "or a URI (train.storage_path=s3://bucket/runs)"]
+        "or a URI (train.storage_path=s3://bucket/runs)")]
     assert list(tmp_path.iterdir()) == []
     assert main(["tune", "--config", "quickstart", f"train.storage_path={tmp_path}/runs"]) == 2
     assert _error_lines(capsys)[0].startswith(
@@ -155,3 +155,50 @@ def test_shard_missing_a_column_is_named_in_one_line(ray_cluster, small_shards, 
         "for data.kind=images")
     assert line.endswith("write shards with `raycmr shards synthetic|folder` or rename the "
                          "columns to id, image, caption")
+
+
+# ------------------------------------------------------------------ a worker killed at a checkpoint
+
+
+def test_checkpoint_of_a_worker_killed_at_registration_is_removed(ray_cluster, small_shards,
+                                                                   tmp_path):
+    """Rank 1 dies (os._exit) right after reporting epoch 1's checkpoint, before the controller
+    collects its report: the folder is complete on disk but never registered, so num_to_keep
+    would never delete it. Paths are file:// URIs, as a remote store's would be."""
+    from raycmr.artifacts import find_checkpoint, read_state
+    from raycmr.train.orphans import remove_unregistered_checkpoints
+    from raycmr.train.trainer import build_trainer
+
+    cfg = load_config("quickstart", [
+        f"data.train=[file://{small_shards}/train]", f"data.val=[file://{small_shards}/val]",
+        "data.image_size=16", "data.max_text_len=8", "model.embed_dim=16",
+        ("model.image.hf_config={model_type: vit, image_size: 16, patch_size: 8, hidden_size: 16,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}"),
+        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 16,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32,"
+         " max_position_embeddings: 16}"),
+        "train.batch_size=10", "train.epochs=2", "train.num_to_keep=1", "train.max_failures=1",
+        "train.warmup_steps=1", "train.torch_threads=1", "train.zero_stage=0",
+        f"train.storage_path=file://{tmp_path}/runs", "train.name=killed",
+    ])
+    marker = tmp_path / "killed-at"
+    # 40 rows / (2 workers x 10) = 2 steps per epoch: step 2 ends epoch 1
+    result = build_trainer(cfg, inject_failure={"step": 2, "rank": 1, "after_checkpoint": True,
+                                                "marker": str(marker)}).fit()
+    assert marker.read_text() == "2"
+    run = tmp_path / "runs" / "killed"
+    registered = {c.path for c, _ in result.best_checkpoints} | {result.checkpoint.path}
+    on_disk = {str(p) for p in run.glob("checkpoint_*") if p.is_dir()}
+    orphans = on_disk - registered
+    assert len(orphans) == 1, (sorted(on_disk), sorted(registered),
+                               {p: read_state(p) for p in on_disk})
+    (orphan,) = orphans
+    # complete, and from the killed attempt: epoch 1 (the restart began from scratch)
+    assert read_state(orphan)["epoch"] == 1 and (run / orphan / "model.pt").exists()
+    assert read_state(result.checkpoint.path)["epoch"] == 2
+    assert read_state(result.checkpoint.path)["step"] == 4
+
+    assert remove_unregistered_checkpoints(result) == [orphan]
+    assert {str(p) for p in run.glob("checkpoint_*") if p.is_dir()} == registered
+    # a run dir given as a URI resolves to its newest registered checkpoint
+    assert find_checkpoint(f"file://{run}").removeprefix("file://") == result.checkpoint.path

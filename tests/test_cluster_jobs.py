@@ -1,0 +1,263 @@
+"""raycmr on a real cluster started with `ray start`: jobs submitted with the real `ray job submit`
+CLI (through jobs/submit_quickstart.sh, as documented), a resource check against the joined
+cluster, and a 3-node cluster (cluster/local_multinode.sh) where the 2 training workers run on
+different nodes and a run survives the death of one worker's node.
+
+Every cluster here has its own --temp-dir and port block, never the test session's local
+cluster nor one of another user, and is stopped (by temp dir) even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "cluster" / "local_multinode.sh"
+SUBMIT = ROOT / "jobs" / "submit_quickstart.sh"
+RAY = str(Path(sys.executable).parent / "ray")
+
+# a tiny run: 64 training rows, 2 workers x 16 = 2 steps per epoch, 16x16 images, 1-layer towers
+TINY = [
+    "data.image_size=16", "data.max_text_len=8", "data.shuffle_buffer=0", "model.embed_dim=16",
+    ("model.image.hf_config={model_type: vit, image_size: 16, patch_size: 8, hidden_size: 16,"
+     " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}"),
+    ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 16,"
+     " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32,"
+     " max_position_embeddings: 16}"),
+    "train.batch_size=16", "train.warmup_steps=1", "train.log_every=1", "train.zero_stage=0",
+    "train.torch_threads=1",
+]
+TRAIN_ROWS, EVAL_ROWS = 64, 16
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_block(size: int) -> int:
+    """A base port in 23000-32999 (outside Ray's default worker ports and the Linux ephemeral
+    range) whose first ports and range ends are free now."""
+    bases = list(range(23000, 33000 - size, 1000))
+    random.shuffle(bases)
+    for base in bases:
+        probes = [base + i for i in range(0, size, 1000)] + [base + size - 1]
+        if all(_free(p) and _free(p + 1) and _free(p + 5) for p in probes):
+            return base
+    pytest.skip("no free port block for a test Ray cluster")
+
+
+def _client_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: the venv on PATH, this tree importable, no
+    RAY_ADDRESS; token auth as Ray's own default (on when ~/.ray/auth_token exists)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if "RAY_AUTH_MODE" not in env and (Path.home() / ".ray" / "auth_token").is_file():
+        env["RAY_AUTH_MODE"] = "token"
+    env.update(extra)
+    return env
+
+
+def _stop(root: Path) -> None:
+    """Stop every process of the cluster under ``root`` (nodes n0, n1, ...), by temp dir."""
+    subprocess.run(["bash", str(SCRIPT), "down"], check=False, env=_client_env(RAYCMR_LOCAL_DIR=str(root)),
+                   capture_output=True, timeout=120)
+
+
+def _states(run: Path) -> dict[str, dict]:
+    out = {}
+    for ckpt in run.glob("checkpoint_*"):
+        try:
+            out[ckpt.name] = json.loads((ckpt / "state.json").read_text())
+        except (OSError, ValueError):
+            pass  # not written completely yet
+    return out
+
+
+# ---------------------------------------------------------------------------- plain `ray start`
+
+
+@pytest.fixture(scope="class")
+def head():
+    """`ray start --head` as a user starts it (4 CPUs), on its own ports and temp dir."""
+    root = Path(tempfile.mkdtemp(prefix="rcj", dir="/tmp"))  # short: unix socket paths
+    base = _port_block(1000)
+    ports = dict(zip(["--port", "--dashboard-port", "--ray-client-server-port",
+                      "--node-manager-port", "--object-manager-port",
+                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                      "--runtime-env-agent-port", "--metrics-export-port",
+                      "--min-worker-port", "--max-worker-port"],
+                     [base + i for i in range(9)] + [base + 100, base + 999], strict=True))
+    cmd = [RAY, "start", "--head", "--num-cpus", "4", "--num-gpus", "0",
+           "--object-store-memory", str(256 * 2**20), "--include-dashboard", "true",
+           "--temp-dir", str(root / "n0"), "--disable-usage-stats"]
+    for flag, port in ports.items():
+        cmd += [flag, str(port)]
+    env = _client_env()
+    env.pop("RAY_AUTH_MODE", None)  # the head decides as `ray start --head` does by default
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+        yield {"root": root, "gcs": (root / "n0" / "ray_current_cluster").read_text().strip(),
+               "dashboard": f"http://127.0.0.1:{ports['--dashboard-port']}"}
+    finally:
+        _stop(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class TestRayJobSubmit:
+    def test_submit_quickstart_trains_into_the_shared_path(self, head, tmp_path):
+        shared = tmp_path / "shared"
+        proc = subprocess.run(
+            ["bash", str(SUBMIT), str(shared), "train.epochs=2", *TINY],
+            env=_client_env(RAY_DASHBOARD_ADDRESS=head["dashboard"], RAYCMR_RUN_NAME="qs",
+                            RAYCMR_TRAIN_ROWS=str(TRAIN_ROWS), RAYCMR_EVAL_ROWS=str(EVAL_ROWS)),
+            cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        assert len(re.findall(r"Job 'raysubmit_\w+' succeeded", out)) == 2
+        run = shared / "runs" / "qs"
+        states = _states(run)
+        # quickstart keeps num_to_keep=2: both epochs' checkpoints, in the storage path named
+        assert sorted(s["epoch"] for s in states.values()) == [1, 2]
+        assert sorted(s["step"] for s in states.values()) == [2, 4]
+        last = max(states.values(), key=lambda s: s["epoch"])
+        assert last["samples_seen"] == 2 * TRAIN_ROWS
+        assert last["metrics"]["val_num_images"] == EVAL_ROWS
+        config = (run / max(states, key=lambda k: states[k]["epoch"]) / "config.yaml").read_text()
+        assert f"- {shared}/shards/train" in config  # the absolute path the job was given
+
+    def test_documented_relative_command_is_refused_in_one_line(self, head, tmp_path):
+        proc = subprocess.run(
+            [RAY, "job", "submit", "--address", head["dashboard"], "--runtime-env",
+             "jobs/runtime_env.yaml", "--", "raycmr", "train", "--config", "quickstart"],
+            env=_client_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
+            check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Traceback" not in out, out[-4000:]
+        errors = [line for line in out.splitlines() if line.startswith("raycmr: error:")]
+        assert errors == [
+            ("raycmr: error: train.storage_path='out/quickstart/runs' is relative: on a Ray "
+            "cluster it would land in the job's temporary working-dir copy; set "
+            "train.storage_path to an absolute path on storage every node shares (e.g. "
+            "train.storage_path=/mnt/shared/runs) or a URI (train.storage_path=s3://bucket/runs)")]
+
+    def test_joining_a_too_small_cluster_stops_at_once(self, head, tmp_path):
+        # 3 workers + 2 CPUs for Ray Data on a 4-CPU head: Ray would wait forever
+        proc = subprocess.run(
+            ["raycmr", "train", "--config", "quickstart", "train.num_workers=3",
+             f"train.storage_path={tmp_path}/runs"],
+            env=_client_env(RAY_ADDRESS=head["gcs"]), cwd=tmp_path, capture_output=True,
+            text=True, timeout=300, check=False)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("raycmr:")]
+        assert errors == [
+            ("raycmr: error: the Ray cluster is too small for training (3 workers x {CPU: 1} + 2 "
+            "CPU for Ray Data): it needs 5 CPU in total (the cluster has 4); change "
+            "train.num_workers, train.cpus_per_worker, train.use_gpu, train.worker_resources, "
+            "data.reserved_cpus, or add nodes (ray start --address ...)")]
+        assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------- 3 nodes: placement and node death
+
+
+@pytest.fixture(scope="class")
+def three_nodes():
+    """cluster/local_multinode.sh up: a head and 2 worker nodes (2 CPUs and one `raycmr_worker`
+    slot each), on its own ports and temp dir."""
+    root = Path(tempfile.mkdtemp(prefix="rcm", dir="/tmp"))
+    base = _port_block(3000)
+    singles = _port_block(1000)
+    env = _client_env(RAYCMR_LOCAL_DIR=str(root), RAYCMR_PORT_BASE=str(base),
+                      RAYCMR_HEAD_PORT=str(singles), RAYCMR_DASHBOARD_PORT=str(singles + 1),
+                      RAYCMR_CLIENT_PORT=str(singles + 2))
+    try:
+        proc = subprocess.run(["bash", str(SCRIPT), "up", "--workers", "2"], check=False, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield {"root": root, "env": env, "dashboard": f"http://127.0.0.1:{singles + 1}",
+               "gcs": (root / "n0" / "ray_current_cluster").read_text().strip()}
+    finally:
+        _stop(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _head_node_id(gcs: str, env: dict[str, str]) -> str:
+    code = ("import sys\nfrom ray._raylet import GcsClient\n"
+            "for i, n in GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10).items():\n"
+            "    print(i.hex()) if n.is_head_node else None\n")
+    out = subprocess.run([sys.executable, "-c", code, gcs], env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert len(out) == 1, out
+    return out[0]
+
+
+class TestMultiNode:
+    def test_workers_on_different_nodes_and_a_node_death_resumes(self, three_nodes, tmp_path):
+        shared = tmp_path / "shared"
+        run = shared / "runs" / "mn"
+        epochs = 5
+        env = {**three_nodes["env"], "RAY_DASHBOARD_ADDRESS": three_nodes["dashboard"],
+               "RAYCMR_RUN_NAME": "mn", "RAYCMR_TRAIN_ROWS": str(TRAIN_ROWS),
+               "RAYCMR_EVAL_ROWS": str(EVAL_ROWS),
+               "RAYCMR_WORKER_RESOURCES": "{raycmr_worker: 1}"}
+        log = tmp_path / "submit.log"
+        with open(log, "w") as fh:
+            job = subprocess.Popen(["bash", str(SUBMIT), str(shared), f"train.epochs={epochs}",
+                                    "train.num_to_keep=5", *TINY],
+                                   env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            # the first checkpoint names the nodes the two workers run on
+            deadline = time.time() + 600
+            while not _states(run) and job.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            states = _states(run)
+            assert states, log.read_text()[-4000:]
+            first = min(states.values(), key=lambda s: s["epoch"])
+            nodes_before = first["metrics"]["worker_nodes"].split(",")
+            assert len(nodes_before) == 2 and len(set(nodes_before)) == 2, nodes_before
+            head_id = _head_node_id(three_nodes["gcs"], three_nodes["env"])
+            victim = next(n for n in nodes_before if n != head_id)
+            kill = subprocess.run(["bash", str(SCRIPT), "kill-node", victim], check=False,
+                                  env=three_nodes["env"], capture_output=True, text=True,
+                                  timeout=60)
+            assert kill.returncode == 0, kill.stdout + kill.stderr
+            saved_at_kill = max(s["epoch"] for s in _states(run).values())
+            assert job.wait(timeout=600) == 0, log.read_text()[-6000:]
+        finally:
+            if job.poll() is None:
+                job.kill()
+        out = log.read_text()
+        resumed = [tuple(map(int, m)) for m in
+                   re.findall(r"\[raycmr\] resumed at epoch (\d+), step (\d+)", out)]
+        assert len(resumed) == 1 and saved_at_kill < epochs, (resumed, saved_at_kill)
+        # resumed from the newest checkpoint registered before the node died (the one being
+        # written at that moment, if any, was never registered): its epoch, its step
+        epoch = resumed[0][0]
+        assert epoch in (saved_at_kill, saved_at_kill - 1) and epoch >= 1, (resumed, saved_at_kill)
+        assert resumed[0][1] == 2 * epoch
+        states = _states(run)
+        last = max(states.values(), key=lambda s: s["epoch"])
+        assert last["epoch"] == epochs and last["step"] == 2 * epochs
+        nodes_after = last["metrics"]["worker_nodes"].split(",")
+        assert len(set(nodes_after)) == 2 and victim not in nodes_after, (nodes_after, victim)
+        print(f"\nplacement before: {nodes_before}; killed {victim} after epoch "
+              f"{saved_at_kill}; resumed at {resumed[0]}; placement after: {nodes_after}")
