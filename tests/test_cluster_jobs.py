@@ -152,12 +152,13 @@ class TestRayJobSubmit:
             check=False)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "Traceback" not in out, out[-4000:]
-        errors = [line for line in out.splitlines() if line.startswith("raycmr: error:")]
-        assert errors == [
+        # the job's one line (`ray job submit` repeats the job's last log lines when it fails)
+        errors = {line for line in out.splitlines() if line.startswith("raycmr: error:")}
+        assert errors == {
             ("raycmr: error: train.storage_path='out/quickstart/runs' is relative: on a Ray "
             "cluster it would land in the job's temporary working-dir copy; set "
             "train.storage_path to an absolute path on storage every node shares (e.g. "
-            "train.storage_path=/mnt/shared/runs) or a URI (train.storage_path=s3://bucket/runs)")]
+            "train.storage_path=/mnt/shared/runs) or a URI (train.storage_path=s3://bucket/runs)")}
 
     def test_joining_a_too_small_cluster_stops_at_once(self, head, tmp_path):
         # 3 workers + 2 CPUs for Ray Data on a 4-CPU head: Ray would wait forever
