@@ -185,8 +185,8 @@ def three_nodes():
     """cluster/local_multinode.sh up: a head and 2 worker nodes (2 CPUs and one `raycmr_worker`
     slot each), on its own ports and temp dir."""
     root = Path(tempfile.mkdtemp(prefix="rcm", dir="/tmp"))
-    base = _port_block(3000)
-    singles = _port_block(1000)
+    base = _port_block(4000)  # nodes n0-n2: base + 1000 i ...; GCS, dashboard, client: + 3000
+    singles = base + 3000
     env = _client_env(RAYCMR_LOCAL_DIR=str(root), RAYCMR_PORT_BASE=str(base),
                       RAYCMR_HEAD_PORT=str(singles), RAYCMR_DASHBOARD_PORT=str(singles + 1),
                       RAYCMR_CLIENT_PORT=str(singles + 2))
