@@ -44,6 +44,7 @@ TRAIN_ROWS, EVAL_ROWS = 64, 16
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray's servers bind
         try:
             s.bind(("", port))
         except OSError:
@@ -52,9 +53,9 @@ def _free(port: int) -> bool:
 
 
 def _port_block(size: int) -> int:
-    """A base port in 23000-32999 (outside Ray's default worker ports and the Linux ephemeral
+    """A base port in 22000-32999 (outside Ray's default worker ports and the Linux ephemeral
     range) whose first ports and range ends are free now."""
-    bases = list(range(23000, 33000 - size, 1000))
+    bases = list(range(22000, 33000 - size, 100))
     random.shuffle(bases)
     for base in bases:
         probes = [base + i for i in range(0, size, 1000)] + [base + size - 1]
@@ -98,8 +99,8 @@ def _states(run: Path) -> dict[str, dict]:
 @pytest.fixture(scope="class")
 def head():
     """`ray start --head` as a user starts it (4 CPUs), on its own ports and temp dir."""
-    root = Path(tempfile.mkdtemp(prefix="rcj", dir="/tmp"))  # short: unix socket paths
     base = _port_block(1000)
+    root = Path(tempfile.mkdtemp(prefix="rcj", dir="/tmp"))  # short: unix socket paths
     ports = dict(zip(["--port", "--dashboard-port", "--ray-client-server-port",
                       "--node-manager-port", "--object-manager-port",
                       "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -184,8 +185,8 @@ class TestRayJobSubmit:
 def three_nodes():
     """cluster/local_multinode.sh up: a head and 2 worker nodes (2 CPUs and one `raycmr_worker`
     slot each), on its own ports and temp dir."""
-    root = Path(tempfile.mkdtemp(prefix="rcm", dir="/tmp"))
     base = _port_block(4000)  # nodes n0-n2: base + 1000 i ...; GCS, dashboard, client: + 3000
+    root = Path(tempfile.mkdtemp(prefix="rcm", dir="/tmp"))
     singles = base + 3000
     env = _client_env(RAYCMR_LOCAL_DIR=str(root), RAYCMR_PORT_BASE=str(base),
                       RAYCMR_HEAD_PORT=str(singles), RAYCMR_DASHBOARD_PORT=str(singles + 1),
