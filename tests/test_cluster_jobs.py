@@ -190,7 +190,7 @@ def three_nodes():
     singles = base + 3000
     env = _client_env(RAYCMR_LOCAL_DIR=str(root), RAYCMR_PORT_BASE=str(base),
                       RAYCMR_HEAD_PORT=str(singles), RAYCMR_DASHBOARD_PORT=str(singles + 1),
-                      RAYCMR_CLIENT_PORT=str(singles + 2))
+                      RAYCMR_CLIENT_PORT=str(singles + 2), RAYCMR_OBJECT_STORE_MB="128")
     try:
         proc = subprocess.run(["bash", str(SCRIPT), "up", "--workers", "2"], check=False, env=env,
                               capture_output=True, text=True, timeout=300)
