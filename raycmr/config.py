@@ -101,12 +101,23 @@ class DistillConfig:
 
 
 @dataclass
+class MHWarmupConfig:
+    """VSE++ max-of-hinges from random init (raycmr.losses.handover): ``loss`` trains alone up to
+    training progress ``start``, then hands over to MH along a half-cosine, MH alone from ``end``."""
+
+    loss: Literal["none", "vse_sh", "infonce"] = "none"  # "none" = plain MH
+    start: float = 0.0  # fraction of the run's optimizer steps
+    end: float = 0.0
+
+
+@dataclass
 class LossConfig:
     kind: Literal["vse_mh", "vse_sh", "infonce", "none"] = "vse_mh"  # "vse_mh", "vse_sh", "infonce" or "none"
     weight: float = 1.0
     margin: float = 0.2
     temperature: float = 0.07  # InfoNCE initial temperature (learnable)
     global_negatives: bool = True  # gather embeddings across workers before the loss
+    mh_warmup: MHWarmupConfig = field(default_factory=MHWarmupConfig)  # kind vse_mh only
     grl: GRLConfig = field(default_factory=GRLConfig)
     dscmr: DSCMRConfig = field(default_factory=DSCMRConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -458,6 +469,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.worker_resources.{name} must be a number >= 0, got {amount!r}")
     if cfg.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
+    warm = cfg.loss.mh_warmup
+    if not 0.0 <= warm.start <= warm.end <= 1.0:
+        raise ConfigError(f"loss.mh_warmup needs 0 <= start <= end <= 1 (fractions of the run), "
+                          f"got start {warm.start}, end {warm.end}")
     if cfg.data.kind == "features":
         for tower in ("image", "text"):
             if cfg.get(f"model.{tower}.kind") != "mlp":

@@ -333,3 +333,17 @@ def map_both_ways(
     i2t = mean_average_precision(img, txt, labels, t_labels, k=k)
     t2i = mean_average_precision(txt, img, t_labels, labels, k=k)
     return {"i2t_map": i2t, "t2i_map": t2i, "avg_map": (i2t + t2i) / 2.0}
+
+
+def modality_gap(img: Any, txt: Any) -> float:
+    """Distance between the centroids of the image and the text embeddings (Liang et al., "Mind
+    the Gap", NeurIPS 2022)::
+
+        gap = || mean_i u_i - mean_t v_t ||_2
+
+    0 when the two modalities occupy the space alike; up to 2 for unit vectors of two opposite
+    cones. A modality adversary (GRL) is meant to drive it toward 0.
+    """
+    u, v = _as_matrix(img, "img"), _as_matrix(txt, "txt")
+    _check_dims(u, v, "img", "txt")
+    return float(np.linalg.norm(u.astype(np.float64).mean(0) - v.astype(np.float64).mean(0)))

@@ -15,12 +15,22 @@ batch ``B`` behave as 1 worker x batch ``W*B`` (``raycmr.distributed`` explains 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from raycmr.distributed import GlobalBatch
+
+#: CLIP clips its learnable logit scale at ln(100): logits are never scaled by more than 100.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def clamped_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """``min(logit_scale, ln 100)`` (Radford et al. 2021, sec. 2.5): the inverse temperature
+    ``exp(logit_scale)`` stays <= 100 however far the optimizer pushes the parameter."""
+    return logit_scale.clamp(max=MAX_LOGIT_SCALE)
 
 
 @dataclass
@@ -82,13 +92,13 @@ def infonce_loss(batch: GlobalBatch, logit_scale: torch.Tensor) -> ContrastiveOu
 
         L = 1/2 * ( -log softmax_j(t * s(i, c_j))[c] - log softmax_j(t * s(i_j, c))[i] )
 
-    with ``t = exp(logit_scale)``. Other members of the anchor's group are removed from the
+    with ``t = exp(min(logit_scale, ln 100))`` (:func:`clamped_logit_scale`). Other members of the anchor's group are removed from the
     softmax (they are neither negatives nor the target).
     """
     a = batch.anchors
     img, txt = batch.img[a], batch.txt[a]
     rows = batch.anchor_count
-    scale = logit_scale.exp()
+    scale = clamped_logit_scale(logit_scale).exp()
     target = torch.arange(rows, device=img.device) + a.start
     neg = _negative_mask(batch)
     keep = neg.clone()

@@ -20,19 +20,26 @@ from torch import nn
 
 from raycmr import distributed
 from raycmr.config import Config, LossConfig
-from raycmr.losses.contrastive import ContrastiveOutput, contrastive_loss
+from raycmr.losses.contrastive import ContrastiveOutput, clamped_logit_scale, contrastive_loss
+from raycmr.losses.handover import handover_weight, vse_mh_handover_loss
 from raycmr.models.dual_encoder import DualEncoder
 
 
 def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
-                groups: torch.Tensor, logit_scale: torch.Tensor, pad_rows: int
-                ) -> ContrastiveOutput:
+                groups: torch.Tensor, logit_scale: torch.Tensor, pad_rows: int,
+                progress: float = 1.0) -> ContrastiveOutput:
     """``loss.kind`` over the global batch of every worker (``loss.global_negatives``, one
-    packed gather padded to ``pad_rows``) or over this worker's batch."""
+    packed gather padded to ``pad_rows``) or over this worker's batch. ``progress`` (optimizer
+    steps done / total) drives MH's warm-up hand-over (``loss.mh_warmup``)."""
     if loss_cfg.global_negatives and distributed.world_size() > 1:
         batch = distributed.gather_global_batch(img, txt, groups, pad_rows)
     else:
         batch = distributed.local_batch(img, txt, groups)
+    warm = loss_cfg.mh_warmup
+    if loss_cfg.kind == "vse_mh" and warm.loss != "none":
+        return vse_mh_handover_loss(
+            batch, warmup=warm.loss, weight=handover_weight(progress, warm.start, warm.end),
+            margin=loss_cfg.margin, logit_scale=logit_scale)
     return contrastive_loss(loss_cfg.kind, batch, margin=loss_cfg.margin, logit_scale=logit_scale)
 
 
@@ -88,18 +95,20 @@ class CrossModalObjective(nn.Module):
             slow = teacher.score_candidates(
                 {"text_feat": batch["text_feat"]},
                 batch["image_feat"].unsqueeze(0).expand(b, -1, -1))
-        fast = self.encoder.logit_scale.exp() * (txt @ img.t())
+        fast = clamped_logit_scale(self.encoder.logit_scale).exp() * (txt @ img.t())
         return distillation_loss(fast, slow, self.cfg.loss.distill.temperature)
 
-    def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0):
-        """Returns a dict: ``loss`` (the total, with grad) and detached parts for logging."""
+    def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0,
+                progress: float = 1.0):
+        """Returns a dict: ``loss`` (the total, with grad) and detached parts for logging.
+        ``progress`` (optimizer steps done / total) drives the MH warm-up's hand-over."""
         loss_cfg = self.cfg.loss
         img, txt = self.encoder(batch)
         parts: dict[str, torch.Tensor] = {}
         total = img.new_zeros(())
         if loss_cfg.kind != "none":
             out = contrastive(loss_cfg, img, txt, batch["group"], self.encoder.logit_scale,
-                              self.cfg.train.batch_size)
+                              self.cfg.train.batch_size, progress)
             total = total + loss_cfg.weight * out.loss
             parts.update(contrastive=out.loss.detach(), hardest_neg_sim=out.hardest_neg_sim,
                          pos_sim=out.pos_sim)

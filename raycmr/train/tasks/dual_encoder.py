@@ -57,7 +57,7 @@ class DualEncoderTask(Task):
 
     def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         lam = grl_lambda_now(self.cfg, step)
-        out = engine(batch, grl_lambda=lam)
+        out = engine(batch, grl_lambda=lam, progress=step.progress)
         if self.cfg.loss.grl.enabled:
             out["grl_lambda"] = torch.tensor(lam)
         return out

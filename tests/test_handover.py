@@ -1,0 +1,121 @@
+"""The MH warm-up hand-over loss against an explicit-loop reference, its limit cases, the
+objective's hook, and the clamp of InfoNCE's logit scale at ln(100)."""
+
+import math
+
+import pytest
+import torch
+
+from raycmr.config import ConfigError, load_config
+from raycmr.distributed import GlobalBatch, local_batch
+from raycmr.losses.contrastive import MAX_LOGIT_SCALE, infonce_loss, vse_loss
+from raycmr.losses.handover import handover_weight, vse_mh_handover_loss
+from tests.test_contrastive import _emb, infonce_reference, vse_reference
+
+
+def test_handover_weight_by_hand():
+    assert handover_weight(0.0, 0.1, 0.5) == 0.0
+    assert handover_weight(0.1, 0.1, 0.5) == 0.0
+    assert handover_weight(0.3, 0.1, 0.5) == pytest.approx(0.5)  # half-way: (1 - cos(pi/2)) / 2
+    assert handover_weight(0.2, 0.1, 0.5) == pytest.approx((1 - math.cos(math.pi / 4)) / 2)
+    assert handover_weight(0.5, 0.1, 0.5) == 1.0
+    assert handover_weight(0.9, 0.1, 0.5) == 1.0
+    assert handover_weight(0.0, 0.0, 0.0) == 1.0  # no hand-over window: MH from the start
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.25, 0.7, 1.0])
+@pytest.mark.parametrize("warmup", ["vse_sh", "infonce"])
+def test_handover_matches_loop_reference(warmup, weight):
+    img, txt = _emb(10, 6, 11), _emb(10, 6, 12)
+    groups = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5, 6, 7])
+    scale = torch.tensor([math.log(1 / 0.07)], dtype=torch.float64)
+    out = vse_mh_handover_loss(local_batch(img, txt, groups), warmup=warmup, weight=weight,
+                               margin=0.2, logit_scale=scale)
+    g = groups.tolist()
+    warm = vse_reference(img, txt, g, 0.2, hardest=False) if warmup == "vse_sh" \
+        else infonce_reference(img, txt, g, 1 / 0.07)
+    ref = (1 - weight) * warm + weight * vse_reference(img, txt, g, 0.2, hardest=True)
+    assert out.loss.item() == pytest.approx(ref, rel=1e-10)
+
+
+@pytest.mark.parametrize("warmup", ["vse_sh", "infonce", "none"])
+def test_limit_cases_are_exactly_mh_and_the_warmup_loss(warmup):
+    # 16 candidates from two workers, this worker's 12 anchors first, denominator N/W
+    img, txt = _emb(16, 8, 13), _emb(16, 8, 14)
+    batch = GlobalBatch(img, txt, torch.arange(16), start=0, stop=12, denominator=8.0,
+                        sizes=(12, 4))
+    scale = torch.tensor([2.0], dtype=torch.float64)
+    done = vse_mh_handover_loss(batch, warmup=warmup, weight=1.0, margin=0.3, logit_scale=scale)
+    mh = vse_loss(batch, margin=0.3, hardest=True)
+    assert torch.equal(done.loss, mh.loss)
+    assert torch.equal(done.hardest_neg_sim, mh.hardest_neg_sim)
+    start = vse_mh_handover_loss(batch, warmup=warmup, weight=0.0, margin=0.3, logit_scale=scale)
+    if warmup == "vse_sh":
+        expected = vse_loss(batch, margin=0.3, hardest=False).loss
+    elif warmup == "infonce":
+        expected = infonce_loss(batch, scale).loss
+    else:  # no warm-up: plain MH throughout
+        expected = mh.loss
+    assert torch.equal(start.loss, expected)
+    assert start.loss.item() != pytest.approx(mh.loss.item()) or warmup == "none"
+
+
+def test_handover_bad_warmup_and_missing_scale():
+    batch = local_batch(_emb(4, 3, 0), _emb(4, 3, 1))
+    with pytest.raises(ValueError, match="choose one of"):
+        vse_mh_handover_loss(batch, warmup="softmax", weight=0.5)
+    with pytest.raises(ValueError, match="logit_scale"):
+        vse_mh_handover_loss(batch, warmup="infonce", weight=0.5)
+
+
+def test_objective_hands_over_along_training_progress():
+    from raycmr.train.objective import CrossModalObjective
+
+    cfg = load_config(None, [
+        "data.kind=features", "model.image.kind=mlp", "model.text.kind=mlp",
+        "model.image.input_dim=6", "model.text.input_dim=5", "model.embed_dim=8",
+        "loss.kind=vse_mh", "loss.mh_warmup.loss=vse_sh", "loss.mh_warmup.start=0.2",
+        "loss.mh_warmup.end=0.6"])
+    torch.manual_seed(0)
+    model = CrossModalObjective(cfg).double()
+    batch = {"image_feat": torch.randn(10, 6, dtype=torch.float64),
+             "text_feat": torch.randn(10, 5, dtype=torch.float64), "group": torch.arange(10)}
+    img, txt = model.encoder(batch)
+    pairs = local_batch(img, txt, batch["group"])
+    sh = vse_loss(pairs, margin=0.2, hardest=False).loss
+    mh = vse_loss(pairs, margin=0.2, hardest=True).loss
+    for progress, w in ((0.1, 0.0), (0.4, 0.5), (0.6, 1.0), (1.0, 1.0)):
+        got = model(batch, progress=progress)["contrastive"]
+        assert got.item() == pytest.approx(((1 - w) * sh + w * mh).item(), rel=1e-12)
+
+
+def test_config_rejects_a_backwards_window():
+    with pytest.raises(ConfigError, match="start <= end"):
+        load_config(None, ["loss.mh_warmup.start=0.5", "loss.mh_warmup.end=0.2"])
+    with pytest.raises(ConfigError, match="mh_warmup.loss"):
+        load_config(None, ["loss.mh_warmup.loss=hinge"])
+
+
+def test_infonce_logit_scale_is_clamped_at_ln_100():
+    """Steps that push the scale up (positives are the most similar pairs: a larger scale lowers
+    InfoNCE) take the parameter past ln 100, yet the loss never scales logits by more than 100:
+    it equals the loop reference at exactly 100, and no gradient pushes the scale further."""
+    img = _emb(8, 16, 21)
+    txt = torch.nn.functional.normalize(img + 1.5 * _emb(8, 16, 22), dim=1)
+    logit_scale = torch.nn.Parameter(torch.tensor([math.log(20.0)], dtype=torch.float64))
+    opt = torch.optim.Adam([logit_scale], lr=0.5)  # ~0.5 per step, whatever the gradient
+    before = logit_scale.item()
+    for _ in range(10):
+        loss = infonce_loss(local_batch(img, txt), logit_scale).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before < MAX_LOGIT_SCALE < logit_scale.item()  # pushed up, past the bound
+    out = infonce_loss(local_batch(img, txt), logit_scale)
+    out.loss.backward()
+    ref = infonce_reference(img, txt, list(range(8)), 100.0)
+    assert out.loss.item() == pytest.approx(ref, rel=1e-12)
+    assert out.loss.item() != pytest.approx(
+        infonce_reference(img, txt, list(range(8)), math.exp(logit_scale.item())), rel=1e-6)
+    assert logit_scale.grad.abs().item() == 0.0
+    assert MAX_LOGIT_SCALE == pytest.approx(math.log(100.0))
