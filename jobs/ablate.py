@@ -2,7 +2,7 @@
 
     nice -n 10 python jobs/ablate.py [--out out/ablate] [--datasets quickstart wikipedia]
                                      [--rows mh sh ...] [--seeds 3] [--epochs-quickstart 4]
-                                     [--epochs-wikipedia 20]
+                                     [--epochs-wikipedia 12]
 
 Each row is one Ray Tune experiment (``raycmr.tune.runner``, the code of ``raycmr tune``): a grid
 over ``train.seed`` (one trial per seed, FIFO, every trial a whole distributed run of 2 DeepSpeed
@@ -72,7 +72,7 @@ class Dataset:
 DATASETS = {
     "quickstart": Dataset("quickstart", {
         "loss.kind": "vse_mh", "data.train": ["out/quickstart/shards/train"],
-        "data.val": ["out/quickstart/shards/val"], "train.storage_path": "out/ablate/runs",
+        "data.val": ["out/quickstart/shards/val"],
     }, (("val_t2i_r1", "t2i R@1"), ("val_rsum", "rsum"))),
     "wikipedia": Dataset("wikipedia", {
         # the contrastive loss alone, ranked in the common space
@@ -250,7 +250,7 @@ def main(argv: list[str]) -> int:
                         choices=[r.key for r in ROWS])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs-quickstart", type=int, default=4)
-    parser.add_argument("--epochs-wikipedia", type=int, default=20)
+    parser.add_argument("--epochs-wikipedia", type=int, default=12)
     parser.add_argument("--concurrent", type=int, default=3, help="trials at once (Tune)")
     parser.add_argument("--wikipedia-src", default=str(DEFAULT_WIKI))
     args = parser.parse_args(argv)
@@ -262,22 +262,24 @@ def main(argv: list[str]) -> int:
     ensure_shards(args.datasets, Path(args.wikipedia_src))
     init_ray(min_cpus=args.concurrent * (2 + DRIVER_CPUS) + 2)
     start = time.time()
-    for name in args.datasets:
-        data = DATASETS[name]
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        epochs = args.epochs_quickstart if name == "quickstart" else args.epochs_wikipedia
-        keys = [k for k, _ in data.metrics] + [k for k, _ in EXTRA]
-        trials: list[dict[str, Any]] = []
-        for row in [r for r in ROWS if r.key in args.rows]:
+    trials: dict[str, list[dict[str, Any]]] = {name: [] for name in args.datasets}
+    # row by row, each on every dataset: a run cut short still has the first rows of both
+    for row in [r for r in ROWS if r.key in args.rows]:
+        for name in args.datasets:
+            data = DATASETS[name]
+            folder = out / name
+            folder.mkdir(parents=True, exist_ok=True)
+            epochs = args.epochs_quickstart if name == "quickstart" else args.epochs_wikipedia
+            keys = [k for k, _ in data.metrics] + [k for k, _ in EXTRA]
             began = time.time()
             exp = run_row(name, data, row, out, args.seeds, epochs, args.concurrent)
             got = trial_rows(exp, row.key, keys, epochs)
-            trials.extend(got)
-            write_outputs(folder, name, data, trials)
+            trials[name].extend(got)
+            write_outputs(folder, name, data, trials[name])
             print(f"[ablate] {name} {row.key}: {len(got)}/{args.seeds} seeds finished in "
                   f"{time.time() - began:.0f} s (total {time.time() - start:.0f} s)", flush=True)
-        print((folder / "table.md").read_text(), flush=True)
+    for name in args.datasets:
+        print((out / name / "table.md").read_text(), flush=True)
     print(f"[ablate] done in {time.time() - start:.0f} s; tables and plots under {out}/")
     return 0
 
