@@ -81,7 +81,7 @@ DATASETS = {
         "model.num_classes": 0, "model.retrieval_space": "common", "train.lr": 0.001,
         "train.checkpoint_every_epochs": 1000, "train.log_every": 1000,
         "data.train": ["out/wikipedia/shards/train"], "data.val": ["out/wikipedia/shards/val"],
-    }, (("val_i2t_map", "i2t mAP"), ("val_t2i_map", "t2i mAP"), ("val_avg_map", "avg mAP"))),
+    }, (("val_avg_map", "avg mAP"), ("val_i2t_map", "i2t mAP"), ("val_t2i_map", "t2i mAP"))),
 }
 EXTRA = (("val_modality_gap", "modality gap"), ("train_disc_acc", "disc. acc"))
 
