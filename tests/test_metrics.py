@@ -247,3 +247,13 @@ def test_map_errors() -> None:
         mean_average_precision(q, np.ones((4, 3)), [0, 1], [0, 1])
     with pytest.raises(ValueError, match="k must be"):
         mean_average_precision(q, np.ones((4, 3)), [0, 1], [0, 1, 0, 1], k=0)
+
+
+def test_modality_gap_by_hand():
+    from raycmr.evaluate.metrics import modality_gap
+
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    assert modality_gap(np.array([e1, e1]), np.array([e2, e2])) == pytest.approx(np.sqrt(2))
+    assert modality_gap(np.array([e1, e2]), np.array([e2, e1])) == pytest.approx(0.0)
+    # centroids (0.5, 0.5) and (1, 0): distance sqrt(0.25 + 0.25)
+    assert modality_gap(np.array([e1, e2]), np.array([e1, e1])) == pytest.approx(np.sqrt(0.5))
