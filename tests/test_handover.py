@@ -119,3 +119,55 @@ def test_infonce_logit_scale_is_clamped_at_ln_100():
         infonce_reference(img, txt, list(range(8)), math.exp(logit_scale.item())), rel=1e-6)
     assert logit_scale.grad.abs().item() == 0.0
     assert MAX_LOGIT_SCALE == pytest.approx(math.log(100.0))
+
+
+HANDOVER = ["loss.kind=vse_mh", "loss.mh_warmup.loss=infonce", "loss.mh_warmup.end=0.6"]
+
+
+def _handover_worker(rank, world, port, splits, result_path):
+    import os
+
+    import torch.distributed as dist
+
+    from tests.test_gather_equivalence import OVERRIDES, _batch, _model
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model(load_config(None, OVERRIDES + HANDOVER))
+        batch = _batch(sum(splits))
+        start = sum(splits[:rank])
+        out = model({k: v[start:start + splits[rank]] for k, v in batch.items()}, progress=0.3)
+        out["loss"].backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        for g in grads.values():  # what DeepSpeed does: average over workers
+            dist.all_reduce(g)
+            g /= world
+        loss = out["loss"].detach()
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss / world, "grads": grads}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_handover_over_two_workers_equals_single_process(tmp_path):
+    """Mid hand-over (InfoNCE and MH both weighted), 2 gloo workers x 5 rows with the global
+    batch == 1 process x 10 rows: loss and averaged gradients, logit scale included."""
+    import torch.multiprocessing as mp
+
+    from tests.test_gather_equivalence import OVERRIDES, _batch, _free_port, _model
+
+    model = _model(load_config(None, OVERRIDES + HANDOVER))
+    out = model(_batch(10), progress=0.3)
+    out["loss"].backward()
+    single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    path = str(tmp_path / "handover.pt")
+    mp.start_processes(_handover_worker, args=(2, _free_port(), (5, 5), path), nprocs=2,
+                       join=True, start_method="spawn")
+    multi = torch.load(path)
+    assert multi["loss"].item() == pytest.approx(out["loss"].item(), abs=1e-9)
+    assert "encoder.logit_scale" in single  # the InfoNCE part is live at progress 0.3
+    for name, g in single.items():
+        assert torch.allclose(multi["grads"][name], g, atol=1e-9, rtol=0), name
