@@ -174,11 +174,33 @@ def load_exported(checkpoint: str | Path) -> tuple[DualEncoder, Config]:
 
     directory = find_checkpoint(checkpoint)
     cfg = read_config(directory)
+    if cfg.train.task == "slow":
+        raise ConfigError(f"'{directory}' is a slow-model checkpoint: pass it as --rerank "
+                          "next to a dual encoder's --checkpoint")
     model = DualEncoder(cfg.model, temperature=cfg.loss.temperature)
     state = torch.load(io.BytesIO(read_bytes(join(directory, MODEL_FILE))), map_location="cpu")
     model.load_state_dict(state)
     model.eval()
     return model, cfg
+
+
+def load_slow_exported(checkpoint: str | Path):
+    """The trained slow model (:class:`raycmr.models.slow.SlowModel`, eval mode, CPU) and its
+    config from a checkpoint of a ``train.task=slow`` run, without DeepSpeed."""
+    import torch
+
+    from raycmr.models.slow import build_slow_model
+
+    directory = find_checkpoint(checkpoint)
+    cfg = read_config(directory)
+    if cfg.train.task != "slow":
+        raise ConfigError(f"'{directory}' is a {cfg.train.task} checkpoint, not a slow model: "
+                          "give a checkpoint of `raycmr train --config quickstart_slow`")
+    state = torch.load(io.BytesIO(read_bytes(join(directory, MODEL_FILE))), map_location="cpu")
+    model = build_slow_model(cfg.slow, state["vocab"], cfg.data.image_size,
+                             cfg.data.max_text_len)
+    model.load_state_dict(state)
+    return model.eval(), cfg
 
 
 # --------------------------------------------------------------------------------- index folders

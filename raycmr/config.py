@@ -140,6 +140,7 @@ class DCKTConfig:
 
 @dataclass
 class TrainConfig:
+    task: Literal["dual_encoder", "slow"] = "dual_encoder"  # "dual_encoder" or "slow" (the captioning re-ranker, slow.*)
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -231,6 +232,26 @@ class ServeConfig:
 
 
 @dataclass
+class SlowConfig:
+    """The slow stage (raycmr/models/slow.py): spatial image tokens + captioning decoders."""
+
+    vision: Literal["fpn", "patch"] = "fpn"  # "fpn" (CNN, upsampled last map fused with a finer one) or "patch"
+    vision_layers: int = 0  # patch: transformer encoder layers over the patch tokens
+    width: int = 128
+    heads: int = 4
+    decoder_layers: int = 2
+    dropout: float = 0.0
+    bidirectional: bool = True  # a second, right-to-left decoder
+    length_norm: bool = False  # h divided by the predicted tokens per direction
+    max_vocab: int = 0  # shortlist size (most frequent training tokens); 0 = all seen
+    # Validation / evaluation: re-rank this fast checkpoint's top-K (empty = slow-only)
+    fast_checkpoint: str = ""
+    rerank_k: int = 20
+    beta: float = 0.0  # final score = h + beta * fast dot product
+    val_queries: int = 100  # slow-only validation: this many captions against every image
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -241,6 +262,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    slow: SlowConfig = field(default_factory=SlowConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

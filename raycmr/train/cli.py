@@ -43,6 +43,15 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_test and best is not None:
         if not cfg.data.test:
             raise ConfigError("--eval-test needs data.test shards in the config")
+        if cfg.train.task == "slow":
+            from raycmr.rerank_eval import evaluate_fast_slow, markdown_table
+
+            rows, n_img = evaluate_fast_slow(cfg.slow.fast_checkpoint or None, best.path, "test",
+                                             [cfg.slow.rerank_k], cfg.slow.beta,
+                                             cfg.slow.val_queries)
+            print(f"test text->image of the best checkpoint by validation, {n_img} images:")
+            print(markdown_table(rows))
+            return 0
         metrics = evaluate_checkpoint(best.path, "test")
         print_metrics(f"test metrics of the best checkpoint by validation ({best.path}):",
                       metrics)

@@ -21,7 +21,12 @@ def train(cfg: Config):
     cluster_storage_path(cfg.train.storage_path, "train.storage_path")  # refuse before Ray starts
     init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
     check_cluster_fits(training_demand(cfg))
-    result = build_trainer(cfg).fit()
+    if cfg.train.task == "slow":
+        from raycmr.train.slow_run import build_slow_trainer
+
+        result = build_slow_trainer(cfg).fit()
+    else:
+        result = build_trainer(cfg).fit()
     for path in remove_unregistered_checkpoints(result):
         print(f"[raycmr] removed {path}: a checkpoint a failed worker left unregistered")
     return result

@@ -27,6 +27,8 @@ def run_name(cfg: Config) -> str:
 
 
 def validation_metric(cfg: Config) -> str:
+    if cfg.train.task == "slow":
+        return "val_t2i_r1"  # text->image R@1 after re-ranking (or slow-only)
     return "val_avg_map" if cfg.eval.metric == "map" else "val_rsum"
 
 

@@ -17,6 +17,7 @@ __all__ = ["TASKS", "StepInfo", "Task", "make_task"]
 TASKS: dict[str, str] = {
     "dual_encoder": "raycmr.train.tasks.dual_encoder:DualEncoderTask",
     "dckt": "raycmr.train.tasks.dckt:DCKTTask",
+    "slow": "raycmr.train.tasks.slow:SlowTask",
 }
 
 

@@ -1,0 +1,107 @@
+"""Text->image retrieval with a fast and a slow stage (Miech et al., CVPR 2021, section 3.3).
+
+For every query caption ``y`` of a split, against the split's unique images:
+
+- fast:      rank by the dual encoder's dot product ``f(x)^T g(y)``;
+- fast+slow: take the fast top-K, re-rank them by ``h(x, y) + beta * f(x)^T g(y)`` (``h``: the
+  slow model's caption log-likelihood, :class:`raycmr.models.slow.SlowModel`); images outside
+  the top-K keep their fast rank (all K re-ranked images stay ahead of them);
+- slow-only: rank every image by ``h(x, y)``.
+
+Ranks are 1-based; a tie counts against the target (``1 + #{scores > target's}`` would favour
+it, so ties with the target add their count): a model that scores everything equal ranks the
+target last, not first. Gallery-side work (image embeddings, ``phi(x)``) is index-time and not
+timed; each method's time per query covers what a query costs at search time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+RECALL_KS = (1, 5, 10)
+
+
+@dataclass
+class RerankSplit:
+    """A split laid out for text->image retrieval: ``phi`` and ``fast_img`` have one row per
+    unique image, the caption tensors one row per query, ``target`` the query's image row."""
+
+    phi: torch.Tensor  # [N, P, w] the slow model's spatial tokens
+    input_ids: torch.Tensor  # [Q, T]
+    attention_mask: torch.Tensor  # [Q, T]
+    target: np.ndarray  # [Q]
+    fast_img: torch.Tensor | None = None  # [N, d]
+    fast_txt: torch.Tensor | None = None  # [Q, d]
+
+    def head(self, queries: int) -> RerankSplit:
+        """The first ``queries`` queries against the same gallery."""
+        q = slice(0, queries)
+        return RerankSplit(self.phi, self.input_ids[q], self.attention_mask[q], self.target[q],
+                           self.fast_img, None if self.fast_txt is None else self.fast_txt[q])
+
+
+def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1-based rank of ``scores[q, target[q]]`` in each row; ties count against the target."""
+    own = scores.gather(1, target[:, None])
+    return (scores > own).sum(1) + (scores == own).sum(1)
+
+
+def summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    """``{prefix}_r1/_r5/_r10`` (percent) and ``{prefix}_medr`` of text->image ranks."""
+    out = {f"{prefix}_r{k}": float(100.0 * np.mean(ranks <= k)) for k in RECALL_KS}
+    out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)))
+    return out
+
+
+@torch.no_grad()
+def fast_ranks(split: RerankSplit) -> np.ndarray:
+    scores = split.fast_txt @ split.fast_img.t()
+    return target_ranks(scores, torch.as_tensor(split.target, device=scores.device)).cpu().numpy()
+
+
+@torch.no_grad()
+def rerank_ranks(slow, split: RerankSplit, k: int, beta: float = 0.0,
+                 queries_per_call: int = 16) -> np.ndarray:
+    """Ranks after re-ranking each query's fast top-``k`` by ``h + beta * fast``."""
+    target = torch.as_tensor(split.target, device=split.phi.device)
+    ranks = []
+    for s in range(0, len(target), queries_per_call):
+        fast = split.fast_txt[s:s + queries_per_call] @ split.fast_img.t()
+        tgt = target[s:s + queries_per_call]
+        fast_rank = target_ranks(fast, tgt)
+        top = fast.topk(min(k, fast.shape[1]), dim=1).indices  # [q, k]
+        h = slow.score_candidates(split.phi[top], split.input_ids[s:s + queries_per_call],
+                                  split.attention_mask[s:s + queries_per_call])
+        final = h + beta * fast.gather(1, top)
+        inside = top == tgt[:, None]
+        own = torch.where(inside, final, torch.full_like(final, -torch.inf)).max(1).values
+        slow_rank = (final > own[:, None]).sum(1) + (final == own[:, None]).sum(1)
+        ranks.append(torch.where(inside.any(1), slow_rank, fast_rank))
+    return torch.cat(ranks).cpu().numpy()
+
+
+@torch.no_grad()
+def slow_only_ranks(slow, split: RerankSplit, queries_per_call: int = 8) -> np.ndarray:
+    """Ranks by ``h`` over the whole gallery."""
+    target = torch.as_tensor(split.target, device=split.phi.device)
+    ranks = []
+    for s in range(0, len(target), queries_per_call):
+        h = slow.score_candidates(split.phi, split.input_ids[s:s + queries_per_call],
+                                  split.attention_mask[s:s + queries_per_call])
+        ranks.append(target_ranks(h, target[s:s + queries_per_call]))
+    return torch.cat(ranks).cpu().numpy()
+
+
+def timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def recall_at(ranks: np.ndarray, k: int) -> float:
+    """Percent of queries whose image is in the top ``k``: the fast stage's ceiling at K."""
+    return float(100.0 * np.mean(ranks <= k))

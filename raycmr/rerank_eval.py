@@ -1,0 +1,138 @@
+"""`raycmr eval --checkpoint FAST --rerank SLOW`: fast, fast+slow and slow-only text->image
+retrieval of a split, with time per query (the methods: :mod:`raycmr.evaluate.rerank`).
+
+The split is decoded by Ray Data and read on the driver (a quickstart split is 500 images);
+the gallery side (fast image embeddings, the slow model's ``phi(x)``) is computed once up
+front, as an index would store it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from raycmr.config import Config, ConfigError
+from raycmr.evaluate import rerank as rr
+from raycmr.evaluate.metrics import group_pairs
+
+SLOW_ONLY_MAX_IMAGES = 5000  # slow-only scores every image per query: skipped above this
+
+
+def split_paths(cfg: Config, split: str) -> list[str]:
+    paths = cfg.data.test if split == "test" else cfg.data.val
+    if not paths:
+        raise ConfigError(f"the slow checkpoint's config has no data.{split} shards: "
+                          f"pass data.{split}=[PATH]")
+    return paths
+
+
+@torch.no_grad()
+def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> rr.RerankSplit:
+    """Decode ``split`` (the slow checkpoint's data config) and lay it out for retrieval."""
+    from raycmr.data.pipeline import build_dataset, iter_worker_batches
+
+    ds = build_dataset(split_paths(cfg, split), cfg.data, training=False)
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                           ("phi", "ids", "mask", "group", "fimg", "ftxt")}
+    for batch, _ in iter_worker_batches(ds, batch_size, shuffle_buffer=0, seed=0,
+                                        drop_last=False):
+        cols["phi"].append(slow.encode_image(batch["pixel_values"]))
+        cols["ids"].append(batch["input_ids"])
+        cols["mask"].append(batch["attention_mask"])
+        cols["group"].append(batch["group"])
+        if fast is not None:
+            img, txt = fast.retrieval_embed(batch)
+            cols["fimg"].append(img)
+            cols["ftxt"].append(txt)
+    if not cols["phi"]:
+        raise ConfigError(f"data.{split} has no valid rows to evaluate")
+    image_rows, target = group_pairs(torch.cat(cols["group"]).numpy())
+    rows = torch.as_tensor(image_rows)
+    out = rr.RerankSplit(torch.cat(cols["phi"])[rows], torch.cat(cols["ids"]),
+                         torch.cat(cols["mask"]), target)
+    if fast is not None:
+        out.fast_img = torch.cat(cols["fimg"])[rows]
+        out.fast_txt = torch.cat(cols["ftxt"])
+    return out
+
+
+def fast_text_seconds(fast, split: rr.RerankSplit, batch_size: int = 64) -> float:
+    """Seconds per query of the fast stage's search side: encode the caption, score the
+    gallery, take the top 100."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(split.target), batch_size):
+            batch = {"input_ids": split.input_ids[s:s + batch_size],
+                     "attention_mask": split.attention_mask[s:s + batch_size]}
+            txt = fast.retrieval_embed_text(batch)
+            (txt @ split.fast_img.t()).topk(min(100, split.fast_img.shape[0]), dim=1)
+    return (time.perf_counter() - start) / max(len(split.target), 1)
+
+
+def compare(slow, split: rr.RerankSplit, ks: list[int], beta: float, slow_queries: int,
+            fast=None) -> list[dict[str, Any]]:
+    """One row per method: ``method``, ``k``, R@1/5/10, medr, ``ms_per_query`` (and for
+    fast+slow, ``fast_recall_at_k``: the share of queries whose image is in the top K)."""
+    rows: list[dict[str, Any]] = []
+    n_img = split.phi.shape[0]
+    if fast is not None and split.fast_img is not None:
+        fast_s = fast_text_seconds(fast, split)
+        fast_r = rr.fast_ranks(split)
+        rows.append({"method": "fast", "k": "", **rr.summary(fast_r, "t2i"),
+                     "ms_per_query": 1000 * fast_s, "queries": len(fast_r)})
+        for k in ks:
+            kk = min(k, n_img) if k > 0 else n_img
+            ranks, sec = rr.timed(rr.rerank_ranks, slow, split, kk, beta)
+            rows.append({"method": "fast+slow", "k": kk, **rr.summary(ranks, "t2i"),
+                         "ms_per_query": 1000 * (fast_s + sec / len(ranks)),
+                         "fast_recall_at_k": rr.recall_at(fast_r, kk), "queries": len(ranks)})
+    if slow_queries and n_img <= SLOW_ONLY_MAX_IMAGES:
+        sub = split.head(slow_queries)
+        ranks, sec = rr.timed(rr.slow_only_ranks, slow, sub)
+        rows.append({"method": "slow-only", "k": n_img, **rr.summary(ranks, "t2i"),
+                     "ms_per_query": 1000 * sec / len(ranks), "queries": len(ranks)})
+    return rows
+
+
+def evaluate_fast_slow(fast_checkpoint: str | None, slow_checkpoint: str, split: str,
+                       ks: list[int], beta: float, slow_queries: int,
+                       overrides: list[str] | None = None,
+                       queries: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The comparison rows and the gallery size of ``split`` (``queries`` > 0: only the first
+    that many captions query, for every method)."""
+    from raycmr.artifacts import load_exported, load_slow_exported
+    from raycmr.runtime import init_ray
+
+    slow, cfg = load_slow_exported(slow_checkpoint)
+    if overrides:
+        from raycmr.config import apply_overrides
+
+        cfg = apply_overrides(cfg, overrides)
+    fast = None
+    if fast_checkpoint:
+        fast, fast_cfg = load_exported(fast_checkpoint)
+        if (fast_cfg.data.image_size, fast_cfg.data.tokenizer) != \
+                (cfg.data.image_size, cfg.data.tokenizer):
+            raise ConfigError("the fast and slow checkpoints read images or captions "
+                              "differently (data.image_size / data.tokenizer): train both on "
+                              "the same data config")
+    torch.set_grad_enabled(False)
+    init_ray(min_cpus=2)
+    data = encode_split(slow, fast, cfg, split)
+    if queries > 0:
+        data = data.head(queries)
+    return compare(slow, data, ks, beta, slow_queries, fast), int(data.phi.shape[0])
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = "| method | K | R@1 | R@5 | R@10 | medr | fast R@K | ms / query | queries |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        fast_k = f"{r['fast_recall_at_k']:.1f}" if "fast_recall_at_k" in r else ""
+        lines.append(f"| {r['method']} | {r['k']} | {r['t2i_r1']:.1f} | {r['t2i_r5']:.1f} | "
+                     f"{r['t2i_r10']:.1f} | {r['t2i_medr']:.0f} | {fast_k} | "
+                     f"{r['ms_per_query']:.2f} | {r['queries']} |")
+    return "\n".join(lines)
+

@@ -1,0 +1,88 @@
+"""The slow model as a task of the one training engine: a real 2-worker DeepSpeed run under
+Ray Train on a local Ray cluster, its validation recomputed from the exported checkpoint, then
+a resume from that checkpoint continuing at the saved step."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raycmr.artifacts import load_slow_exported, read_state
+from raycmr.config import load_config
+from raycmr.data.synthetic import write_synthetic_splits
+from raycmr.data.text import load_text_encoder
+from raycmr.data.transforms import preprocess_images
+from raycmr.evaluate import rerank as rr
+from raycmr.evaluate.metrics import group_pairs
+
+pytestmark = pytest.mark.ray
+
+BATCH = 16
+
+
+def _overrides(shards, storage, name):
+    return [
+        f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
+        "data.image_size=32", "data.max_text_len=16", "data.shuffle_buffer=32",
+        "slow.width=32", "slow.heads=2", "slow.decoder_layers=1", "slow.bidirectional=true",
+        "slow.val_queries=1000",
+        "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
+        "train.warmup_steps=2", "train.log_every=2", "train.max_failures=0",
+        f"train.storage_path={storage}", f"train.name={name}", "train.torch_threads=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slow_shards")
+    # 2 workers x 4 batches x 16 rows = 128 rows per epoch
+    write_synthetic_splits(root, n_train=128, n_val=24, n_test=8, seed=5, image_size=32,
+                           rows_per_shard=64)
+    return root
+
+
+def _run(overrides):
+    from raycmr.train.slow_run import build_slow_trainer
+
+    return build_slow_trainer(load_config("quickstart_slow", overrides)).fit()
+
+
+@torch.no_grad()
+def _slow_only_from_export(ckpt, shards) -> dict[str, float]:
+    """Slow-only text->image metrics of the val split by the exported model, in one process."""
+    model, _ = load_slow_exported(ckpt)
+    table = pq.read_table(next((shards / "val").glob("*.parquet")))
+    data = preprocess_images(table, image_size=32, max_text_len=16,
+                             encode=load_text_encoder("minilm"), augment=False, seed=0, epoch=0)
+    image_rows, target = group_pairs(data["group"])
+    split = rr.RerankSplit(model.encode_image(torch.from_numpy(data["pixel_values"][image_rows])),
+                           torch.from_numpy(data["input_ids"]),
+                           torch.from_numpy(data["attention_mask"]), target)
+    return rr.summary(rr.slow_only_ranks(model, split), "t2i")
+
+
+def test_two_worker_slow_run_validates_and_resumes(ray_cluster, shards, tmp_path):
+    storage = tmp_path / "runs"
+    first = _run(_overrides(shards, storage, "first"))
+    assert first.error is None
+    m = first.metrics
+    assert m["epoch"] == 1 and m["step"] == 4  # 128 rows / (2 workers x 16) = 4 steps
+    assert m["samples_seen"] == 128
+    assert np.isfinite(m["train_loss"]) and m["train_nll_per_token"] > 0
+    ckpt = first.checkpoint.path
+    assert read_state(ckpt)["step"] == 4
+    # the validation metric (sharded phi(x) over 2 workers, scored on rank 0) is what the
+    # exported model gives on the whole split in one process
+    expected = _slow_only_from_export(ckpt, shards)
+    for key, value in expected.items():
+        assert m[f"val_{key}"] == pytest.approx(value), key
+
+    resumed = _run(_overrides(shards, storage, "second")
+                   + ["train.epochs=2", f"train.resume_from={ckpt}"])
+    assert resumed.error is None
+    history = resumed.metrics_dataframe
+    assert list(history["epoch"]) == [2]
+    assert list(history["step"]) == [8]
+    assert resumed.metrics["samples_seen"] == 256
+    # training went on from the checkpoint's weights: the loss keeps falling
+    assert resumed.metrics["train_loss"] < m["train_loss"]
