@@ -118,12 +118,12 @@ def evaluate_fast_slow(fast_checkpoint: str | None, slow_checkpoint: str, split:
             raise ConfigError("the fast and slow checkpoints read images or captions "
                               "differently (data.image_size / data.tokenizer): train both on "
                               "the same data config")
-    torch.set_grad_enabled(False)
     init_ray(min_cpus=2)
-    data = encode_split(slow, fast, cfg, split)
-    if queries > 0:
-        data = data.head(queries)
-    return compare(slow, data, ks, beta, slow_queries, fast), int(data.phi.shape[0])
+    with torch.no_grad():
+        data = encode_split(slow, fast, cfg, split)
+        if queries > 0:
+            data = data.head(queries)
+        return compare(slow, data, ks, beta, slow_queries, fast), int(data.phi.shape[0])
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
