@@ -16,6 +16,8 @@ private API                                  used for
 ``._metric_op``
 ``ray.serve._private.common``                the actor-name prefix of Serve replicas (the load
 ``.REPLICA_ID_FULL_ID_STR_PREFIX``           test kills one replica by name)
+``ray._private.state.state``                 the autoscaler's maximum resources (the resource
+``.get_max_resources_from_cluster_config``   check before training/serving)
 ``ray.autoscaler._private.util``             validating the cluster launcher YAML against
 ``.prepare_config`` / ``.validate_config``   Ray's own schema (tests)
 ===========================================  ==================================================
@@ -31,6 +33,7 @@ TRAIN_SESSION = "ray.train._internal.session.get_session().iteration"
 ASHA_FIELDS = ("_trial_info", "_time_attr", "_metric", "_metric_op")
 AUTOSCALER_VALIDATE = "ray.autoscaler._private.util.prepare_config/validate_config"
 SERVE_REPLICA_PREFIX = "ray.serve._private.common.REPLICA_ID_FULL_ID_STR_PREFIX"
+AUTOSCALER_MAX = "ray._private.state.state.get_max_resources_from_cluster_config"
 
 
 def data_epoch() -> int:
@@ -66,6 +69,21 @@ def validate_cluster_config(config: dict[str, Any]) -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(config))
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The connected cluster's autoscaler maximum per resource (None without an autoscaler); the
+    same call Ray Train's worker group makes."""
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config()
+
+
+def _check_autoscaler_max() -> None:
+    from ray._private.state import state
+
+    if not callable(getattr(state, "get_max_resources_from_cluster_config", None)):
+        raise AttributeError("ray._private.state.state has no get_max_resources_from_cluster_config")
 
 
 def serve_replica_prefix() -> str:
@@ -120,6 +138,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "ray.tune.schedulers.AsyncHyperBandScheduler." + "/".join(ASHA_FIELDS): _check_asha,
     AUTOSCALER_VALIDATE: _check_autoscaler,
     SERVE_REPLICA_PREFIX: _check_serve_replica_prefix,
+    AUTOSCALER_MAX: _check_autoscaler_max,
 }
 
 

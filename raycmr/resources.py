@@ -125,9 +125,9 @@ def cluster_nodes() -> list[dict[str, float]]:
 
 def autoscaler_max_resources() -> dict[str, float] | None:
     """The autoscaler's maximum resource totals (from its cluster config), None without one."""
-    from ray._private.state import state  # the same call Ray Train's worker group makes
+    from raycmr.compat import autoscaler_max_resources as max_from_cluster_config
 
-    found = state.get_max_resources_from_cluster_config()
+    found = max_from_cluster_config()
     return {k: float(v) for k, v in found.items()} if found else None
 
 
