@@ -83,7 +83,7 @@ def _check_autoscaler_max() -> None:
     from ray._private.state import state
 
     if not callable(getattr(state, "get_max_resources_from_cluster_config", None)):
-        raise AttributeError("ray._private.state.state has no get_max_resources_from_cluster_config")
+        raise TypeError("ray._private.state.state.get_max_resources_from_cluster_config is gone")
 
 
 def serve_replica_prefix() -> str:
