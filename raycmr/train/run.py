@@ -5,9 +5,12 @@ from __future__ import annotations
 from raycmr.config import Config
 
 
-def train(cfg: Config):
+def train(cfg: Config, *, name: str | None = None, sinks: list | None = None):
     """Run training to the end; returns Ray Train's Result (metrics, checkpoint, path), or with
-    ``dckt.enabled`` the DCKT rounds' :class:`~raycmr.train.dckt.DCKTResult` (same fields)."""
+    ``dckt.enabled`` the DCKT rounds' :class:`~raycmr.train.dckt.DCKTResult` (same fields).
+
+    ``sinks`` (console, TensorBoard; see :mod:`raycmr.reporting`) receive rank 0's progress
+    and every epoch's report while the run trains."""
     from raycmr.resources import check_cluster_fits, training_demand
     from raycmr.runtime import cluster_storage_path, init_ray
     from raycmr.train.orphans import remove_unregistered_checkpoints
@@ -15,13 +18,23 @@ def train(cfg: Config):
     if cfg.dckt.enabled:
         from raycmr.train.dckt import run_dckt
 
+        for sink in sinks or []:  # DCKT rounds report through their own lines (in the log)
+            sink.close()
         return run_dckt(cfg)
     from raycmr.train.trainer import build_trainer
 
     cluster_storage_path(cfg.train.storage_path, "train.storage_path")  # refuse before Ray starts
     init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
     check_cluster_fits(training_demand(cfg))
-    result = build_trainer(cfg).fit()
+    if not sinks:
+        result = build_trainer(cfg, name=name).fit()
+    else:
+        from raycmr.reporting.board import start_board
+        from raycmr.reporting.monitor import RunMonitor
+
+        board = start_board()
+        with RunMonitor(board, sinks):
+            result = build_trainer(cfg, name=name, board=board).fit()
     for path in remove_unregistered_checkpoints(result):
         print(f"[raycmr] removed {path}: a checkpoint a failed worker left unregistered")
     return result
