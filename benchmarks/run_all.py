@@ -35,7 +35,7 @@ except ImportError:  # `python benchmarks/run_all.py`
 
 BENCH_DIR = REPO_ROOT / "benchmarks"
 BENCHMARKS = ["bench_ingest", "bench_train_overhead", "bench_global_negatives", "bench_validation",
-              "bench_index",
+              "bench_index", "bench_progress",
               "bench_gpu"]
 # bench_index (written before the result conventions grew titles and summaries)
 DEFAULT_COLUMNS = {

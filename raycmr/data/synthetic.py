@@ -232,7 +232,8 @@ def write_synthetic_split(
 ) -> WriteSummary:
     """Write one split as image shards; one row per caption (rows = n * captions_per_image)."""
     writer = ShardWriter(out_dir, image_shard_schema(), rows_per_shard, overwrite=overwrite,
-                         progress=f"synthetic {split}" if progress else None)
+                         progress=f"synthetic {split}" if progress else None,
+                         total=n * captions_per_image)
     with writer:
         for rec in generate(n, seed, split, image_size=image_size,
                             captions_per_image=captions_per_image, image_format=image_format,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import pyarrow.parquet as pq
 
 from raycmr.data.paths import split_uri
 from raycmr.data.schema import OPTIONAL_COLUMNS, feature_shard_schema, image_shard_schema
+from raycmr.reporting.bars import RowsBar
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -72,21 +71,6 @@ class WriteSummary:
         }
 
 
-class Progress:
-    """Prints ``label: N rows`` to stderr at most every ``every_s`` seconds."""
-
-    def __init__(self, label: str, every_s: float = 5.0, enabled: bool = True) -> None:
-        self.label, self.every_s, self.enabled = label, every_s, enabled
-        self._last = time.monotonic()
-
-    def update(self, rows: int, rejected: int) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self._last >= self.every_s:
-            self._last = now
-            print(f"[shards] {self.label}: {rows} rows written, {rejected} rejected",
-                  file=sys.stderr, flush=True)
-
-
 class ShardWriter:
     """Buffers rows and writes ``out_dir/part-00000.parquet``, ... every ``rows_per_shard`` rows.
 
@@ -103,6 +87,7 @@ class ShardWriter:
         *,
         overwrite: bool = False,
         progress: str | None = None,
+        total: int | None = None,
     ) -> None:
         if rows_per_shard <= 0:
             raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
@@ -111,7 +96,8 @@ class ShardWriter:
         self.summary = WriteSummary()
         self._fs, self._dir, self._prefix = split_uri(str(out_dir))
         self._buffer: list[dict[str, Any]] = []
-        self._progress = Progress(progress or str(out_dir), enabled=progress is not None)
+        # rows/s on the terminal while writing (``progress`` names the bar; None: quiet)
+        self._progress = RowsBar(progress, total) if progress is not None else None
         self._prepare_dir(overwrite)
 
     def _prepare_dir(self, overwrite: bool) -> None:
@@ -132,7 +118,10 @@ class ShardWriter:
         self._buffer.append(row)
         if len(self._buffer) >= self.rows_per_shard:
             self._flush()
-        self._progress.update(self.summary.rows + len(self._buffer), self.rejected_count)
+        if self._progress is not None:
+            rejected = self.rejected_count
+            self._progress.update(self.summary.rows + len(self._buffer),
+                                  f"{rejected} rejected" if rejected else "")
 
     def reject(self, reason: str, record: str = "") -> None:
         """Count a record that was not written, by reason (with the record named as an example)."""
@@ -161,6 +150,9 @@ class ShardWriter:
     def close(self) -> WriteSummary:
         """Write the last partial shard and return the summary."""
         self._flush()
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         return self.summary
 
     def __enter__(self) -> Self:
@@ -248,7 +240,8 @@ def write_folder_shards(
     records, columns = read_captions_file(captions_file)
     optional = ["image_id"] + [c for c in ("label", "domain") if c in columns]
     writer = ShardWriter(out_dir, image_shard_schema(optional), rows_per_shard,
-                         overwrite=overwrite, progress="folder" if progress else None)
+                         overwrite=overwrite, progress="folder" if progress else None,
+                         total=len(records))
     with writer:
         for index, record in enumerate(records):
             name = str(record.get("image") or "")
@@ -352,7 +345,8 @@ def write_wikipedia_shards(
     out: dict[str, WriteSummary] = {}
     for name, (img, txt, rows) in splits.items():
         img32, txt32 = img.astype(np.float32), txt.astype(np.float32)
-        writer = ShardWriter(f"{out_dir}/{name}", schema, rows_per_shard, overwrite=overwrite)
+        writer = ShardWriter(f"{out_dir}/{name}", schema, rows_per_shard, overwrite=overwrite,
+                             progress=f"wikipedia {name}", total=len(rows))
         with writer:
             for i, (text_id, image_id, cls) in enumerate(rows):
                 writer.write({"id": text_id, "image_feat": img32[i], "text_feat": txt32[i],

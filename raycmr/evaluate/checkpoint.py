@@ -7,7 +7,8 @@ from raycmr.config import ConfigError
 
 def evaluate_checkpoint(checkpoint: str, split: str | None = None,
                         overrides: list[str] | None = None,
-                        num_actors: int = 2) -> dict[str, float]:
+                        num_actors: int = 2,
+                        embeddings_out: dict | None = None) -> dict[str, float]:
     """Embed ``split`` ("val" or "test"; None: the checkpoint config's ``eval.split``) of a
     checkpoint's shards with Ray Data actors and compute its retrieval report
     (:func:`raycmr.evaluate.summary.evaluate_embeddings`). Dotted ``overrides`` apply to the
@@ -27,4 +28,6 @@ def evaluate_checkpoint(checkpoint: str, split: str | None = None,
                           f"pass data.{split}=[PATH]")
     init_ray(min_cpus=num_actors + 1)
     emb = embed_split(paths, cfg, model.state_dict(), num_actors=num_actors)
+    if embeddings_out is not None:  # the embeddings themselves, e.g. for plots
+        embeddings_out.update(emb)
     return evaluate_embeddings(emb)

@@ -24,24 +24,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fast+slow score = h(x, y) + beta * fast dot product")
     p.add_argument("--slow-queries", type=int, default=250,
                    help="slow-only: the first N captions against every image (0 = skip)")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="also draw R@K curves, the rank histogram, precision-recall curves "
+                        "(labelled data) and a PCA of the embeddings as PNGs into DIR")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.test=[other/test]")
+    from raycmr.reporting.console import add_verbose_flag
+
+    add_verbose_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``raycmr eval``."""
+    """Entry point of ``raycmr eval``: the metrics table (and plots); Ray's lines go to
+    ``eval.log`` in the checkpoint's run folder. With ``--rerank``: the fast / fast+slow /
+    slow-only table."""
     if args.rerank:
         return run_rerank(args)
-    from raycmr.artifacts import read_config
+    from pathlib import Path
+
+    from raycmr.artifacts import find_checkpoint, is_remote, read_config
     from raycmr.config import apply_overrides
     from raycmr.evaluate.checkpoint import evaluate_checkpoint
-    from raycmr.evaluate.summary import print_metrics
+    from raycmr.reporting.console import console_session, metrics_table
 
     split = args.split or apply_overrides(read_config(args.checkpoint), args.overrides).eval.split
-    metrics = evaluate_checkpoint(args.checkpoint, split, args.overrides)
-    print_metrics(f"{split} metrics ({args.checkpoint}):", metrics)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(metrics, fh, indent=2)
+    checkpoint = find_checkpoint(args.checkpoint)
+    log = Path("raycmr-logs", "eval.log") if is_remote(checkpoint) \
+        else Path(checkpoint).parent / "eval.log"
+    with console_session(log, args.verbose) as console:
+        emb: dict = {}
+        metrics = evaluate_checkpoint(args.checkpoint, split, args.overrides,
+                                      embeddings_out=emb)
+        console.print(metrics_table(metrics, f"{split} split: {int(metrics['num_images'])} "
+                                             f"images, {int(metrics['num_captions'])} captions"))
+        console.print(f"checkpoint: {args.checkpoint}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(metrics, fh, indent=2)
+            console.print(f"metrics:    {args.json}")
+        if args.plots:
+            from raycmr.evaluate.plots import write_plots
+
+            paths = write_plots(emb, args.plots)
+            console.print(f"plots:      {args.plots}/ ({', '.join(p.name for p in paths)})")
     return 0
 
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from raycmr.config import ConfigError, load_config
 
@@ -20,39 +19,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-test", action="store_true",
                    help="after training, evaluate the best checkpoint (by the validation metric) "
                         "on data.test: only once the configuration is fixed on validation")
+    from raycmr.reporting.console import add_verbose_flag
+
+    add_verbose_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``raycmr train``."""
+    """Entry point of ``raycmr train``: progress on the console, Ray's lines in the run's log."""
     from raycmr.evaluate.checkpoint import evaluate_checkpoint
-    from raycmr.evaluate.summary import print_metrics
-    from raycmr.train.run import train
+    from raycmr.reporting.console import console_session, metrics_table
+    from raycmr.train.session import (
+        LOG_FILE,
+        best_checkpoint,
+        print_final,
+        run_paths,
+        train_on_console,
+    )
+    from raycmr.train.trainer import validation_metric
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
-    if result.error:
-        print(f"training failed: {result.error}", file=sys.stderr)
-        return 1
-    print_metrics("final metrics:", {k: v for k, v in result.metrics.items()
-                                     if isinstance(v, (int, float, str))})
-    best = result.best_checkpoints[-1][0] if result.best_checkpoints else result.checkpoint
-    print(f"run dir:    {result.path}")
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    if best is not None:
-        print(f"best:       {best.path}")
-    if args.eval_test and best is not None:
-        if not cfg.data.test:
-            raise ConfigError("--eval-test needs data.test shards in the config")
-        if cfg.train.task == "slow":
+    if args.eval_test and not cfg.data.test:
+        raise ConfigError("--eval-test needs data.test shards in the config")
+    name, run_dir = run_paths(cfg)
+    with console_session(run_dir / LOG_FILE, args.verbose) as console:
+        result = train_on_console(cfg, console, name, run_dir, args.verbose)
+        if result.error:
+            console.print(f"training failed: {result.error}   (details: {run_dir / LOG_FILE})")
+            return 1
+        print_final(console, result, validation_metric(cfg))
+        best = best_checkpoint(result)
+        if args.eval_test and best is not None and cfg.train.task == "slow":
             from raycmr.rerank_eval import evaluate_fast_slow, markdown_table
 
             rows, n_img = evaluate_fast_slow(cfg.slow.fast_checkpoint or None, best.path, "test",
                                              [cfg.slow.rerank_k], cfg.slow.beta,
                                              cfg.slow.val_queries)
-            print(f"test text->image of the best checkpoint by validation, {n_img} images:")
-            print(markdown_table(rows))
-            return 0
-        metrics = evaluate_checkpoint(best.path, "test")
-        print_metrics(f"test metrics of the best checkpoint by validation ({best.path}):",
-                      metrics)
+            console.print(f"\ntest text->image of the best checkpoint by validation, "
+                          f"{n_img} images:")
+            console.print(markdown_table(rows))
+        elif args.eval_test and best is not None:
+            metrics = evaluate_checkpoint(best.path, "test")
+            console.print()
+            console.print(metrics_table(
+                metrics, "test metrics of the best checkpoint by validation"))
     return 0

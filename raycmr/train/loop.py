@@ -34,6 +34,7 @@ import torch
 from raycmr import artifacts, distributed
 from raycmr.config import Config, config_from_dict
 from raycmr.data.pipeline import iter_worker_batches
+from raycmr.reporting.board import WorkerProgress
 from raycmr.train import checkpoint as ckpt
 from raycmr.train.deepspeed_config import deepspeed_config
 from raycmr.train.placement import worker_nodes
@@ -148,9 +149,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # dropped-record counts: global totals of earlier runs (saved by rank 0) + this run's
     dropped_before: collections.Counter[str] = collections.Counter(state.get("dropped", {}))
     dropped_run: collections.Counter[str] = collections.Counter()
-    if rank == 0 and state:
-        print(f"[{task.log_name}] resumed at epoch {epoch_offset + start_epoch}, step "
-              f"{engine.global_steps}", flush=True)
+    reporter = WorkerProgress(loop_config.get("board"), rank)
+    if state:
+        reporter.note(f"resumed at epoch {epoch_offset + start_epoch}, step "
+                      f"{engine.global_steps}")
 
     nodes = worker_nodes()
     shards = {name: ray.train.get_dataset_shard(name) for name in task.train_splits}
@@ -175,18 +177,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rows = task.rows(batch)
             local_rows += rows
             window_rows += rows
-            parts = {k: float(v) for k, v in out.items()}
+            parts = {k: float(v.detach()) for k, v in out.items()}
             for k, v in parts.items():
                 sums[k] += v
             n_micro += 1
             if n_micro % cfg.train.grad_accum == 0 and engine.global_steps % cfg.train.log_every == 0:
                 elapsed = time.perf_counter() - window_start
-                if rank == 0:
-                    line = {k: round(v, 4) for k, v in parts.items()}
-                    print(f"[{task.log_name}] epoch {epoch_offset + epoch + 1} step "
-                          f"{engine.global_steps}/{total_steps} lr {engine.get_lr()[0]:.2e} "
-                          f"samples/s {window_rows * world / max(elapsed, 1e-9):.1f} "
-                          f"dropped {dict(dropped_epoch)} {line}", flush=True)
+                reporter.step(
+                    epoch=epoch_offset + epoch, epochs=epoch_offset + epochs,
+                    step=engine.global_steps, total_steps=total_steps, epoch_steps=per_epoch,
+                    epoch_step=n_micro // cfg.train.grad_accum,
+                    samples_per_s=window_rows * world / max(elapsed, 1e-9),
+                    values={**parts, "lr": float(engine.get_lr()[0]),
+                            "grl_lambda": parts.get("grl_lambda", 0.0)})
                 window_rows, window_start = 0, time.perf_counter()
             _maybe_inject_failure(loop_config.get("inject_failure"), engine.global_steps)
             if engine.global_steps >= total_steps:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from raycmr.config import Config
 
 
-def train(cfg: Config):
+def train(cfg: Config, *, name: str | None = None, sinks: list | None = None):
     """Run training to the end; returns Ray Train's Result (metrics, checkpoint, path), or with
-    ``dckt.enabled`` the DCKT rounds' :class:`~raycmr.train.dckt.DCKTResult` (same fields)."""
+    ``dckt.enabled`` the DCKT rounds' :class:`~raycmr.train.dckt.DCKTResult` (same fields).
+
+    ``sinks`` (console, TensorBoard; see :mod:`raycmr.reporting`) receive rank 0's progress
+    and every epoch's report while the run trains."""
     from raycmr.resources import check_cluster_fits, training_demand
     from raycmr.runtime import cluster_storage_path, init_ray
     from raycmr.train.orphans import remove_unregistered_checkpoints
@@ -15,6 +18,8 @@ def train(cfg: Config):
     if cfg.dckt.enabled:
         from raycmr.train.dckt import run_dckt
 
+        for sink in sinks or []:  # DCKT rounds report through their own lines (in the log)
+            sink.close()
         return run_dckt(cfg)
     from raycmr.train.trainer import build_trainer
 
@@ -22,11 +27,18 @@ def train(cfg: Config):
     init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
     check_cluster_fits(training_demand(cfg))
     if cfg.train.task == "slow":
-        from raycmr.train.slow_run import build_slow_trainer
-
-        result = build_slow_trainer(cfg).fit()
+        from raycmr.train.slow_run import build_slow_trainer as builder
     else:
-        result = build_trainer(cfg).fit()
+        builder = build_trainer
+    if not sinks:
+        result = builder(cfg, name=name).fit()
+    else:
+        from raycmr.reporting.board import start_board
+        from raycmr.reporting.monitor import RunMonitor
+
+        board = start_board()
+        with RunMonitor(board, sinks):
+            result = builder(cfg, name=name, board=board).fit()
     for path in remove_unregistered_checkpoints(result):
         print(f"[raycmr] removed {path}: a checkpoint a failed worker left unregistered")
     return result

@@ -8,6 +8,7 @@ trial) builds its datasets here; DCKT's rounds (:mod:`raycmr.train.dckt`) pass t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from raycmr.config import Config, ConfigError
@@ -24,6 +25,22 @@ def absolute_storage_path(path: str) -> str:
 
 def run_name(cfg: Config) -> str:
     return cfg.train.name or time.strftime("raycmr-%Y%m%d-%H%M%S")
+
+
+def local_run_dir(cfg: Config, name: str) -> Path:
+    """Where the driver writes a run's log file and TensorBoard events: the run's own folder
+    when ``train.storage_path`` is local, else ``raycmr-logs/NAME`` here (object stores take
+    no appends)."""
+    storage = cfg.train.storage_path
+    return Path("raycmr-logs", name) if "://" in storage \
+        else Path(absolute_storage_path(storage), name)
+
+
+def _board_callback(board):
+    """Each report of the run, with its checkpoint, to the progress board (the console)."""
+    from raycmr.reporting.board import BoardCallback
+
+    return BoardCallback(board)
 
 
 def validation_metric(cfg: Config) -> str:
@@ -70,7 +87,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
                   storage_path: str | None = None, inject_failure: dict | None = None,
                   task: str = "dual_encoder", task_params: dict[str, Any] | None = None,
                   datasets: dict[str, Any] | None = None, loop: dict[str, Any] | None = None,
-                  keep_best: bool = True):
+                  keep_best: bool = True, board=None):
     """The TorchTrainer of one training run of ``task`` (the loop: :mod:`raycmr.train.loop`).
 
     Without ``datasets``/``loop`` it is a dual encoder run on ``data.train``: what
@@ -103,7 +120,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
             checkpoint_score_order="max",
         ),
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        callbacks=callbacks,
+        callbacks=callbacks if board is None else [*(callbacks or []), _board_callback(board)],
     )
     worker_resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker,
                                           **cfg.train.worker_resources}
@@ -114,7 +131,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "task": task, "task_params": task_params or {},
-                           "inject_failure": inject_failure, **(loop or {})},
+                           "inject_failure": inject_failure, "board": board, **(loop or {})},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=worker_resources),

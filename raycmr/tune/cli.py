@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the results of the experiment in PATH again, without running")
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides, e.g. tune.num_samples=8 train.epochs=10")
+    from raycmr.reporting.console import add_verbose_flag
+
+    add_verbose_flag(p)
 
 
 def summarize(exp, out=None) -> dict | None:
@@ -82,16 +85,42 @@ def run(args: argparse.Namespace) -> int:
     if args.retry_errored and not args.resume:
         raise ConfigError("--retry-errored goes with --resume PATH")
 
+    if args.report:
+        return 0 if summarize(runner.load(args.report)) is not None else 1
+    from raycmr.reporting.console import console_session
+
     if args.resume:
-        exp = runner.resume(args.resume, retry_errored=args.retry_errored)
-    elif args.report:
-        exp = runner.load(args.report)
-    else:
-        cfg = load_config(args.config, args.overrides)
+        path = runner.absolute(args.resume).rstrip("/")
+        with console_session(_log_path(path), args.verbose) as console:
+            console.print(f"[raycmr] resuming {path}; log (Ray, trials): {_log_path(path)}")
+            exp = runner.resume(path, retry_errored=args.retry_errored)
+            return 0 if summarize(exp, out=console.file) is not None else 1
+    from raycmr.train.trainer import validation_metric
+    from raycmr.tune.live import TrialTable
+
+    cfg = load_config(args.config, args.overrides)
+    params = list(runner.check_tune_settings(cfg))  # a bad setting stops before any folder
+    path = runner.experiment_path(cfg)
+    log = _log_path(path)
+    with console_session(log, args.verbose) as console:
 
         def announce(path: str) -> None:
-            print(f"[raycmr] tune experiment: {path}\n[raycmr] if interrupted, continue with: "
-                  f"raycmr tune --resume {path}", flush=True)
+            console.print(f"[raycmr] tune experiment: {path}\n[raycmr] if interrupted, continue "
+                          f"with: raycmr tune --resume {path}")
+            if not args.verbose:
+                console.print(f"[raycmr] log (Ray, trials): {log}")
+            if "://" not in path:
+                console.print(f"[raycmr] tensorboard --logdir {path}/{runner.TRAIN_RUNS_DIR}")
 
-        exp = runner.start(cfg, on_start=announce)
-    return 0 if summarize(exp) is not None else 1
+        table = TrialTable(console, validation_metric(cfg), params)
+        exp = runner.start(cfg, path=path, on_start=announce, callbacks=[table])
+        return 0 if summarize(exp, out=console.file) is not None else 1
+
+
+def _log_path(path: str):
+    """The experiment's log file: in its folder when local, else raycmr-logs/NAME/tune.log."""
+    from pathlib import Path
+
+    if "://" in path:
+        return Path("raycmr-logs", path.rstrip("/").rsplit("/", 1)[-1], "tune.log")
+    return Path(path, "tune.log")

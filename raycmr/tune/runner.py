@@ -92,10 +92,22 @@ def run_trial(config: dict[str, Any], base: dict[str, Any] | None = None,
     cfg = with_overrides(config_from_dict(base or {}), config)
     trial_id = tune.get_context().get_trial_id()
     # The run name is the trial id: a restarted trial finds its own run and checkpoints again.
+    board = None
+    if "://" not in runs_dir:  # TensorBoard events of the trial next to its checkpoints
+        from raycmr.reporting.board import start_board
+        from raycmr.reporting.monitor import RunMonitor
+        from raycmr.reporting.tensorboard import TensorBoardSink
+
+        board = start_board()
+        monitor = RunMonitor(board, [TensorBoardSink(Path(runs_dir, trial_id, "tensorboard"))])
     trainer = build_trainer(cfg, name=trial_id, storage_path=runs_dir,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], board=board)
     reported = compat.trial_reports_so_far()
-    result = trainer.fit()
+    if board is None:
+        result = trainer.fit()
+    else:
+        with monitor:
+            result = trainer.fit()
     if reported is not None and compat.trial_reports_so_far() == reported and result.metrics:
         # Nothing reached Tune in this session: the run had already trained to the end before
         # an interruption cut its last reports off. Report where it ended, so that the trial
@@ -158,8 +170,9 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"data.{split}: {exc}") from None
 
 
-def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec]):
-    """The Tuner for a new experiment at ``path``."""
+def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec], callbacks: list | None = None):
+    """The Tuner for a new experiment at ``path``; ``callbacks`` (e.g. the console's live
+    table, :class:`raycmr.tune.live.TrialTable`) replace Tune's own progress printing."""
     from ray import tune
 
     from raycmr.train.trainer import validation_metric
@@ -182,6 +195,7 @@ def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec]):
         # with raise_on_failed_trial=False); worker failures inside a trial are retried by Ray
         # Train itself (train.max_failures), from the trial's latest checkpoint.
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        callbacks=callbacks, verbose=0 if callbacks else None,
     )
     return tune.Tuner(_trainable(cfg, path), param_space=param_space(cfg, specs),
                       tune_config=tune_config, run_config=run_config)
@@ -194,7 +208,8 @@ def _init_ray(cfg: Config) -> None:
     init_ray(min_cpus=cfg.tune.max_concurrent * per_trial + 2)
 
 
-def start(cfg: Config, *, path: str | None = None, on_start=None) -> Experiment:
+def start(cfg: Config, *, path: str | None = None, on_start=None,
+          callbacks: list | None = None) -> Experiment:
     """Run a new search to the end (or the time budget); ``on_start(path)`` is called once the
     experiment dir holds the config, before the first trial starts."""
     from ray import tune
@@ -211,7 +226,7 @@ def start(cfg: Config, *, path: str | None = None, on_start=None) -> Experiment:
                           f"`raycmr tune --resume {path}` or set another tune.name")
     _write_text(_join(path, BASE_CONFIG_FILE), cfg.to_yaml())
     _init_ray(cfg)
-    tuner = build_tuner(cfg, path, specs)
+    tuner = build_tuner(cfg, path, specs, callbacks)
     if on_start is not None:
         on_start(path)
     results = tuner.fit()
