@@ -60,6 +60,32 @@ def test_an_autoscaler_maximum_replaces_the_current_nodes():
         "4 GPU (the autoscaler's maximum is 2)")
 
 
+def _serve_plan(replicas: int, reranker: bool, images: bool, use_gpu: bool = False):
+    from raycmr.config import ServeConfig
+    from raycmr.serve.plan import ServePlan
+
+    return ServePlan(serve=ServeConfig(replicas=replicas, max_replicas=replicas, use_gpu=use_gpu),
+                     checkpoint="c", reranker="r" if reranker else "", query_input="text",
+                     text_dim=0, tokenizer="minilm", max_text_len=8, image_size=32, count=10,
+                     index_kind="flat", data_kind="images" if images else "features")
+
+
+def test_serving_needs_every_replica_of_every_deployment():
+    from raycmr.serve.app import serving_demand
+
+    full = serving_demand(_serve_plan(2, reranker=True, images=True))
+    # 2 x (encoder, retriever, reranker, gallery: 1 CPU each; ingress 0.1 CPU) = 8.2 CPUs
+    assert sorted(full.labels) == sorted(["QueryEncoder", "Retriever", "Reranker", "Gallery",
+                                          "Ingress"] * 2)
+    assert missing_resources(full, [{"CPU": 8.0}]) == "8.2 CPU in total (the cluster has 8)"
+    assert missing_resources(full, [{"CPU": 9.0}]) is None
+    lean = serving_demand(_serve_plan(1, reranker=False, images=False))
+    assert missing_resources(lean, [{"CPU": 2.1}]) is None  # encoder + retriever + ingress
+    gpu = serving_demand(_serve_plan(1, reranker=True, images=False, use_gpu=True))
+    assert missing_resources(gpu, [{"CPU": 8.0, "GPU": 1.0}]) == (
+        "2 GPU in total (the cluster has 1)")
+
+
 def test_the_connected_cluster_is_checked(ray_cluster):
     # the session cluster: 8 CPUs, no GPU
     check_cluster_fits(Demand(bundles=[{"CPU": 1.0}] * 2, free_cpus=6.0))

@@ -13,7 +13,7 @@ reranker's training pairs and DCKT's pair selection.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -95,8 +95,8 @@ class DualEncoderEmbedder:
 
 
 def embed_dataset(ds: Any, cfg: Config, state_dict: dict, *, space: Space = "retrieval",
-                  keep: tuple[str, ...] = (), num_actors: int = 2,
-                  batch_size: int = 256) -> dict[str, np.ndarray]:
+                  keep: tuple[str, ...] = (), num_actors: int = 2, batch_size: int = 256,
+                  on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Embed every valid pair of a preprocessed Ray Data dataset (the columns of
     :func:`raycmr.data.pipeline.build_dataset`) on ``num_actors`` actors: ``img``, ``txt``
     (in ``space``), ``img_common``, ``group``, ``label`` and the columns in ``keep``."""
@@ -106,18 +106,19 @@ def embed_dataset(ds: Any, cfg: Config, state_dict: dict, *, space: Space = "ret
 
     factory = DualEncoderEmbedder(cfg.to_dict(), ray.put(state_dict), space, keep)
     return run_batch_inference(ds, factory, ("img", "txt", "img_common", "group", "label", *keep),
-                               num_actors=num_actors, batch_size=batch_size)
+                               num_actors=num_actors, batch_size=batch_size, on_rows=on_rows)
 
 
 def embed_split(paths: list[str], cfg: Config, state_dict: dict, *, num_actors: int = 2,
                 batch_size: int = 256, keep: tuple[str, ...] = (),
-                space: Space = "retrieval") -> dict[str, np.ndarray]:
+                space: Space = "retrieval",
+                on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """:func:`embed_dataset` over the shards at ``paths`` (read with ``cfg.data``)."""
     from raycmr.data.pipeline import build_dataset
 
     ds = build_dataset(paths, cfg.data, training=False)
     return embed_dataset(ds, cfg, state_dict, space=space, keep=keep, num_actors=num_actors,
-                         batch_size=batch_size)
+                         batch_size=batch_size, on_rows=on_rows)
 
 
 def embed_pairs(spec, cfg: Config, state_dict: dict, *, num_actors: int = 2,

@@ -21,18 +21,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-actors", type=int, default=2, help="Ray Data embedding actors")
     p.add_argument("--batch-size", type=int, default=256, help="rows per embedding batch")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. index.nlist=256")
+    from raycmr.reporting.console import add_verbose_flag
+
+    add_verbose_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``raycmr index``."""
+    """Entry point of ``raycmr index``: a rows/s bar on the console; Ray's lines go to
+    ``index.log`` in the checkpoint's run folder (``--verbose`` keeps them on screen)."""
+    from pathlib import Path
+
+    from raycmr.artifacts import find_checkpoint, is_remote
     from raycmr.data.paths import ShardReadError
     from raycmr.data.schema import ShardSchemaError
     from raycmr.index.gallery import build_gallery_index
+    from raycmr.reporting.console import console_session
 
-    try:
-        build_gallery_index(args.checkpoint, args.split, args.out, kind=args.kind,
-                            overrides=args.overrides, num_actors=args.num_actors,
-                            batch_size=args.batch_size)
-    except (ShardReadError, ShardSchemaError) as exc:
-        raise ConfigError(str(exc)) from None
+    checkpoint = find_checkpoint(args.checkpoint)
+    log = Path("raycmr-logs", "index.log") if is_remote(checkpoint) \
+        else Path(checkpoint).parent / "index.log"
+    with console_session(log, args.verbose) as console:
+        if not args.verbose:
+            console.print(f"index: Ray's lines go to {log} (--verbose shows them here)")
+        try:
+            build_gallery_index(checkpoint, args.split, args.out, kind=args.kind,
+                                overrides=args.overrides, num_actors=args.num_actors,
+                                batch_size=args.batch_size, console=console)
+        except (ShardReadError, ShardSchemaError) as exc:
+            raise ConfigError(str(exc)) from None
     return 0

@@ -138,12 +138,14 @@ def build_gallery_index(
     overrides: list[str] | None = None,
     num_actors: int = 2,
     batch_size: int = 256,
+    console: Any = None,
 ) -> dict[str, Any]:
     """Embed the gallery images of ``split`` with ``checkpoint`` and write an index dir ``out``.
 
     ``kind`` (flat/ivf/hnsw) defaults to the checkpoint config's ``index.kind``; IVF/HNSW
     parameters come from ``index.*`` (dotted ``overrides`` apply to the checkpoint's config).
     Returns the ``gallery.json`` record. Needs Ray (a local cluster is started if none).
+    ``console`` (a rich Console): progress lines and a rows/s bar go there (else plain prints).
     """
     from raycmr.config import apply_overrides
     from raycmr.data.schema import check_shards
@@ -158,14 +160,35 @@ def build_gallery_index(
     info = check_shards(paths, cfg.data.kind, cfg.data.format)
     features = cfg.data.kind == "features"
 
+    def say(line: str) -> None:
+        if console is not None:
+            console.print(line, markup=False)  # "[flat, dim 128]" is text, not rich markup
+        else:
+            print(line, flush=True)
+
     t0 = time.perf_counter()
-    print(f"index: scanning ids in {len(info.files)} shard file(s)", flush=True)
+    say(f"index: scanning ids in {len(info.files)} shard file(s)")
     keys = scan_gallery(info.files, info.format,
                         image_dim=cfg.model.image.input_dim if features else 0)
     init_ray(min_cpus=num_actors + 1)
-    print(f"index: embedding {len(keys)} images with {num_actors} Ray Data actors", flush=True)
-    emb = embed_split(paths, cfg, model.state_dict(), num_actors=num_actors,
-                      batch_size=batch_size)
+    say(f"index: embedding {len(keys)} images with {num_actors} Ray Data actors")
+    bar, done = None, [0]
+    if console is not None:
+        from raycmr.data.pipeline import count_rows
+        from raycmr.reporting.bars import RowsBar
+
+        bar = RowsBar("index: embedding", total=count_rows(paths), console=console)
+
+    def on_rows(n: int) -> None:
+        done[0] += n
+        bar.update(done[0])
+
+    try:
+        emb = embed_split(paths, cfg, model.state_dict(), num_actors=num_actors,
+                          batch_size=batch_size, on_rows=on_rows if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     groups, first = np.unique(emb["group"], return_index=True)
     if len(groups) == 0:
         raise ConfigError(f"no valid rows in the gallery shards {paths}; nothing to index")
@@ -196,7 +219,6 @@ def build_gallery_index(
         "rerank_dim": int(rerank.shape[1]),
     }
     artifacts.write_gallery(out, record, rerank)
-    print(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
-          f"[{cfg.index.kind}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    say(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
+        f"[{cfg.index.kind}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s")
     return record

@@ -25,6 +25,7 @@ from typing import Any
 from ray.serve import Application
 
 from raycmr.config import ServeConfig
+from raycmr.resources import Demand, check_cluster_fits
 from raycmr.serve.deployments import Gallery, Ingress, QueryEncoder, Reranker, Retriever
 from raycmr.serve.plan import ServePlan, plan_app
 
@@ -49,13 +50,37 @@ def cpus_needed(plan: ServePlan) -> float:
     return plan.serve.replicas * (models + INGRESS_CPUS)
 
 
+def serving_demand(plan: ServePlan) -> Demand:
+    """What the application's starting replicas reserve: one bundle per replica of each
+    deployment (model deployments 1 CPU, + 1 GPU with ``use_gpu`` where they run a model)."""
+    cfg = plan.serve
+    gpu = {"GPU": 1.0} if cfg.use_gpu else {}
+    models = {"QueryEncoder": {"CPU": 1.0, **gpu}, "Retriever": {"CPU": 1.0}}
+    if plan.reranker:
+        models["Reranker"] = {"CPU": 1.0, **gpu}
+    if plan.has_images:
+        models["Gallery"] = {"CPU": 1.0, **gpu}
+    models["Ingress"] = {"CPU": INGRESS_CPUS}
+    names = [name for name in models for _ in range(cfg.replicas)]
+    return Demand(bundles=[dict(models[n]) for n in names], labels=names,
+                  what=f"serving ({cfg.replicas} replicas of {', '.join(models)})",
+                  settings="serve.replicas, serve.use_gpu, serve.rerank_k (0 = no reranker)")
+
+
 def build_app(args: dict[str, Any] | ServeConfig, token: str | None = None) -> Application:
     """Serve application builder (``raycmr.serve.app:build_app``); see the module docstring.
 
     Checks every path first and raises :class:`ConfigError` naming a missing or mismatched
-    checkpoint, index or reranker (or a missing token) before anything is deployed.
+    checkpoint, index or reranker (or a missing token) before anything is deployed; when Ray is
+    already connected (``serve deploy``, ``serve run``), also that the cluster can hold the
+    starting replicas (else the application would stay DEPLOYING forever).
     """
-    return build_from_plan(plan_app(args, token))
+    import ray
+
+    plan = plan_app(args, token)
+    if ray.is_initialized():
+        check_cluster_fits(serving_demand(plan))
+    return build_from_plan(plan)
 
 
 def build_from_plan(plan: ServePlan) -> Application:

@@ -78,8 +78,9 @@ def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
     import ray
     from ray import serve
 
+    from raycmr.resources import check_cluster_fits
     from raycmr.runtime import init_ray
-    from raycmr.serve.app import APP_NAME, build_from_plan, cpus_needed
+    from raycmr.serve.app import APP_NAME, build_from_plan, cpus_needed, serving_demand
     from raycmr.serve.plan import plan_app
 
     plan = plan_app(cfg, token)  # checks the paths before starting anything
@@ -88,6 +89,7 @@ def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
     app = build_from_plan(plan)
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init_ray(min_cpus=cpus_needed(plan) + 1)
+    check_cluster_fits(serving_demand(plan))  # one line, not an app DEPLOYING forever
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         prefix = "/" + cfg.route_prefix.strip("/")

@@ -85,9 +85,15 @@ class Task(ABC):
     def setup(self, shards: dict[str, Any], seed: int) -> None:
         """Per-worker preparation after restore (default: nothing)."""
 
-    @abstractmethod
     def batches(self, shards: dict[str, Any], epoch: int, seed: int
-                ) -> Iterator[tuple[Batch, collections.Counter[str]]]: ...
+                ) -> Iterator[tuple[Batch, collections.Counter[str]]]:
+        """This worker's micro-batches of the epoch (default: full batches of the ``train``
+        stream, locally shuffled; tasks with other streams override it)."""
+        from raycmr.data.pipeline import iter_worker_batches
+
+        return iter_worker_batches(shards["train"], self.cfg.train.batch_size,
+                                   shuffle_buffer=self.cfg.data.shuffle_buffer,
+                                   seed=seed + epoch * 1000, drop_last=True)
 
     @abstractmethod
     def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]: ...

@@ -4,14 +4,11 @@ retrieval (R@K both ways, mAP when labelled) of the whole validation set's embed
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from raycmr.data.pipeline import iter_worker_batches
 from raycmr.evaluate.summary import evaluate_embeddings
 from raycmr.train.objective import CrossModalObjective
 from raycmr.train.tasks.base import Batch, ShardMap, StepInfo, Task, state_dict_fp32
@@ -48,12 +45,6 @@ def validate_retrieval(encoder: nn.Module, shard_map: ShardMap) -> dict[str, flo
 class DualEncoderTask(Task):
     def build_module(self) -> nn.Module:
         return CrossModalObjective(self.cfg)
-
-    def batches(self, shards: dict[str, Any], epoch: int, seed: int
-                ) -> Iterator[tuple[Batch, collections.Counter[str]]]:
-        return iter_worker_batches(shards["train"], self.cfg.train.batch_size,
-                                   shuffle_buffer=self.cfg.data.shuffle_buffer,
-                                   seed=seed + epoch * 1000, drop_last=True)
 
     def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         lam = grl_lambda_now(self.cfg, step)

@@ -12,14 +12,11 @@ re-ranking the top ``slow.rerank_k`` of the dual encoder at ``slow.fast_checkpoi
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from raycmr.data.pipeline import iter_worker_batches
 from raycmr.evaluate import rerank as rr
 from raycmr.evaluate.metrics import group_pairs
 from raycmr.models.slow import SlowModel, build_slow_model, captioning_loss
@@ -55,12 +52,6 @@ class SlowTask(Task):
         model = build_slow_model(self.cfg.slow, torch.tensor(self.params["vocab"]),
                                  self.cfg.data.image_size, self.cfg.data.max_text_len)
         return SlowObjective(model)
-
-    def batches(self, shards: dict[str, Any], epoch: int, seed: int
-                ) -> Iterator[tuple[Batch, collections.Counter[str]]]:
-        return iter_worker_batches(shards["train"], self.cfg.train.batch_size,
-                                   shuffle_buffer=self.cfg.data.shuffle_buffer,
-                                   seed=seed + epoch * 1000, drop_last=True)
 
     def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         return engine(batch)
