@@ -54,7 +54,8 @@ def console_session(log_path: str | Path | None, verbose: bool = False) -> Itera
                 _shutdown_ray()
         return
     log_path = Path(log_path)
-    new_folder = not log_path.parent.exists()
+    # the folders this session creates (the run folder and any missing parents, e.g. runs/)
+    created = [d for d in (log_path.parent, *log_path.parent.parents) if not d.exists()]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -68,8 +69,8 @@ def console_session(log_path: str | Path | None, verbose: bool = False) -> Itera
     try:
         yield Console(file=terminal, highlight=False, soft_wrap=True)
     except BaseException:
-        if new_folder:  # stopped before anything but the log was written (e.g. a bad setting)
-            _remove_if_only(log_path)
+        if created:  # stopped before anything but the log was written (e.g. a bad setting)
+            _remove_if_only(log_path, created)
         raise
     finally:
         if not ray_before:
@@ -84,10 +85,15 @@ def console_session(log_path: str | Path | None, verbose: bool = False) -> Itera
             terminal.close()
 
 
-def _remove_if_only(log_path: Path) -> None:
-    if [p.name for p in log_path.parent.iterdir()] == [log_path.name]:
-        log_path.unlink()
-        log_path.parent.rmdir()
+def _remove_if_only(log_path: Path, created: list[Path]) -> None:
+    """Remove the log and the folders created for it, when nothing else was written there."""
+    if [p.name for p in log_path.parent.iterdir()] != [log_path.name]:
+        return
+    log_path.unlink()
+    for folder in created:  # innermost first
+        if any(folder.iterdir()):
+            return
+        folder.rmdir()
 
 
 def _in_memory(stream) -> bool:

@@ -21,11 +21,20 @@ NOT_SCALARS = {"epoch", "step"}
 
 
 class TensorBoardSink:
-    def __init__(self, logdir: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    """Writes the board's updates as TensorBoard scalars; the event file is created with the
+    first update, so a run stopped by a check before training leaves no folder behind."""
 
+    def __init__(self, logdir: str | Path) -> None:
         self.logdir = Path(logdir)
-        self._writer = SummaryWriter(str(self.logdir))
+        self._opened: Any = None
+
+    @property
+    def _writer(self) -> Any:
+        if self._opened is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._opened = SummaryWriter(str(self.logdir))
+        return self._opened
 
     def on_update(self, update: dict[str, Any]) -> None:
         if update["kind"] == "step":
@@ -46,4 +55,5 @@ class TensorBoardSink:
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._opened is not None:
+            self._opened.close()
