@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from raycmr.rerank_eval import evaluate_fast_slow, markdown_table
+from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table
 
 
 def plot(rows: list[dict], path: Path, n_img: int) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raycmr.config import DataConfig
-from raycmr.data.paths import ShardReadError, resolve_paths, split_uri
+from raycmr.data.paths import ShardReadError, open_tar, resolve_paths, split_uri
 from raycmr.data.text import load_text_encoder
 
 
@@ -21,8 +21,7 @@ def read_captions(paths: list[str] | str, max_rows: int = 0) -> list[str]:
         fs, inner, _ = split_uri(file)
         try:
             if file.lower().endswith(".tar"):
-                with fs.open_input_stream(inner) as stream, \
-                        tarfile.open(fileobj=stream, mode="r|*") as tar:
+                with open_tar(fs, inner) as tar:
                     for member in tar:
                         if member.name.endswith(".txt"):
                             data = tar.extractfile(member)

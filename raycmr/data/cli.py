@@ -76,9 +76,9 @@ def _run(args: argparse.Namespace) -> dict[str, WriteSummary]:
         from raycmr.data.synthetic import write_synthetic_splits
 
         return write_synthetic_splits(
-            args.out, args.train, args.val, args.test, args.seed, args.image_size,
-            args.captions_per_image, args.rows_per_shard, image_format=args.image_format,
-            domain=args.domain, overwrite=args.overwrite,
+            args.out, args.train, args.val, args.test, args.seed, image_size=args.image_size,
+            captions_per_image=args.captions_per_image, rows_per_shard=args.rows_per_shard,
+            image_format=args.image_format, domain=args.domain, overwrite=args.overwrite,
         )
     if args.shards_command == "folder":
         from raycmr.data.writers import write_folder_shards

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -135,3 +138,10 @@ def with_absolute_paths(cfg):
         if new != value:
             changes[key] = new
     return with_overrides(cfg, changes) if changes else cfg
+
+
+@contextlib.contextmanager
+def open_tar(fs: pafs.FileSystem, inner: str) -> Iterator[tarfile.TarFile]:
+    """A WebDataset tar shard on ``fs`` opened for one streaming pass over its members."""
+    with fs.open_input_stream(inner) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        yield tar

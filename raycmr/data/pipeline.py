@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from raycmr import compat
 from raycmr.config import DataConfig
-from raycmr.data.paths import ShardReadError, resolve_paths, split_uri
+from raycmr.data.paths import ShardReadError, open_tar, resolve_paths, split_uri
 from raycmr.data.schema import WDS_KEY_EXT, ShardInfo, check_shards
 from raycmr.data.text import TokenizerError, load_text_encoder, load_tokenizer
 from raycmr.data.transforms import preprocess_features, preprocess_images
@@ -171,8 +171,7 @@ def count_rows(paths: list[str] | str) -> int:
         fs, inner, _ = split_uri(file)
         try:
             if file.lower().endswith(".tar"):
-                with fs.open_input_stream(inner) as stream, \
-                        tarfile.open(fileobj=stream, mode="r|*") as tar:
+                with open_tar(fs, inner) as tar:
                     keys = {m.group(1) for m in map(WDS_KEY_EXT.match, tar.getnames()) if m}
                 total += len(keys)
             else:

@@ -9,10 +9,13 @@ Image shards (``data.kind=images``, Parquet): ``id`` string, ``image`` encoded J
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +26,7 @@ from raycmr.data.paths import (
     TAR_EXTENSIONS,
     ShardReadError,
     detect_format,
+    open_tar,
     resolve_paths,
     split_uri,
 )
@@ -57,6 +61,16 @@ class ShardInfo:
     columns: list[str]  # columns of the first file (for webdataset: canonical names found)
 
 
+def wds_image_id(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Any:
+    """The ``image_id`` of a WebDataset sample's ``.json`` member, None when it has none (or
+    the member is not a JSON object)."""
+    try:
+        meta = json.loads(tar.extractfile(member).read())
+    except ValueError:
+        return None
+    return meta.get("image_id") if isinstance(meta, dict) else None
+
+
 def image_shard_schema(optional: Iterable[str] = OPTIONAL_COLUMNS) -> pa.Schema:
     """Arrow schema of an image shard with the given optional columns."""
     fields = [("id", pa.string()), ("image", pa.binary()), ("caption", pa.string())]
@@ -73,19 +87,27 @@ def feature_shard_schema(optional: Iterable[str] = OPTIONAL_COLUMNS) -> pa.Schem
     return pa.schema(fields + [(c, _OPTIONAL_TYPES[c]) for c in optional])
 
 
+@contextlib.contextmanager
+def _reading(path: str, errors: tuple[type[BaseException], ...], what: str,
+             fix: str) -> Iterator[None]:
+    """Turn a missing file or one of ``errors`` into one :class:`ShardReadError` line naming
+    ``path``, what it should have been and the fix."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ShardReadError(f"shard file '{path}' does not exist") from None
+    except errors as exc:
+        raise ShardReadError(f"shard file '{path}' is not a readable {what} ({exc}); {fix}") \
+            from None
+
+
 def read_parquet_schema(path: str) -> pa.Schema:
     """The Arrow schema of one Parquet file, or a :class:`ShardReadError` naming it."""
     fs, inner, _ = split_uri(path)
-    try:
+    with _reading(path, (pa.ArrowException, OSError, ValueError), "Parquet file",
+                  "it may be truncated or not Parquet: rewrite it (raycmr shards ...) or remove "
+                  "it from the split, or set data.format"):
         return pq.read_schema(inner, filesystem=fs)
-    except FileNotFoundError:
-        raise ShardReadError(f"shard file '{path}' does not exist") from None
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ShardReadError(
-            f"shard file '{path}' is not a readable Parquet file ({exc}); it may be truncated "
-            "or not Parquet: rewrite it (raycmr shards ...) or remove it from the split, "
-            "or set data.format"
-        ) from None
 
 
 def _type_problem(column: str, typ: pa.DataType) -> str | None:
@@ -126,28 +148,21 @@ def peek_webdataset(path: str, max_members: int = 64) -> dict[str, bytes]:
     fs, inner, _ = split_uri(path)
     sample: dict[str, bytes] = {}
     key = None
-    try:
-        with fs.open_input_stream(inner) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for i, member in enumerate(tar):
-                if i >= max_members:
-                    break
-                if not member.isreg():
-                    continue
-                match = WDS_KEY_EXT.match(member.name)
-                if not match:
-                    continue
-                this_key, ext = match.group(1), match.group(2)
-                if key is not None and this_key != key:
-                    break
-                key = this_key
-                sample[ext.lower()] = tar.extractfile(member).read()
-    except FileNotFoundError:
-        raise ShardReadError(f"shard file '{path}' does not exist") from None
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ShardReadError(
-            f"shard file '{path}' is not a readable tar file ({exc}); check the path or "
-            "set data.format"
-        ) from None
+    with _reading(path, (tarfile.TarError, OSError, EOFError), "tar file",
+                  "check the path or set data.format"), open_tar(fs, inner) as tar:
+        for i, member in enumerate(tar):
+            if i >= max_members:
+                break
+            if not member.isreg():
+                continue
+            match = WDS_KEY_EXT.match(member.name)
+            if not match:
+                continue
+            this_key, ext = match.group(1), match.group(2)
+            if key is not None and this_key != key:
+                break
+            key = this_key
+            sample[ext.lower()] = tar.extractfile(member).read()
     return sample
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -251,27 +252,16 @@ def write_synthetic_splits(
     n_val: int,
     n_test: int,
     seed: int = 0,
-    image_size: int = 64,
-    captions_per_image: int = 1,
-    rows_per_shard: int = 1000,
-    *,
-    image_format: str = "png",
-    domain: str = "mixed",
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, WriteSummary]:
     """Write ``out_dir/{train,val,test}/part-*.parquet``; the splits draw from disjoint seeds.
+    ``options`` are :func:`write_synthetic_split`'s keywords (image_size, captions_per_image,
+    rows_per_shard, image_format, domain, overwrite, progress).
 
     Returns one :class:`WriteSummary` per split (rows = images * captions_per_image).
     """
-    if captions_per_image <= 0:
-        raise ValueError(f"captions_per_image must be positive, got {captions_per_image}")
+    if options.get("captions_per_image", 1) <= 0:
+        raise ValueError(f"captions_per_image must be positive, got {options['captions_per_image']}")
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    return {
-        split: write_synthetic_split(
-            f"{out_dir}/{split}", split, n, seed, image_size=image_size,
-            captions_per_image=captions_per_image, rows_per_shard=rows_per_shard,
-            image_format=image_format, domain=domain, overwrite=overwrite, progress=progress,
-        )
-        for split, n in sizes.items()
-    }
+    return {split: write_synthetic_split(f"{out_dir}/{split}", split, n, seed, **options)
+            for split, n in sizes.items()}

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_rerank(args: argparse.Namespace) -> int:
     """``raycmr eval --rerank SLOW``: the fast / fast+slow / slow-only table."""
-    from raycmr.rerank_eval import evaluate_fast_slow, markdown_table
+    from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table
 
     split = args.split or "test"
     rows, n_img = evaluate_fast_slow(args.checkpoint, args.rerank, split, args.rerank_k,

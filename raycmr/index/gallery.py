@@ -22,8 +22,6 @@ rebuild gives the same rows whatever order Ray Data returns batches in.
 
 from __future__ import annotations
 
-import json
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -71,14 +69,14 @@ def _scan_parquet(file: str, want_feats: bool, image_dim: int,
 
 
 def _scan_webdataset(file: str, out: dict[int, tuple[str, np.ndarray | None]]) -> None:
-    from raycmr.data.paths import split_uri
-    from raycmr.data.schema import WDS_KEY_EXT
+    from raycmr.data.paths import open_tar, split_uri
+    from raycmr.data.schema import WDS_KEY_EXT, wds_image_id
     from raycmr.data.transforms import stable_hash63
 
     fs, inner, _ = split_uri(file)
     image_ids: dict[str, Any] = {}
     keys: list[str] = []
-    with fs.open_input_stream(inner) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+    with open_tar(fs, inner) as tar:
         for member in tar:
             match = WDS_KEY_EXT.match(member.name) if member.isreg() else None
             if not match:
@@ -86,13 +84,8 @@ def _scan_webdataset(file: str, out: dict[int, tuple[str, np.ndarray | None]]) -
             key, ext = match.group(1), match.group(2).lower()
             if not keys or keys[-1] != key:
                 keys.append(key)
-            if ext == "json":
-                try:
-                    meta = json.loads(tar.extractfile(member).read())
-                except ValueError:
-                    meta = {}
-                if isinstance(meta, dict) and meta.get("image_id") is not None:
-                    image_ids[key] = meta["image_id"]
+            if ext == "json" and (image_id := wds_image_id(tar, member)) is not None:
+                image_ids[key] = image_id
     for key in keys:
         name = _gallery_key(image_ids.get(key), key)
         out.setdefault(stable_hash63(name), (name, None))

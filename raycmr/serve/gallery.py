@@ -8,7 +8,6 @@ byte range of each image member, so one thumbnail reads one row group or one mem
 
 from __future__ import annotations
 
-import json
 import tarfile
 from dataclasses import dataclass, field
 
@@ -71,7 +70,7 @@ class GalleryStore:
 
     def _scan_tar(self, f: int, file: str) -> None:
         from raycmr.data.paths import split_uri
-        from raycmr.data.schema import WDS_IMAGE_EXTENSIONS, WDS_KEY_EXT
+        from raycmr.data.schema import WDS_IMAGE_EXTENSIONS, WDS_KEY_EXT, wds_image_id
 
         fs, inner, _ = split_uri(file)
         images: dict[str, tuple[int, int]] = {}
@@ -87,13 +86,8 @@ class GalleryStore:
                     images.setdefault(key, (member.offset_data, member.size))
                 elif ext == "txt":
                     texts[key] = tar.extractfile(member).read().decode("utf-8", "replace")
-                elif ext == "json":
-                    try:
-                        meta = json.loads(tar.extractfile(member).read())
-                    except ValueError:
-                        meta = {}
-                    if isinstance(meta, dict) and meta.get("image_id") is not None:
-                        ids[key] = str(meta["image_id"])
+                elif ext == "json" and (image_id := wds_image_id(tar, member)) is not None:
+                    ids[key] = str(image_id)
         for key, (offset, size) in images.items():
             name = _key(ids.get(key), key)
             self.where.setdefault(name, (f, offset, size))

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print_final(console, result, validation_metric(cfg))
         best = best_checkpoint(result)
         if args.eval_test and best is not None and cfg.train.task == "slow":
-            from raycmr.rerank_eval import evaluate_fast_slow, markdown_table
+            from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table
 
             rows, n_img = evaluate_fast_slow(cfg.slow.fast_checkpoint or None, best.path, "test",
                                              [cfg.slow.rerank_k], cfg.slow.beta,
