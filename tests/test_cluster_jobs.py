@@ -250,7 +250,7 @@ class TestMultiNode:
         out = log.read_text()
         # one restart (`ray job submit` may show a worker's line twice: distinct values count)
         resumed = sorted({tuple(map(int, m)) for m in
-                          re.findall(r"\[raycmr\] resumed at epoch (\d+), step (\d+)", out)})
+                          re.findall(r"(?:\[raycmr\] )?resumed at epoch (\d+), step (\d+)", out)})
         assert len(resumed) == 1 and saved_at_kill < epochs, (resumed, saved_at_kill)
         # resumed from the newest checkpoint registered before the node died (the one being
         # written at that moment, if any, was never registered): its epoch, its step
