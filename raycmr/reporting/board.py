@@ -38,8 +38,13 @@ class ProgressBoard:
 
 
 def start_board():
-    """A new board actor (Ray must be initialised)."""
-    return ProgressBoard.remote()
+    """A new board actor (Ray must be initialised), pinned to the driver's node: on any other
+    node, losing that node would lose the board and, with it, the run."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressBoard.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
 
 
 class WorkerProgress:
@@ -77,9 +82,15 @@ class BoardCallback(UserCallback):
         self._board = board
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        ray.get(self._board.push.remote({
-            "kind": "report", "time": time.time(), "metrics": dict(metrics[0]) if metrics else {},
-            "checkpoint": checkpoint.path if checkpoint is not None else None}))
+        if self._board is None:
+            return
+        try:
+            ray.get(self._board.push.remote({
+                "kind": "report", "time": time.time(),
+                "metrics": dict(metrics[0]) if metrics else {},
+                "checkpoint": checkpoint.path if checkpoint is not None else None}))
+        except ray.exceptions.RayActorError:  # the display is gone; training goes on
+            self._board = None
 
 
 def worker_print(text: str) -> None:

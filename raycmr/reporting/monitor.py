@@ -36,7 +36,8 @@ class RunMonitor:
         self._drain()  # reports that arrived after the thread's last look
         for sink in self.sinks:
             sink.close()
-        ray.kill(self.board)
+        if self.board is not None:
+            ray.kill(self.board)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -45,7 +46,14 @@ class RunMonitor:
     def _drain(self) -> None:
         """Hand the board's updates to every sink; a failing sink is reported (to the log)
         and skipped, never allowed to stop the run."""
-        for update in ray.get(self.board.drain.remote()):
+        if self.board is None:
+            return
+        try:
+            updates = ray.get(self.board.drain.remote())
+        except ray.exceptions.RayActorError:  # the display is gone; training goes on
+            self.board = None
+            return
+        for update in updates:
             for sink in self.sinks:
                 try:
                     sink.on_update(update)
