@@ -216,7 +216,9 @@ class TestMultiNode:
     def test_workers_on_different_nodes_and_a_node_death_resumes(self, three_nodes, tmp_path):
         shared = tmp_path / "shared"
         run = shared / "runs" / "mn"
-        epochs = 5
+        # enough epochs (2 steps each) that the run is still going when the node is killed: on
+        # an idle machine 5 epochs ended within a second of the first checkpoint, before the kill
+        epochs = 60
         env = {**three_nodes["env"], "RAY_DASHBOARD_ADDRESS": three_nodes["dashboard"],
                "RAYCMR_RUN_NAME": "mn", "RAYCMR_TRAIN_ROWS": str(TRAIN_ROWS),
                "RAYCMR_EVAL_ROWS": str(EVAL_ROWS),
