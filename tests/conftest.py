@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -39,3 +40,10 @@ def pytest_runtest_logreport(report):
         sys.stderr.write(f"\n[raycmr tests] FAILED {report.nodeid} ({report.when})\n"
                          f"{report.longreprtext}\n")
         sys.stderr.flush()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a test's own torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,13 +4,13 @@ gradient all-reduce, nothing else), and sharded validation gives exactly the met
 embedding the whole validation set in one process."""
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from raycmr.config import load_config
 
@@ -114,16 +114,12 @@ def _worker(rank, world, port, result_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("engine") / "result")
-    mp.start_processes(_worker, args=(2, _free_port(), path), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), path), nprocs=2, join=True,
                        start_method="spawn")
     return [torch.load(f"{path}.{r}") for r in range(2)]
 

@@ -2,12 +2,12 @@
 2-process gloo run equal the single-process run on the concatenated batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from raycmr.config import load_config
 from raycmr.train.objective import CrossModalObjective
@@ -68,15 +68,11 @@ def _worker(rank, world, port, kind, global_negatives, splits, result_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_two(kind, global_negatives, splits, tmp_path):
     path = str(tmp_path / f"{kind}-{global_negatives}-{splits}.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), kind, global_negatives, splits, path),
+    mp.start_processes(_worker, args=(2, free_port(), kind, global_negatives, splits, path),
                        nprocs=2, join=True, start_method="spawn")
     return torch.load(path)
 
@@ -121,7 +117,7 @@ def test_while_all_have_stops_every_rank_when_one_runs_out(tmp_path):
     """A worker with fewer full batches (bad rows dropped after the split) stops all workers at
     the same step instead of leaving the others in a collective forever."""
     path = str(tmp_path / "uneven")
-    mp.start_processes(_uneven_worker, args=(2, _free_port(), path), nprocs=2, join=True,
+    mp.start_processes(_uneven_worker, args=(2, free_port(), path), nprocs=2, join=True,
                        start_method="spawn")
     results = [torch.load(f"{path}.{r}") for r in range(2)]
     assert results[0]["got"] == ["r0b0", "r0b1"] and results[1]["got"] == ["r1b0", "r1b1"]
