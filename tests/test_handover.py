@@ -157,14 +157,15 @@ def test_handover_over_two_workers_equals_single_process(tmp_path):
     batch == 1 process x 10 rows: loss and averaged gradients, logit scale included."""
     import torch.multiprocessing as mp
 
-    from tests.test_gather_equivalence import OVERRIDES, _batch, _free_port, _model
+    from conftest import free_port
+    from tests.test_gather_equivalence import OVERRIDES, _batch, _model
 
     model = _model(load_config(None, OVERRIDES + HANDOVER))
     out = model(_batch(10), progress=0.3)
     out["loss"].backward()
     single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     path = str(tmp_path / "handover.pt")
-    mp.start_processes(_handover_worker, args=(2, _free_port(), (5, 5), path), nprocs=2,
+    mp.start_processes(_handover_worker, args=(2, free_port(), (5, 5), path), nprocs=2,
                        join=True, start_method="spawn")
     multi = torch.load(path)
     assert multi["loss"].item() == pytest.approx(out["loss"].item(), abs=1e-9)

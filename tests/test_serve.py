@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
 import torch
 import yaml
 
@@ -98,12 +98,6 @@ def write_checkpoint(path: Path, gallery: str, **model: object) -> DualEncoder:
     path.mkdir(parents=True)
     write_export(path, model.state_dict(), cfg, {"epoch": 0})
     return model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------ without a cluster
@@ -394,7 +388,7 @@ def served(ray_cluster, tmp_path_factory):
     torch.set_num_threads(threads)
     save_reranker(reranker, tmp / "index" / "reranker")  # the default place build_app looks
 
-    port = _free_port()
+    port = free_port()
     (tmp / "token").write_text(TOKEN + "\n")
     args = {"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"), "top_k": TOP_K,
             "rerank_k": RERANK_K, "max_batch_size": 8, "batch_wait_timeout_s": 0.1,

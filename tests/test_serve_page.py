@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
 import torch
 
 from raycmr.artifacts import write_export
@@ -32,14 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "page-test-token-0123456789"
 N_IMAGES = 16
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image_model_config(gallery: str):
@@ -68,7 +61,7 @@ def test_serve_command_stops_cleanly_on_ctrl_c(page_files) -> None:
     from ray import serve
 
     tmp = page_files["tmp"]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": str(ROOT), "RAYCMR_SERVE_TOKEN": TOKEN}
     proc = subprocess.Popen(
@@ -128,7 +121,7 @@ def page_app(page_files):
     from raycmr.serve.app import APP_NAME, build_app
 
     tmp = page_files["tmp"]
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"),
                          "top_k": 10, "rerank_k": 5, "replicas": 1, "max_replicas": 1},
