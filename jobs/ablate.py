@@ -7,7 +7,7 @@
 Each row is one Ray Tune experiment (``raycmr.tune.runner``, the code of ``raycmr tune``): a grid
 over ``train.seed`` (one trial per seed, FIFO, every trial a whole distributed run of 2 DeepSpeed
 workers, same per-worker batch unless the row sweeps it). Rows (MH = VSE++ max-of-hinges with
-the quickstart's warm-up hand-over, ``loss.mh_warmup``; negatives gathered across workers):
+the quickstart's smoothed-max hand-over, ``loss.mh_warmup``; negatives gathered across workers):
 
     mh, sh, infonce          the loss: max-of-hinges vs sum-of-hinges vs InfoNCE
     mh_local                 MH with each worker's own negatives only (loss.global_negatives=false)
@@ -77,7 +77,7 @@ DATASETS = {
     "wikipedia": Dataset("wikipedia", {
         # the contrastive loss alone, ranked in the common space
         "loss.kind": "vse_mh", "loss.weight": 1.0, "loss.dscmr.enabled": False,
-        "loss.mh_warmup.loss": "infonce", "loss.mh_warmup.end": 0.3,  # as the quickstart's
+        "loss.mh_warmup.loss": "soft", "loss.mh_warmup.end": 0.5,  # as the quickstart's
         "model.num_classes": 0, "model.retrieval_space": "common", "train.lr": 0.001,
         "train.checkpoint_every_epochs": 1000, "train.log_every": 1000,
         "data.train": ["out/wikipedia/shards/train"], "data.val": ["out/wikipedia/shards/val"],

@@ -105,9 +105,10 @@ class MHWarmupConfig:
     """VSE++ max-of-hinges from random init (raycmr.losses.handover): ``loss`` trains alone up to
     training progress ``start``, then hands over to MH along a half-cosine, MH alone from ``end``."""
 
-    loss: Literal["none", "vse_sh", "infonce"] = "none"  # "none" = plain MH
+    loss: Literal["none", "vse_sh", "infonce", "soft"] = "none"  # "none" = plain MH
     start: float = 0.0  # fraction of the run's optimizer steps
     end: float = 0.0
+    tau: float = 0.05  # "soft": smoothing temperature at the start, annealed to 0 (= MH) at end
 
 
 @dataclass
@@ -492,6 +493,8 @@ def validate(cfg: Config) -> None:
     if cfg.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
     warm = cfg.loss.mh_warmup
+    if warm.tau < 0:
+        raise ConfigError(f"loss.mh_warmup.tau must be >= 0 (0 = plain MH), got {warm.tau}")
     if not 0.0 <= warm.start <= warm.end <= 1.0:
         raise ConfigError(f"loss.mh_warmup needs 0 <= start <= end <= 1 (fractions of the run), "
                           f"got start {warm.start}, end {warm.end}")

@@ -9,7 +9,7 @@ import torch
 from raycmr.config import ConfigError, load_config
 from raycmr.distributed import GlobalBatch, local_batch
 from raycmr.losses.contrastive import MAX_LOGIT_SCALE, infonce_loss, vse_loss
-from raycmr.losses.handover import handover_weight, vse_mh_handover_loss
+from raycmr.losses.handover import handover_weight, smooth_mh_loss, vse_mh_handover_loss
 from tests.test_contrastive import _emb, infonce_reference, vse_reference
 
 
@@ -58,6 +58,58 @@ def test_limit_cases_are_exactly_mh_and_the_warmup_loss(warmup):
         expected = mh.loss
     assert torch.equal(start.loss, expected)
     assert start.loss.item() != pytest.approx(mh.loss.item()) or warmup == "none"
+
+
+def smooth_mh_reference(img, txt, groups, margin, tau):
+    """tau * log(1 + sum_j exp((m + s_j - s_p) / tau)) per anchor and direction, one negative at a
+    time."""
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        pos = float(img[i] @ txt[i])
+        for sims in ([float(img[i] @ txt[j]) for j in range(n)],
+                     [float(img[j] @ txt[i]) for j in range(n)]):
+            z = [(margin + sims[j] - pos) / tau for j in range(n) if groups[j] != groups[i]]
+            m = max([0.0] + z)
+            total += tau * (m + math.log(math.exp(-m) + sum(math.exp(x - m) for x in z)))
+    return total / n
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.1, 1.0])
+def test_smooth_mh_matches_loop_reference(tau):
+    img, txt = _emb(10, 6, 31), _emb(10, 6, 32)
+    groups = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5, 6, 7])
+    out = smooth_mh_loss(local_batch(img, txt, groups), margin=0.2, tau=tau)
+    ref = smooth_mh_reference(img, txt, groups.tolist(), 0.2, tau)
+    assert out.loss.item() == pytest.approx(ref, rel=1e-10)
+
+
+def test_smooth_mh_limits_are_mh_and_margin_infonce():
+    img, txt = _emb(12, 8, 33), _emb(12, 8, 34)
+    groups = torch.tensor([0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9])
+    batch = local_batch(img, txt, groups)
+    mh = vse_loss(batch, margin=0.2, hardest=True).loss
+    assert torch.equal(smooth_mh_loss(batch, margin=0.2, tau=0.0).loss, mh)  # tau 0: exactly MH
+    # tau -> 0: the soft maximum tends to the hardest hinge (error <= tau * log(N + 1) per term)
+    gaps = [abs(smooth_mh_loss(batch, margin=0.2, tau=t).loss.item() - mh.item())
+            for t in (0.1, 0.01, 0.001)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] <= 2 * 0.001 * math.log(13)
+    # margin 0, tau = 1/t: tau x (sum of both directions' InfoNCE) = 2 tau x symmetric InfoNCE
+    scale = 1 / 0.07
+    ref = infonce_reference(img, txt, groups.tolist(), scale)
+    got = smooth_mh_loss(batch, margin=0.0, tau=1 / scale).loss.item()
+    assert got == pytest.approx(2 * ref / scale, rel=1e-10)
+
+
+def test_soft_handover_anneals_tau_to_exactly_mh():
+    img, txt = _emb(10, 6, 35), _emb(10, 6, 36)
+    batch = local_batch(img, txt)
+    for weight, tau in ((0.0, 0.05), (0.5, 0.025), (0.9, 0.005)):
+        got = vse_mh_handover_loss(batch, warmup="soft", weight=weight, margin=0.2, tau=0.05)
+        assert got.loss.item() == pytest.approx(
+            smooth_mh_loss(batch, margin=0.2, tau=tau).loss.item(), rel=1e-12)
+    done = vse_mh_handover_loss(batch, warmup="soft", weight=1.0, margin=0.2, tau=0.05)
+    assert torch.equal(done.loss, vse_loss(batch, margin=0.2, hardest=True).loss)
 
 
 def test_handover_bad_warmup_and_missing_scale():

@@ -40,7 +40,7 @@ class ContrastiveOutput:
     pos_sim: torch.Tensor  # mean positive-pair similarity (no grad)
 
 
-def _negative_mask(batch: GlobalBatch) -> torch.Tensor:
+def negative_mask(batch: GlobalBatch) -> torch.Tensor:
     """Bool [anchors, N]: True where candidate j may serve as a negative of anchor i."""
     a = batch.anchors
     if batch.groups is None:
@@ -70,7 +70,7 @@ def vse_loss(batch: GlobalBatch, *, margin: float = 0.2, hardest: bool = True
     pos = (img * txt).sum(dim=1)  # s(i, c) of each anchor pair
     s_i2t = img @ batch.txt.t()  # anchor image vs every caption
     s_t2i = txt @ batch.img.t()  # anchor caption vs every image
-    neg = _negative_mask(batch)
+    neg = negative_mask(batch)
     cost_c = (margin + s_i2t - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
     cost_i = (margin + s_t2i - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
     if hardest:
@@ -100,7 +100,7 @@ def infonce_loss(batch: GlobalBatch, logit_scale: torch.Tensor) -> ContrastiveOu
     rows = batch.anchor_count
     scale = clamped_logit_scale(logit_scale).exp()
     target = torch.arange(rows, device=img.device) + a.start
-    neg = _negative_mask(batch)
+    neg = negative_mask(batch)
     keep = neg.clone()
     keep[torch.arange(rows, device=img.device), target] = True
     logits_i2t = (scale * img @ batch.txt.t()).masked_fill(~keep, float("-inf"))

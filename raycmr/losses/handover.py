@@ -27,9 +27,40 @@ import math
 import torch
 
 from raycmr.distributed import GlobalBatch
-from raycmr.losses.contrastive import ContrastiveOutput, infonce_loss, vse_loss
+from raycmr.losses.contrastive import ContrastiveOutput, negative_mask, infonce_loss, vse_loss
 
-WARMUP_LOSSES = ("none", "vse_sh", "infonce")
+WARMUP_LOSSES = ("none", "vse_sh", "infonce", "soft")
+
+
+def smooth_mh_loss(batch: GlobalBatch, *, margin: float, tau: float) -> ContrastiveOutput:
+    """VSE++ max-of-hinges with its max and hinge smoothed at temperature ``tau``::
+
+        per direction:  tau * log(1 + sum_{j neg} exp((m + s_j - s_p) / tau))
+
+    a softplus of the log-sum-exp of the hinges' arguments. As ``tau -> 0`` it tends to
+    ``[max_j (m + s_j - s_p)]_+``, which is MH's hinge on the hardest negative (``tau = 0`` is
+    exactly :func:`vse_loss` with ``hardest=True``); at ``tau = 1/t`` it is ``tau`` times InfoNCE
+    with logit scale ``t`` and an additive margin (its ``log(1 + sum)`` form). Annealing ``tau``
+    to 0 therefore moves from a margin-InfoNCE that sees every negative to the hardest one.
+    """
+    if tau <= 0:
+        return vse_loss(batch, margin=margin, hardest=True)
+    a = batch.anchors
+    img, txt = batch.img[a], batch.txt[a]
+    pos = (img * txt).sum(dim=1)
+    neg = negative_mask(batch)
+    zero = pos.new_zeros(pos.shape[0], 1)
+    per_anchor = pos.new_zeros(pos.shape[0])
+    hard = []
+    for sims in (img @ batch.txt.t(), txt @ batch.img.t()):
+        z = ((margin + sims - pos[:, None]) / tau).masked_fill(~neg, float("-inf"))
+        per_anchor = per_anchor + tau * torch.logsumexp(torch.cat([zero, z], dim=1), dim=1)
+        with torch.no_grad():
+            hard.append(sims.masked_fill(~neg, float("-inf")).max(dim=1).values)
+    h = torch.cat(hard)
+    h = h[torch.isfinite(h)]
+    hard_mean = h.mean() if h.numel() else pos.new_zeros(())
+    return ContrastiveOutput(per_anchor.sum() / batch.scale(), hard_mean, pos.detach().mean())
 
 
 def handover_weight(progress: float, start: float, end: float) -> float:
@@ -48,11 +79,14 @@ def vse_mh_handover_loss(
     weight: float,
     margin: float = 0.2,
     logit_scale: torch.Tensor | None = None,
+    tau: float = 0.05,
 ) -> ContrastiveOutput:
     """``(1 - weight) * L_warm + weight * L_MH`` over ``batch`` (module docstring);
     ``logit_scale`` is needed by the InfoNCE warm-up."""
     if warmup not in WARMUP_LOSSES:
         raise ValueError(f"warm-up loss {warmup!r}; choose one of {', '.join(WARMUP_LOSSES)}")
+    if warmup == "soft":
+        return smooth_mh_loss(batch, margin=margin, tau=tau * (1.0 - weight))
     mh = vse_loss(batch, margin=margin, hardest=True) if weight > 0 or warmup == "none" \
         else None
     if warmup == "none" or weight >= 1:

@@ -39,7 +39,7 @@ def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
     if loss_cfg.kind == "vse_mh" and warm.loss != "none":
         return vse_mh_handover_loss(
             batch, warmup=warm.loss, weight=handover_weight(progress, warm.start, warm.end),
-            margin=loss_cfg.margin, logit_scale=logit_scale)
+            margin=loss_cfg.margin, logit_scale=logit_scale, tau=warm.tau)
     return contrastive_loss(loss_cfg.kind, batch, margin=loss_cfg.margin, logit_scale=logit_scale)
 
 
