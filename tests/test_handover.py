@@ -208,8 +208,8 @@ def test_handover_over_two_workers_equals_single_process(tmp_path):
     """Mid hand-over (InfoNCE and MH both weighted), 2 gloo workers x 5 rows with the global
     batch == 1 process x 10 rows: loss and averaged gradients, logit scale included."""
     import torch.multiprocessing as mp
-
     from conftest import free_port
+
     from tests.test_gather_equivalence import OVERRIDES, _batch, _model
 
     model = _model(load_config(None, OVERRIDES + HANDOVER))

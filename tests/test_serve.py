@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port
 import torch
 import yaml
+from conftest import free_port
 
 from raycmr.artifacts import write_export
 from raycmr.config import ConfigError, ServeConfig, config_from_dict, with_overrides

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port
 import torch
+from conftest import free_port
 
 from raycmr.artifacts import write_export
 from raycmr.config import config_from_dict

@@ -27,7 +27,7 @@ import math
 import torch
 
 from raycmr.distributed import GlobalBatch
-from raycmr.losses.contrastive import ContrastiveOutput, negative_mask, infonce_loss, vse_loss
+from raycmr.losses.contrastive import ContrastiveOutput, infonce_loss, negative_mask, vse_loss
 
 WARMUP_LOSSES = ("none", "vse_sh", "infonce", "soft")
 
