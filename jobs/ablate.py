@@ -10,6 +10,8 @@ workers, same per-worker batch unless the row sweeps it). Rows (MH = VSE++ max-o
 the quickstart's smoothed-max hand-over, ``loss.mh_warmup``; negatives gathered across workers):
 
     mh, sh, infonce          the loss: max-of-hinges vs sum-of-hinges vs InfoNCE
+    soft_fixed               MH's smoothed max kept at tau 0.05 (the control: is it MH or the
+                             smoothing with a margin that trains?)
     mh_local                 MH with each worker's own negatives only (loss.global_negatives=false)
     mh_grl                   MH + the GRL modality adversary (loss.grl.enabled=true)
     mh_b16, mh_b32, mh_b128  MH at 16/32/128 pairs per worker (mh itself is 64): global batch x2
@@ -53,6 +55,8 @@ ROWS = [
     Row("mh", "MH (global negatives)"),
     Row("sh", "SH", {"loss.kind": "vse_sh"}),
     Row("infonce", "InfoNCE", {"loss.kind": "infonce"}),
+    Row("soft_fixed", "smoothed MH, never annealed to MH (tau 0.05 throughout)",
+        {"loss.mh_warmup.start": 1.0, "loss.mh_warmup.end": 1.0}),
     Row("mh_local", "MH, local negatives only", {"loss.global_negatives": False}),
     Row("mh_grl", "MH + GRL adversary", {"loss.grl.enabled": True}),
     Row("mh_b16", "MH, batch 16/worker", {"train.batch_size": 16}, 16),
