@@ -160,11 +160,13 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     return index
 
 
-def save_index(index: faiss.Index, ids: list[str], directory: str | Path) -> str:
+def save_index(index: faiss.Index, ids: list[str], directory: str | Path,
+               extra_meta: dict[str, Any] | None = None) -> str:
     """Write ``index.faiss``, ``ids.parquet`` and ``meta.json`` into ``directory`` (a local path,
     created, or an object-store URI) through :mod:`raycmr.artifacts`.
 
-    ``ids[i]`` is the external id (e.g. an image key) of the vector at row ``i``.
+    ``ids[i]`` is the external id (e.g. an image key) of the vector at row ``i``; ``extra_meta``
+    adds keys to meta.json (e.g. ``auto``: the measurements behind ``--kind auto``).
     """
     ids = [str(i) for i in ids]
     if len(ids) != index.ntotal:
@@ -179,6 +181,7 @@ def save_index(index: faiss.Index, ids: list[str], directory: str | Path) -> str
         "metric": "inner_product",
         "params": _index_params(cpu),
         "faiss_version": faiss.__version__,
+        **(extra_meta or {}),
     }
     return artifacts.write_index_folder(directory, faiss.serialize_index(cpu).tobytes(), ids,
                                         meta)
