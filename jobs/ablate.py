@@ -81,7 +81,7 @@ DATASETS = {
     "wikipedia": Dataset("wikipedia", {
         # the contrastive loss alone, ranked in the common space
         "loss.kind": "vse_mh", "loss.weight": 1.0, "loss.dscmr.enabled": False,
-        "loss.mh_warmup.loss": "soft", "loss.mh_warmup.end": 0.5,  # as the quickstart's
+        "loss.mh_warmup.loss": "soft", "loss.mh_warmup.end": 1.0,  # as the quickstart's
         "model.num_classes": 0, "model.retrieval_space": "common", "train.lr": 0.001,
         "train.checkpoint_every_epochs": 1000, "train.log_every": 1000,
         "data.train": ["out/wikipedia/shards/train"], "data.val": ["out/wikipedia/shards/val"],
