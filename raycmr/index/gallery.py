@@ -207,7 +207,7 @@ def build_gallery_index(
     if slow_model is not None:
         record["slow_checkpoint"] = slow
         record["phi"] = _write_phi(paths, slow, slow_model, slow_cfg, groups[order], out,
-                                   num_actors, say, console)
+                                   num_actors, batch_size, say, console)
     artifacts.write_gallery(out, record)
     return record
 
@@ -231,7 +231,7 @@ def _load_slow(slow: str, cfg: Config):
 
 
 def _write_phi(paths: list[str], slow: str, model, slow_cfg: Config, groups: np.ndarray,
-               out: str, num_actors: int, say, console) -> dict[str, Any]:
+               out: str, num_actors: int, batch_size: int, say, console) -> dict[str, Any]:
     """phi(x) of every index row (``groups[i]``: row i's image) by Ray Data actors."""
     from raycmr.data.pipeline import build_dataset
     from raycmr.index.phi_store import describe_size, write_phi
@@ -253,7 +253,7 @@ def _write_phi(paths: list[str], slow: str, model, slow_cfg: Config, groups: np.
     row_of = {int(g): i for i, g in enumerate(groups.tolist())}
     try:
         record = write_phi(ds, slow_cfg, model.state_dict(), row_of, out, checkpoint=slow,
-                           num_actors=num_actors,
+                           num_actors=num_actors, batch_size=batch_size,
                            on_rows=on_rows if bar else None)
     finally:
         if bar is not None:
