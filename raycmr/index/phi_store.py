@@ -150,6 +150,8 @@ def write_phi(ds: Any, slow_cfg, slow_state: dict, row_of: dict[int, int], out: 
 
     from raycmr.data.inference import run_batch_inference
 
+    fs, root = artifacts.split(phi_dir(out))
+    fs.delete_dir_contents(root, missing_dir_ok=True)  # a rebuild leaves no stale blocks
     factory = PhiBlockWriter(slow_cfg.to_dict(), ray.put(slow_state), ray.put(row_of), str(out))
     got = run_batch_inference(ds, factory, ("row", "block", "offset"), num_actors=num_actors,
                               batch_size=batch_size, on_rows=on_rows)
