@@ -2,12 +2,14 @@
 
     python jobs/serve_load_test.py [--clients 8] [--duration 60] [--gallery 2000]
 
-Builds a small service of its own (untrained feature-tower dual encoder, a synthetic gallery of
-``--gallery`` images, a FAISS flat index and an untrained reranker) on a local Ray cluster of 8
-logical CPUs, deploys it with 2 replicas of every deployment, then runs ``--clients`` concurrent
-clients for ``--duration`` seconds while one replica of each deployment (Ingress,
-QueryEncoder, Retriever, Reranker) is killed in turn with ``ray.kill``. Prints the requests,
-failures, p50/p99 latency and what was killed; exits 1 when 1% or more of the requests failed.
+Builds a small service of its own (a synthetic gallery of ``--gallery`` 32-px images with
+captions, an untrained ViT/BERT dual encoder and an untrained slow captioning model, a FAISS
+flat index with the slow model's phi(x) stored next to it) on a local Ray cluster of 12
+logical CPUs, deploys it with 2 replicas of every deployment, then runs ``--clients``
+concurrent clients (caption queries) for ``--duration`` seconds while one replica of each
+deployment (Ingress, QueryEncoder, Retriever, Reranker, Gallery) is killed in turn with
+``ray.kill``. Prints the requests, failures, p50/p99 latency and what was killed; exits 1 when
+1% or more of the requests failed.
 """
 
 from __future__ import annotations
@@ -20,48 +22,47 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-DEPLOYMENTS = ("Ingress", "QueryEncoder", "Retriever", "Reranker")
-IMAGE_DIM, TEXT_DIM = 64, 32
+DEPLOYMENTS = ("Ingress", "QueryEncoder", "Retriever", "Reranker", "Gallery")
+IMAGE_SIZE, MAX_LEN = 32, 16
 
 
-def build_service_files(root: Path, n_images: int) -> tuple[Path, Path, np.ndarray]:
-    """Gallery shard, checkpoint, index (+ reranker) under ``root``; returns (checkpoint,
-    index, text queries)."""
-    import pyarrow as pa
+def build_service_files(root: Path, n_images: int) -> tuple[Path, Path, list[str]]:
+    """Gallery shards, fast and slow checkpoints, index with phi(x) under ``root``; returns
+    (fast checkpoint, index, caption queries)."""
     import pyarrow.parquet as pq
     import torch
 
     from raycmr.artifacts import write_export
-    from raycmr.config import config_from_dict
-    from raycmr.data.schema import feature_shard_schema
+    from raycmr.config import load_config
+    from raycmr.data.synthetic import write_synthetic_split
     from raycmr.index.gallery import build_gallery_index
     from raycmr.models.dual_encoder import DualEncoder
-    from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig, save_reranker
+    from raycmr.models.slow import build_slow_model
 
-    rng = np.random.default_rng(0)
-    image = rng.standard_normal((n_images, IMAGE_DIM)).astype(np.float32)
-    text = image[:, :TEXT_DIM] + 0.1 * rng.standard_normal((n_images, TEXT_DIM)).astype(np.float32)
-    (root / "gallery").mkdir(parents=True)
-    pq.write_table(pa.table({"id": [f"img{i:05d}" for i in range(n_images)],
-                             "image_feat": image.tolist(), "text_feat": text.tolist()},
-                            schema=feature_shard_schema([])), root / "gallery" / "part-0.parquet")
-    cfg = config_from_dict({
-        "data": {"kind": "features", "test": [str(root / "gallery")]},
-        "model": {"embed_dim": 32,
-                  "image": {"kind": "mlp", "input_dim": IMAGE_DIM, "hidden_dims": [64]},
-                  "text": {"kind": "mlp", "input_dim": TEXT_DIM, "hidden_dims": [64]}},
-        "index": {"kind": "flat"},
-    })
+    write_synthetic_split(root / "gallery", "test", n_images, seed=0, image_size=IMAGE_SIZE,
+                          progress=False)
+    data = [f"data.test=[{root / 'gallery'}]", f"data.image_size={IMAGE_SIZE}",
+            f"data.max_text_len={MAX_LEN}"]
+    fast_cfg = load_config("quickstart", data + [
+        "model.embed_dim=16",
+        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
+        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
+         " max_position_embeddings: 32}")])
+    slow_cfg = load_config("quickstart_slow", data + ["slow.width=32", "slow.heads=2",
+                                                      "slow.decoder_layers=1"])
     torch.manual_seed(0)
-    (root / "ckpt").mkdir()
-    write_export(root / "ckpt", DualEncoder(cfg.model).state_dict(), cfg, {"epoch": 0})
-    build_gallery_index(str(root / "ckpt"), "test", root / "index", num_actors=1)
-    save_reranker(CrossAttentionReranker(RerankerConfig(
-        query="features", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, width=32, heads=2)),
-        root / "index" / "reranker")
-    return root / "ckpt", root / "index", text
+    for name, model, cfg in (
+            ("fast", DualEncoder(fast_cfg.model), fast_cfg),
+            ("slow", build_slow_model(slow_cfg.slow, torch.arange(1000, 3000), IMAGE_SIZE,
+                                      MAX_LEN), slow_cfg)):
+        (root / name).mkdir()
+        write_export(root / name, model.state_dict(), cfg, {"epoch": 0})
+    build_gallery_index(str(root / "fast"), "test", root / "index", slow=str(root / "slow"),
+                        num_actors=1)
+    captions = pq.read_table(root / "gallery", columns=["caption"]).column("caption")
+    return root / "fast", root / "index", captions.to_pylist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from raycmr.serve.loadtest import run_load
 
     with tempfile.TemporaryDirectory(prefix="raycmr-load-") as tmp:
-        ray.init(address="local", num_cpus=8, log_to_driver=False)
+        ray.init(address="local", num_cpus=12, log_to_driver=False)
         ckpt, index, queries = build_service_files(Path(tmp), args.gallery)
         token = secrets.token_urlsafe(24)
         with socket.socket() as s:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                              "rerank_k": 20, "replicas": args.replicas,
                              "max_replicas": args.replicas}, token=token),
                   name=APP_NAME, route_prefix="/")
-        bodies = [{"text_feat": q.tolist(), "k": args.k} for q in queries[:256]]
+        bodies = [{"text": q, "k": args.k} for q in queries[:256]]
         kills = [] if args.no_kill else [(APP_NAME, d) for d in DEPLOYMENTS]
         print(f"load: {args.clients} clients x {args.duration:.0f} s, {args.replicas} replicas "
               f"of each deployment, killing one replica of {', '.join(d for _, d in kills)}"

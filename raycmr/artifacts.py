@@ -1,8 +1,8 @@
 """What raycmr writes and reads back: checkpoint exports and index folders.
 
 Every location is a local path or an object-store URI (``s3://``, ``gs://``, ``file://``),
-opened through ``pyarrow.fs``; train, eval, ``raycmr index``, the reranker and the Serve app all
-read a model through here, never through the trainer.
+opened through ``pyarrow.fs``; train, eval, ``raycmr index`` and the Serve app all read a model
+through here, never through the trainer.
 
 A checkpoint directory (one per report, written by every worker and merged by Ray Train)::
 
@@ -16,9 +16,9 @@ An index folder (``raycmr index``)::
     index.faiss, ids.parquet, meta.json   the FAISS index (serialised bytes), its id table
                                           (``row`` int64 -> ``id`` string) and its kind, dim,
                                           count, metric and build/search parameters
-    rerank_feats.npy                      [N, F] float32: what the reranker sees of image row i
-    gallery.json                          checkpoint, shards, count, dims, rerank vector kind
-    reranker/                             optional: the slow stage served next to the index
+    gallery.json                          checkpoint, shards, count, dims, slow checkpoint
+    phi/                                  optional (``--slow``): the slow model's phi(x) of
+                                          image row i (:mod:`raycmr.index.phi_store`)
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.pt", "config.yaml", "state.json"
 CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE)
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.parquet", "meta.json"
-GALLERY_FILE, RERANK_FEATS_FILE, RERANKER_SUBDIR = "gallery.json", "rerank_feats.npy", "reranker"
-INDEX_FILES = (INDEX_FILE, IDS_FILE, META_FILE, GALLERY_FILE, RERANK_FEATS_FILE)
+GALLERY_FILE = "gallery.json"
+INDEX_FILES = (INDEX_FILE, IDS_FILE, META_FILE, GALLERY_FILE)
 
 
 # ------------------------------------------------------------------------------------ locations
@@ -245,11 +245,8 @@ def read_index_folder(directory: str | Path) -> tuple[bytes, list[str], dict[str
     return read_bytes(join(directory, INDEX_FILE)), ids, meta
 
 
-def write_gallery(directory: str | Path, record: dict[str, Any], rerank_feats: np.ndarray) -> None:
-    """``gallery.json`` and ``rerank_feats.npy`` next to an index."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(rerank_feats, dtype=np.float32))
-    write_bytes(join(directory, RERANK_FEATS_FILE), buffer.getvalue())
+def write_gallery(directory: str | Path, record: dict[str, Any]) -> None:
+    """``gallery.json`` next to an index."""
     write_bytes(join(directory, GALLERY_FILE), json.dumps(record, indent=2).encode())
 
 
@@ -259,11 +256,3 @@ def read_gallery(directory: str | Path) -> dict[str, Any]:
 
 def read_index_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads(read_text(join(directory, META_FILE)))
-
-
-def read_rerank_feats(directory: str | Path) -> np.ndarray:
-    """``rerank_feats.npy`` of an index folder (memory-mapped when local)."""
-    uri = join(directory, RERANK_FEATS_FILE)
-    if is_remote(uri):
-        return np.load(io.BytesIO(read_bytes(uri)))
-    return np.load(local_dir(directory) / RERANK_FEATS_FILE, mmap_mode="r")

@@ -5,8 +5,8 @@
     raycmr eval --checkpoint runs/NAME/checkpoint_... [--split test]
     raycmr config --config wikipedia loss.dscmr.alpha=0.2
     raycmr tune --config wikipedia tune.num_samples=8
-    raycmr index --checkpoint runs/NAME/checkpoint_... --split test --out out/index
-    raycmr reranker --checkpoint runs/NAME/checkpoint_... --out out/index/reranker
+    raycmr train --config quickstart_slow slow.fast_checkpoint=runs/NAME/checkpoint_...
+    raycmr index --checkpoint runs/NAME/checkpoint_... --slow SLOW --split test --out out/index
     raycmr serve --checkpoint runs/NAME/checkpoint_... --index out/index
 """
 
@@ -32,8 +32,8 @@ COMMANDS = {
     "eval": (eval_cli, "R@K / mAP of a checkpoint on a split"),
     "config": (config_cli, "print the resolved config"),
     "tune": (tune_cli, "search hyperparameters with Ray Tune"),
-    "index": (index_cli, "embed a gallery (Ray Data) and write a FAISS index"),
-    "reranker": (rerank_cli, "train the cross-attention reranker (Serve, distillation)"),
+    "index": (index_cli, "embed a gallery (Ray Data), write a FAISS index (+ phi(x) with --slow)"),
+    "reranker": (rerank_cli, "feature checkpoints: fit the distillation teacher"),
     "serve": (serve_cli, "run the retrieval service (Ray Serve, blocking)"),
 }
 

@@ -8,6 +8,7 @@ wrong type raise :class:`ConfigError` with a one-line message naming the key and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,12 +210,19 @@ class ServeConfig:
     index_path: str = ""
     checkpoint: str = ""
     top_k: int = 100  # candidates retrieved per query
-    rerank_k: int = 20  # of them reordered by the reranker
+    # The slow stage (Miech et al. 2021): the fast top rerank_k re-ranked by
+    # h(x, y) + beta * f(x)^T g(y); a request may ask for another rerank_k (up to max_rerank_k,
+    # and never above top_k) and beta.
+    rerank_k: int = 20
+    max_rerank_k: int = 50
+    beta: float = 0.0
     route_prefix: str = "/"
-    reranker: str = ""  # reranker dir; "" = INDEX/reranker when present; "none" = off
+    # A slow-model checkpoint (`raycmr train --config quickstart_slow`); "" = the one whose
+    # phi(x) the index stores (`raycmr index --slow`), none there = no slow stage; "none" = off
+    slow_checkpoint: str = ""
     max_batch_size: int = 16  # requests batched into one forward pass / FAISS search
     batch_wait_timeout_s: float = 0.01
-    use_gpu: bool = False  # encoder and reranker on a GPU
+    use_gpu: bool = False  # query encoder and slow reranker on a GPU
     host: str = "127.0.0.1"  # HTTP host; 0.0.0.0 listens on every interface
     port: int = 8000
     # Replicas of every deployment at start (autoscaling between replicas and max_replicas):
@@ -465,6 +473,11 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"serve.top_k must be positive, got {s.top_k}")
     if not 0 <= s.rerank_k <= s.top_k:
         raise ConfigError(f"serve.rerank_k must be in [0, top_k={s.top_k}], got {s.rerank_k}")
+    if not s.rerank_k <= s.max_rerank_k:
+        raise ConfigError(f"serve.rerank_k ({s.rerank_k}) must be <= serve.max_rerank_k "
+                          f"({s.max_rerank_k})")
+    if not math.isfinite(s.beta):
+        raise ConfigError(f"serve.beta must be a finite number, got {s.beta}")
     for key in ("max_batch_size", "replicas", "max_body_bytes", "max_query_chars"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"serve.{key} must be positive, got {getattr(s, key)}")

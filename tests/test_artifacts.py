@@ -48,10 +48,9 @@ def test_index_folder_round_trip_through_a_uri(tmp_path) -> None:
     index = build_index(gallery, "hnsw", ef_search=20)
     uri = f"file://{tmp_path / 'idx'}"
     save_index(index, [f"id{i}" for i in range(50)], uri)
-    artifacts.write_gallery(uri, {"count": 50}, gallery[:, :3])
+    artifacts.write_gallery(uri, {"count": 50})
     loaded, ids = load_index(uri)
     assert ids == [f"id{i}" for i in range(50)] and loaded.hnsw.efSearch == 20
     np.testing.assert_array_equal(search(loaded, gallery[:5], 3)[1], search(index, gallery[:5], 3)[1])
     assert artifacts.read_gallery(uri) == {"count": 50}
-    np.testing.assert_array_equal(artifacts.read_rerank_feats(uri), gallery[:, :3])
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(artifacts.INDEX_FILES)

@@ -81,3 +81,26 @@ def test_summary_by_hand() -> None:
     assert rr.summary(ranks, "t2i") == {"t2i_r1": 40.0, "t2i_r5": 60.0, "t2i_r10": 80.0,
                                         "t2i_medr": 2.0}
     assert rr.recall_at(ranks, 7) == 80.0
+
+
+@pytest.mark.parametrize("k,beta,n", [(3, 0.0, 6), (5, 0.5, 12), (12, 2.0, 4)])
+def test_reranked_rows_are_the_explicit_reordering(k: int, beta: float, n: int) -> None:
+    """The ranking the Serve app must return (served top ``n``): the fast top-k by
+    ``h + beta * fast``, then the rest in fast order."""
+    split, scorer = _split(q=5, n=12, seed=7)
+    fast = (split.fast_txt @ split.fast_img.t()).tolist()
+    got = rr.reranked_rows(scorer, split, slice(0, 5), k, beta, n)
+    for i in range(5):
+        order = sorted(range(12), key=lambda m, f=fast[i]: -f[m])
+        top = sorted(order[:k], key=lambda m, f=fast[i]: -(float(scorer.table[i, m])
+                                                          + beta * f[m]))
+        assert got[i].tolist() == (top + order[k:])[:n]
+
+
+def test_combine_and_rerank_order() -> None:
+    h, fast = torch.tensor([[-3.0, -1.0, -2.0, -1.0]]), torch.tensor([[0.9, 0.1, 0.5, 0.1]])
+    assert rr.combine(h, fast, 2.0).tolist() == [[-1.2000000476837158, -0.800000011920929,
+                                                  -1.0, -0.800000011920929]]
+    assert rr.rerank_order(rr.combine(h, fast, 0.0)).tolist() == [[1, 3, 2, 0]]  # ties: stable
+    assert rr.rerank_order(rr.combine(h, fast, 2.0)).tolist() == [[1, 3, 2, 0]]
+    assert rr.rerank_order(rr.combine(h, fast, 10.0)).tolist() == [[0, 2, 1, 3]]

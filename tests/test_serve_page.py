@@ -1,11 +1,12 @@
 """The search page and the image routes in a real browser (headless Chromium via Playwright).
 
-A tiny random-init image/text dual encoder (ViT + BERT from configs, MiniLM tokenizer) over 16
-synthetic shape images (two captions each) is indexed with `raycmr index` and served with the
-token on; Chromium signs in through the page's form, types a caption, and the page must show
-thumbnails that load and put first the image a brute-force ranking of the model's own
-embeddings puts first; uploading a gallery image must list first the caption a brute-force
-image->text ranking puts first. Also: `raycmr serve` stops on Ctrl-C (SIGINT) with exit status
+A tiny random-init image/text dual encoder (ViT + BERT from configs, MiniLM tokenizer) and a
+random-init slow model over 16 synthetic shape images (two captions each) are indexed with
+`raycmr index --slow` and served with the token on; Chromium signs in through the page's form,
+types a caption, and the page must show thumbnails that load, in the order the service's
+re-ranked answer has, with each card's slow and final score; with "rerank" unticked, the image a
+brute-force ranking of the model's own embeddings puts first comes first. Uploading a gallery
+image must list first the caption a brute-force image->text ranking puts first. Also: `raycmr serve` stops on Ctrl-C (SIGINT) with exit status
 0 and no traceback.
 """
 
@@ -26,8 +27,9 @@ import torch
 from conftest import free_port
 
 from raycmr.artifacts import write_export
-from raycmr.config import config_from_dict
+from raycmr.config import config_from_dict, load_config
 from raycmr.models.dual_encoder import DualEncoder
+from raycmr.models.slow import build_slow_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "page-test-token-0123456789"
@@ -108,7 +110,14 @@ def page_files(ray_cluster, tmp_path_factory):
     model = DualEncoder(cfg.model).eval()
     (tmp / "ckpt").mkdir()
     write_export(tmp / "ckpt", model.state_dict(), cfg, {"epoch": 0})
-    build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", num_actors=1, batch_size=16)
+    slow_cfg = load_config("quickstart_slow", [
+        f"data.test=[{tmp / 'gallery'}]", "data.image_size=32", "data.max_text_len=16",
+        "slow.width=16", "slow.heads=2", "slow.decoder_layers=1"])
+    (tmp / "slow").mkdir()
+    write_export(tmp / "slow", build_slow_model(slow_cfg.slow, torch.arange(1000, 3000), 32,
+                                                16).state_dict(), slow_cfg, {"epoch": 0})
+    build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", slow=str(tmp / "slow"),
+                        num_actors=1, batch_size=16)
     return {"tmp": tmp, "model": model, "rows": pq.read_table(tmp / "gallery").to_pylist()}
 
 
@@ -173,6 +182,8 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
     upload.write_bytes(ref["images"][upload_id])
     caption_scores = ref["txt"] @ ref["img"][2]
     best_caption = page_app["rows"][int(np.argmax(caption_scores))]["caption"]
+    served = page_app["client"].post("/search", json={"text": query, "k": 5}).json()
+    assert [hit["stage"] for hit in served] == ["rerank"] * 5
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
@@ -195,11 +206,20 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
                                ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
         cards = page.locator(".card")
         assert cards.count() == 5
-        assert cards.nth(0).get_attribute("data-id") == best
+        assert [cards.nth(i).get_attribute("data-id") for i in range(5)] == \
+            [hit["id"] for hit in served]  # the slow stage's order
+        first_slow = page.inner_text(".card >> nth=0 >> .slow")
+        assert first_slow == f"slow {served[0]['slow_score']:.2f} · final {served[0]['score']:.2f}"
         widths = page.eval_on_selector_all(".card img", "imgs => imgs.map(i => i.naturalWidth)")
         assert widths == [32] * 5  # the gallery's own 32x32 PNGs
         status = page.inner_text("#status")
-        assert "encode" in status and "retrieve" in status and "5 results" in status
+        assert "encode" in status and "rerank" in status and "5 results" in status
+        page.uncheck("#rerank")  # the fast stage alone: the brute-force best first
+        page.click("#search-form button")
+        page.wait_for_function("(t => t.includes('5 results') && !t.includes('rerank'))"
+                               "(document.querySelector('#status').innerText)", timeout=30_000)
+        assert page.locator(".card").nth(0).get_attribute("data-id") == best
+        assert page.inner_text(".card >> nth=0 >> .slow") == "not reranked"
         page.set_input_files("#file", str(upload))
         page.click("#upload-form button")
         page.wait_for_selector("#captions li")

@@ -86,3 +86,23 @@ def test_two_worker_slow_run_validates_and_resumes(ray_cluster, shards, tmp_path
     assert resumed.metrics["samples_seen"] == 256
     # training went on from the checkpoint's weights: the loss keeps falling
     assert resumed.metrics["train_loss"] < m["train_loss"]
+
+
+def test_fast_checkpoint_is_resolved_for_the_workers(tmp_path, monkeypatch):
+    """A relative run dir given as slow.fast_checkpoint becomes the absolute newest checkpoint
+    (workers run in their own directory)."""
+    from raycmr.artifacts import write_export
+    from raycmr.config import ConfigError
+    from raycmr.models.dual_encoder import DualEncoder
+    from raycmr.train.slow_run import resolve_fast_checkpoint
+
+    fast_cfg = load_config("wikipedia", ["model.image.input_dim=6", "model.text.input_dim=5",
+                                         "model.embed_dim=4"])
+    ckpt = tmp_path / "runs" / "r1" / "checkpoint_000003"
+    write_export(ckpt, DualEncoder(fast_cfg.model).state_dict(), fast_cfg, {})
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("quickstart_slow", ["slow.fast_checkpoint=runs/r1"])
+    assert resolve_fast_checkpoint(cfg).slow.fast_checkpoint == str(ckpt)
+    assert resolve_fast_checkpoint(load_config("quickstart_slow")).slow.fast_checkpoint == ""
+    with pytest.raises(ConfigError, match="no raycmr checkpoint at 'nope'"):
+        resolve_fast_checkpoint(load_config("quickstart_slow", ["slow.fast_checkpoint=nope"]))

@@ -3,7 +3,8 @@ retrieval of a split, with time per query (the methods: :mod:`raycmr.evaluate.re
 
 The split is decoded by Ray Data and read on the driver (a quickstart split is 500 images);
 the gallery side (fast image embeddings, the slow model's ``phi(x)``) is computed once up
-front, as an index would store it.
+front, as an index stores it (phi rounded to float16: :func:`raycmr.models.slow.stored_phi`),
+so these rankings are the ones the Serve app answers with.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from raycmr.config import Config, ConfigError
 from raycmr.evaluate import rerank as rr
 from raycmr.evaluate.metrics import group_pairs
+from raycmr.models.slow import stored_phi
 
 SLOW_ONLY_MAX_IMAGES = 5000  # slow-only scores every image per query: skipped above this
 
@@ -38,7 +40,7 @@ def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> 
                                            ("phi", "ids", "mask", "group", "fimg", "ftxt")}
     for batch, _ in iter_worker_batches(ds, batch_size, shuffle_buffer=0, seed=0,
                                         drop_last=False):
-        cols["phi"].append(slow.encode_image(batch["pixel_values"]))
+        cols["phi"].append(stored_phi(slow.encode_image(batch["pixel_values"])))
         cols["ids"].append(batch["input_ids"])
         cols["mask"].append(batch["attention_mask"])
         cols["group"].append(batch["group"])
@@ -48,10 +50,11 @@ def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> 
             cols["ftxt"].append(txt)
     if not cols["phi"]:
         raise ConfigError(f"data.{split} has no valid rows to evaluate")
-    image_rows, target = group_pairs(torch.cat(cols["group"]).numpy())
+    groups = torch.cat(cols["group"]).numpy()
+    image_rows, target = group_pairs(groups)
     rows = torch.as_tensor(image_rows)
     out = rr.RerankSplit(torch.cat(cols["phi"])[rows], torch.cat(cols["ids"]),
-                         torch.cat(cols["mask"]), target)
+                         torch.cat(cols["mask"]), target, groups=groups[image_rows])
     if fast is not None:
         out.fast_img = torch.cat(cols["fimg"])[rows]
         out.fast_txt = torch.cat(cols["ftxt"])

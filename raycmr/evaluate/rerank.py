@@ -4,8 +4,10 @@ For every query caption ``y`` of a split, against the split's unique images:
 
 - fast:      rank by the dual encoder's dot product ``f(x)^T g(y)``;
 - fast+slow: take the fast top-K, re-rank them by ``h(x, y) + beta * f(x)^T g(y)`` (``h``: the
-  slow model's caption log-likelihood, :class:`raycmr.models.slow.SlowModel`); images outside
-  the top-K keep their fast rank (all K re-ranked images stay ahead of them);
+  slow model's caption log-likelihood, :class:`raycmr.models.slow.SlowModel`; :func:`combine`);
+  images outside the top-K keep their fast rank (all K re-ranked images stay ahead of them);
+  ties keep the fast order. The Serve app ranks with the same :func:`combine` and
+  :func:`rerank_order` (``raycmr/serve/scoring.py``);
 - slow-only: rank every image by ``h(x, y)``.
 
 Ranks are 1-based; a tie counts against the target (``1 + #{scores > target's}`` would favour
@@ -36,12 +38,52 @@ class RerankSplit:
     target: np.ndarray  # [Q]
     fast_img: torch.Tensor | None = None  # [N, d]
     fast_txt: torch.Tensor | None = None  # [Q, d]
+    groups: np.ndarray | None = None  # [N] the image's ``group`` (hash of its id)
 
     def head(self, queries: int) -> RerankSplit:
         """The first ``queries`` queries against the same gallery."""
         q = slice(0, queries)
         return RerankSplit(self.phi, self.input_ids[q], self.attention_mask[q], self.target[q],
-                           self.fast_img, None if self.fast_txt is None else self.fast_txt[q])
+                           self.fast_img, None if self.fast_txt is None else self.fast_txt[q],
+                           self.groups)
+
+
+def combine(h: torch.Tensor, fast: torch.Tensor, beta: float) -> torch.Tensor:
+    """The fast+slow score ``s(x, y) = h(x, y) + beta * f(x)^T g(y)`` (section 3.3)."""
+    return h + beta * fast
+
+
+def rerank_order(final: torch.Tensor) -> torch.Tensor:
+    """Positions of each row's candidates by descending ``final`` score, ties in candidate
+    (fast) order: ``[..., K]`` -> ``[..., K]``."""
+    return torch.sort(final, dim=-1, descending=True, stable=True).indices
+
+
+@torch.no_grad()
+def rerank_head(slow, split: RerankSplit, queries: slice, k: int, beta: float):
+    """For the queries ``queries``: ``(fast [q, N], top [q, k], h [q, k], final [q, k])``, the
+    fast scores of every image, the fast top-``k`` image rows (fast order), their slow scores
+    and their fast+slow scores."""
+    fast = split.fast_txt[queries] @ split.fast_img.t()
+    top = fast.topk(min(k, fast.shape[1]), dim=1).indices  # [q, k]
+    h = slow.score_candidates(split.phi[top], split.input_ids[queries],
+                              split.attention_mask[queries])
+    return fast, top, h, combine(h, fast.gather(1, top), beta)
+
+
+@torch.no_grad()
+def reranked_rows(slow, split: RerankSplit, queries: slice, k: int, beta: float, n: int
+                  ) -> np.ndarray:
+    """The fast+slow ranking's first ``n`` image rows of each query ``[q, n]``: the fast top-``k``
+    re-ranked by ``h + beta * fast``, then the rest in fast order."""
+    fast, top, _, final = rerank_head(slow, split, queries, k, beta)
+    head = top.gather(1, rerank_order(final))
+    tail = fast.argsort(dim=1, descending=True, stable=True)[:, : max(n - k, 0) + k]
+    rows = []
+    for h, t in zip(head.tolist(), tail.tolist()):
+        seen = set(h)
+        rows.append((h + [r for r in t if r not in seen])[:n])
+    return np.asarray(rows, dtype=np.int64)
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,13 +112,9 @@ def rerank_ranks(slow, split: RerankSplit, k: int, beta: float = 0.0,
     target = torch.as_tensor(split.target, device=split.phi.device)
     ranks = []
     for s in range(0, len(target), queries_per_call):
-        fast = split.fast_txt[s:s + queries_per_call] @ split.fast_img.t()
+        fast, top, _, final = rerank_head(slow, split, slice(s, s + queries_per_call), k, beta)
         tgt = target[s:s + queries_per_call]
         fast_rank = target_ranks(fast, tgt)
-        top = fast.topk(min(k, fast.shape[1]), dim=1).indices  # [q, k]
-        h = slow.score_candidates(split.phi[top], split.input_ids[s:s + queries_per_call],
-                                  split.attention_mask[s:s + queries_per_call])
-        final = h + beta * fast.gather(1, top)
         inside = top == tgt[:, None]
         own = torch.where(inside, final, torch.full_like(final, -torch.inf)).max(1).values
         slow_rank = (final > own[:, None]).sum(1) + (final == own[:, None]).sum(1)

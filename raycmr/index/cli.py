@@ -1,6 +1,11 @@
 """`raycmr index`: embed a gallery with Ray Data batch inference and write a FAISS index.
 
     raycmr index --checkpoint runs/NAME/checkpoint_... --split test --out out/index [--kind hnsw]
+    raycmr index --checkpoint FAST --slow SLOW --split test --out out/index
+
+With ``--slow`` (a checkpoint of ``raycmr train --config quickstart_slow``) the slow model's
+phi(x) of every gallery image is stored too (``out/index/phi/``, float16, memory-mapped by the
+Serve reranker); its size is printed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test",
                    help="test, val, or shard paths (comma-separated) holding the gallery")
     p.add_argument("--out", required=True, help="index directory to write (path or URI)")
+    p.add_argument("--slow", default=None, metavar="SLOW",
+                   help="slow-model checkpoint: also store its phi(x) of every image for the "
+                        "Serve reranker (image galleries)")
     p.add_argument("--kind", default=None, choices=["flat", "ivf", "hnsw"],
                    help="index kind (default: the checkpoint config's index.kind)")
     p.add_argument("--num-actors", type=int, default=2, help="Ray Data embedding actors")
@@ -45,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"index: Ray's lines go to {log} (--verbose shows them here)")
         try:
             build_gallery_index(checkpoint, args.split, args.out, kind=args.kind,
-                                overrides=args.overrides, num_actors=args.num_actors,
+                                overrides=args.overrides, slow=args.slow,
+                                num_actors=args.num_actors,
                                 batch_size=args.batch_size, console=console)
         except (ShardReadError, ShardSchemaError) as exc:
             raise ConfigError(str(exc)) from None

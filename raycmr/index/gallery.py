@@ -1,4 +1,5 @@
-"""A gallery index: embed a split's images with Ray Data batch inference, write a FAISS index.
+"""A gallery index: embed a split's images with Ray Data batch inference, write a FAISS index,
+and with a slow checkpoint the slow model's ``phi(x)`` of every image next to it.
 
 The gallery is every unique image (``group``) of the shards: captions that share an
 ``image_id`` are one entry. Images are embedded by the checkpoint's image tower on Ray Data actors
@@ -8,16 +9,13 @@ directory holds:
     index.faiss, ids.parquet, meta.json   the FAISS index and its id table (row -> id string;
                                           the shard ``image_id``, else the row ``id``), written
                                           by :func:`raycmr.index.faiss_index.save_index`
-    rerank_feats.npy                      [N, F] float32, row i = index row i: the vector the
-                                          cross-attention reranker looks at for each image
-    gallery.json                          checkpoint, shards, count, embedding dim, and which
-                                          vector rerank_feats.npy holds
+    gallery.json                          checkpoint, shards, count, embedding dim, and the slow
+                                          checkpoint of the phi store (if any)
+    phi/                                  with ``slow``: phi(x) of index row i, float16, written
+                                          by Ray Data actors (:mod:`raycmr.index.phi_store`)
 
-What the reranker sees of an image (``rerank_feats.npy``): for feature galleries
-(``data.kind=features``) the raw ``image_feat`` vector, i.e. the same input the image tower gets;
-for image galleries the dual encoder's image embedding (the image tower's patch tokens are not
-kept: storing them costs tokens x width floats per image). Images are ordered by id, so a
-rebuild gives the same rows whatever order Ray Data returns batches in.
+Images are ordered by id, so a rebuild gives the same rows whatever order Ray Data returns
+batches in.
 """
 
 from __future__ import annotations
@@ -129,11 +127,13 @@ def build_gallery_index(
     *,
     kind: str | None = None,
     overrides: list[str] | None = None,
+    slow: str | None = None,
     num_actors: int = 2,
     batch_size: int = 256,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Embed the gallery images of ``split`` with ``checkpoint`` and write an index dir ``out``.
+    """Embed the gallery images of ``split`` with ``checkpoint`` and write an index dir ``out``;
+    with ``slow`` (a slow-model checkpoint) also its phi(x) store (image galleries only).
 
     ``kind`` (flat/ivf/hnsw) defaults to the checkpoint config's ``index.kind``; IVF/HNSW
     parameters come from ``index.*`` (dotted ``overrides`` apply to the checkpoint's config).
@@ -151,7 +151,9 @@ def build_gallery_index(
     cfg = apply_overrides(cfg, list(overrides or []) + ([f"index.kind={kind}"] if kind else []))
     paths = resolve_split(cfg, split)
     info = check_shards(paths, cfg.data.kind, cfg.data.format)
-    features = cfg.data.kind == "features"
+    slow_model = slow_cfg = None
+    if slow:
+        slow, slow_model, slow_cfg = _load_slow(slow, cfg)
 
     def say(line: str) -> None:
         if console is not None:
@@ -161,8 +163,7 @@ def build_gallery_index(
 
     t0 = time.perf_counter()
     say(f"index: scanning ids in {len(info.files)} shard file(s)")
-    keys = scan_gallery(info.files, info.format,
-                        image_dim=cfg.model.image.input_dim if features else 0)
+    keys = scan_gallery(info.files, info.format)
     init_ray(min_cpus=num_actors + 1)
     say(f"index: embedding {len(keys)} images with {num_actors} Ray Data actors")
     bar, done = None, [0]
@@ -190,14 +191,6 @@ def build_gallery_index(
     rows = first[order]
     names = [names[i] for i in order]
     img = np.ascontiguousarray(emb["img"][rows], dtype=np.float32)
-    if features:
-        vecs = [keys.get(g, ("", None))[1] for g in groups[order].tolist()]
-        missing = [n for n, v in zip(names, vecs) if v is None]
-        if missing:
-            raise ConfigError(f"gallery images {missing[:3]} have no readable image_feat vector")
-        rerank = np.stack(vecs).astype(np.float32)
-    else:  # the common-space image embedding (richer than label-space retrieval vectors)
-        rerank = np.ascontiguousarray(emb["img_common"][rows], dtype=np.float32)
     index = build_index_from_config(img, cfg.index)
     out = save_index(index, names, out)
     record = {
@@ -208,10 +201,63 @@ def build_gallery_index(
         "pairs": len(emb["group"]),
         "embed_dim": int(img.shape[1]),
         "index_kind": cfg.index.kind,
-        "rerank_features": "image_feat" if features else "image_embedding",
-        "rerank_dim": int(rerank.shape[1]),
     }
-    artifacts.write_gallery(out, record, rerank)
     say(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
         f"[{cfg.index.kind}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s")
+    if slow_model is not None:
+        record["slow_checkpoint"] = slow
+        record["phi"] = _write_phi(paths, slow, slow_model, slow_cfg, groups[order], out,
+                                   num_actors, batch_size, say, console)
+    artifacts.write_gallery(out, record)
     return record
+
+
+def _load_slow(slow: str, cfg: Config):
+    """``(resolved checkpoint, slow model, its config)``, checked against the fast config."""
+    if cfg.data.kind != "images":
+        raise ConfigError("--slow needs an image gallery: the slow model reads pixels, and "
+                          f"this checkpoint's gallery is data.kind={cfg.data.kind}")
+    slow = artifacts.find_checkpoint(slow)
+    model, slow_cfg = artifacts.load_slow_exported(slow)
+    if (slow_cfg.data.image_size, slow_cfg.data.tokenizer) != \
+            (cfg.data.image_size, cfg.data.tokenizer):
+        raise ConfigError(f"the slow checkpoint '{slow}' reads {slow_cfg.data.image_size}-px "
+                          f"images / tokenizer {slow_cfg.data.tokenizer}, the fast one "
+                          f"{cfg.data.image_size}-px / {cfg.data.tokenizer}: train both on the "
+                          "same data config")
+    if not artifacts.is_remote(slow):
+        slow = str(Path(slow).resolve())
+    return slow, model, slow_cfg
+
+
+def _write_phi(paths: list[str], slow: str, model, slow_cfg: Config, groups: np.ndarray,
+               out: str, num_actors: int, batch_size: int, say, console) -> dict[str, Any]:
+    """phi(x) of every index row (``groups[i]``: row i's image) by Ray Data actors."""
+    from raycmr.data.pipeline import build_dataset
+    from raycmr.index.phi_store import describe_size, write_phi
+
+    t0 = time.perf_counter()
+    say(f"index: phi(x) of {len(groups)} images with the slow model ({num_actors} Ray Data "
+        "actors)")
+    bar, done = None, [0]
+    if console is not None:
+        from raycmr.reporting.bars import RowsBar
+
+        bar = RowsBar("index: phi(x)", total=len(groups), console=console)
+
+    def on_rows(n: int) -> None:
+        done[0] += n
+        bar.update(min(done[0], len(groups)))
+
+    ds = build_dataset(paths, slow_cfg.data, training=False)
+    row_of = {int(g): i for i, g in enumerate(groups.tolist())}
+    try:
+        record = write_phi(ds, slow_cfg, model.state_dict(), row_of, out, checkpoint=slow,
+                           num_actors=num_actors, batch_size=batch_size,
+                           on_rows=on_rows if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    say(f"index: phi store {describe_size(record)} -> {out}/phi in "
+        f"{time.perf_counter() - t0:.1f} s")
+    return {k: record[k] for k in ("count", "tokens", "width", "dtype", "bytes")}

@@ -39,6 +39,13 @@ from torch import nn
 from raycmr.config import ConfigError, SlowConfig
 
 UNK_ID, CLS_ID, SEP_ID, PAD_ID = 100, 101, 102, 0  # BERT / MiniLM uncased special tokens
+PHI_STORE_DTYPE = torch.float16  # phi(x) as an index stores it (raycmr/index/phi_store.py)
+
+
+def stored_phi(phi: torch.Tensor) -> torch.Tensor:
+    """phi(x) rounded as the index stores it (float16), back in ``phi``'s dtype: what the
+    served reranker reads, so offline re-ranking scores the same tokens."""
+    return phi.to(PHI_STORE_DTYPE).to(phi.dtype)
 
 
 def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:

@@ -1,6 +1,17 @@
-"""`raycmr reranker`: train the slow cross-attention reranker on a split's pairs.
+"""`raycmr reranker`: the one-vector distillation teacher of feature checkpoints (retired
+for image galleries).
 
-    raycmr reranker --checkpoint runs/NAME/checkpoint_... --out out/index/reranker
+    raycmr reranker --checkpoint runs/NAME/checkpoint_... --out out/teacher   # features only
+
+The slow stage of image galleries is the captioning model of Miech et al. 2021, trained on the
+cluster by the engine and stored with the index:
+
+    raycmr train --config quickstart_slow slow.fast_checkpoint=FAST
+    raycmr index --checkpoint FAST --slow SLOW --out out/index
+
+For feature checkpoints (Wikipedia features: no pixels or caption tokens to caption) this
+command still fits the one-vector reranker over stored feature vectors, the teacher that
+``loss.distill.reranker`` names; the Serve app no longer uses it.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``raycmr reranker``."""
     p.add_argument("--checkpoint", required=True, help="dual encoder checkpoint (or run dir)")
     p.add_argument("--out", required=True,
-                   help="directory to write (INDEX/reranker is where `raycmr serve` looks)")
+                   help="directory to write (what loss.distill.reranker names)")
     p.add_argument("--split", default="train", help="train, val, test or shard paths")
     p.add_argument("--eval-split", default="val",
                    help="held-out pairs for the R@1 report ('' to skip)")
@@ -56,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
               f"reranker {report['reranker_r1']:.1f}%")
         if report["reranker_r1"] < report["fast_r1"]:
             print("note: the reranker ranks worse than the dual encoder on these held-out pairs; "
-                  "train it longer (--steps) or serve without it (reranker=none)")
+                  "train it longer (--steps) before distilling from it")
     return 0

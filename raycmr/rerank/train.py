@@ -1,15 +1,14 @@
-"""Training the slow cross-attention reranker on a checkpoint's pairs (`raycmr reranker`).
+"""Training the one-vector cross-attention reranker on a feature checkpoint's pairs
+(`raycmr reranker`): the distillation teacher of ``loss.distill.reranker``.
 
-The reranker (:mod:`raycmr.models.reranker`) scores a query against what ``raycmr index`` stores
-for each gallery image: the raw ``image_feat`` vector for feature shards, the dual encoder's
-common-space image embedding for image shards. Its queries are ``text_feat`` vectors or the
-tokenized captions, whichever the checkpoint's text tower reads. Pairs come from the
-checkpoint's Ray Data pipeline (decoded and embedded on actors, :func:`embed_split`); the fitting
-is :func:`raycmr.rerank.fit.fit_reranker` on the driver (in-batch softmax; a small model).
-
-Written where the Serve app looks by default (``INDEX/reranker``), or anywhere for
-``loss.distill.reranker``. On held-out pairs it reports text->image R@1 among blocks of
-``candidates`` images side by side: the dual encoder's dot product and the trained reranker.
+The reranker (:mod:`raycmr.models.reranker`) scores a ``text_feat`` query against an image's raw
+``image_feat`` vector. Pairs come from the checkpoint's Ray Data pipeline (decoded and embedded
+on actors, :func:`embed_split`); the fitting is :func:`raycmr.rerank.fit.fit_reranker` on the
+driver (in-batch softmax; a small model). Image checkpoints are refused
+(:data:`IMAGE_GALLERY_ERROR`): their slow stage is the captioning model of
+:mod:`raycmr.models.slow`, trained on the cluster and served from the index's phi(x) store.
+On held-out pairs it reports text->image R@1 among blocks of ``candidates`` images side by
+side: the dual encoder's dot product and the trained reranker.
 """
 
 from __future__ import annotations
@@ -21,6 +20,12 @@ from typing import Any
 import numpy as np
 
 from raycmr.config import ConfigError
+
+IMAGE_GALLERY_ERROR = (
+    "`raycmr reranker` is retired for image galleries: the slow stage is the captioning model, "
+    "trained on the cluster with `raycmr train --config quickstart_slow "
+    "slow.fast_checkpoint=FAST` and stored with the index by `raycmr index --checkpoint FAST "
+    "--slow SLOW --out DIR` (`raycmr reranker` only fits the feature-shard distillation teacher)")
 
 
 def collect_pairs(cfg, model, paths: list[str], *, num_actors: int, batch_size: int,
@@ -111,6 +116,8 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
     from raycmr.runtime import init_ray
 
     model, cfg = load_exported(checkpoint)
+    if cfg.data.kind != "features":
+        raise ConfigError(IMAGE_GALLERY_ERROR)
     init_ray(min_cpus=num_actors + 1)
     t0 = time.perf_counter()
     train = collect_pairs(cfg, model, resolve_split(cfg, split), num_actors=num_actors,

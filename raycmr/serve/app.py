@@ -2,7 +2,8 @@
 
     HTTP -> Ingress (FastAPI) -> QueryEncoder (batched: tokenizer + text tower)
                               -> Retriever    (batched: FAISS top_k over the gallery)
-                              -> Reranker     (batched: the slow stage over the top rerank_k)
+                              -> Reranker     (batched: the slow model's h(x, y) over the fast
+                                               top rerank_k, phi(x) read from the index)
                               -> Gallery      (image galleries: thumbnails, image -> text)
 
 Fast and slow stages as in Miech et al., "Thinking Fast and Slow" (CVPR 2021). The modules:
@@ -46,7 +47,7 @@ def scaling(cfg: ServeConfig) -> dict[str, Any]:
 
 def cpus_needed(plan: ServePlan) -> float:
     """Logical CPUs the application's starting replicas reserve."""
-    models = 2 + bool(plan.reranker) + plan.has_images
+    models = 2 + bool(plan.slow_checkpoint) + plan.has_images
     return plan.serve.replicas * (models + INGRESS_CPUS)
 
 
@@ -56,7 +57,7 @@ def serving_demand(plan: ServePlan) -> Demand:
     cfg = plan.serve
     gpu = {"GPU": 1.0} if cfg.use_gpu else {}
     models = {"QueryEncoder": {"CPU": 1.0, **gpu}, "Retriever": {"CPU": 1.0}}
-    if plan.reranker:
+    if plan.slow_checkpoint:
         models["Reranker"] = {"CPU": 1.0, **gpu}
     if plan.has_images:
         models["Gallery"] = {"CPU": 1.0, **gpu}
@@ -64,14 +65,14 @@ def serving_demand(plan: ServePlan) -> Demand:
     names = [name for name in models for _ in range(cfg.replicas)]
     return Demand(bundles=[dict(models[n]) for n in names], labels=names,
                   what=f"serving ({cfg.replicas} replicas of {', '.join(models)})",
-                  settings="serve.replicas, serve.use_gpu, serve.rerank_k (0 = no reranker)")
+                  settings="serve.replicas, serve.use_gpu, serve.rerank_k (0 = no slow stage)")
 
 
 def build_app(args: dict[str, Any] | ServeConfig, token: str | None = None) -> Application:
     """Serve application builder (``raycmr.serve.app:build_app``); see the module docstring.
 
     Checks every path first and raises :class:`ConfigError` naming a missing or mismatched
-    checkpoint, index or reranker (or a missing token) before anything is deployed; when Ray is
+    checkpoint, index or slow checkpoint (or a missing token) before anything is deployed; when Ray is
     already connected (``serve deploy``, ``serve run``), also that the cluster can hold the
     starting replicas (else the application would stay DEPLOYING forever).
     """
@@ -91,7 +92,7 @@ def build_from_plan(plan: ServePlan) -> Application:
     encoder = QueryEncoder.options(ray_actor_options=model_opts, **batched).bind(plan)
     retriever = Retriever.options(ray_actor_options={"num_cpus": 1}, **batched).bind(plan)
     reranker = gallery = None
-    if plan.reranker:
+    if plan.slow_checkpoint:
         reranker = Reranker.options(ray_actor_options=dict(model_opts), **batched).bind(plan)
     if plan.has_images:
         gallery = Gallery.options(ray_actor_options=dict(model_opts), **batched).bind(plan)

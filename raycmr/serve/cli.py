@@ -5,6 +5,10 @@
     curl -X POST localhost:8000/search -H "Authorization: Bearer $RAYCMR_SERVE_TOKEN" \\
          -H 'content-type: application/json' -d '{"text": "a red circle on the left", "k": 5}'
 
+An index built with ``raycmr index --slow SLOW`` stores the slow model's phi(x): the service
+then re-ranks the fast top ``--rerank-k`` by ``h(x, y) + beta * f(x)^T g(y)`` (a request may
+send its own ``rerank_k`` up to ``--max-rerank-k``, and ``beta``).
+
 Without a token in ``RAYCMR_SERVE_TOKEN`` (or ``--token-file``) a random one is made and
 printed; ``--no-auth`` turns the check off. The search page is at ``/``. For a long-lived
 deployment use ``serve deploy jobs/serve_config.yaml`` (or the KubeRay RayService in
@@ -26,10 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeConfig()
     p.add_argument("--checkpoint", required=True, help="checkpoint dir the index was built with")
     p.add_argument("--index", required=True, help="index dir written by `raycmr index`")
-    p.add_argument("--reranker", default=d.reranker,
-                   help="reranker dir (default: INDEX/reranker if present; 'none' = off)")
+    p.add_argument("--slow", default=d.slow_checkpoint, metavar="SLOW",
+                   help="slow-model checkpoint (default: the one whose phi(x) the index "
+                        "stores; 'none' = no slow stage)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="candidates retrieved per query")
-    p.add_argument("--rerank-k", type=int, default=d.rerank_k, help="candidates reranked")
+    p.add_argument("--rerank-k", type=int, default=d.rerank_k,
+                   help="fast candidates the slow model re-ranks (0 = no slow stage)")
+    p.add_argument("--max-rerank-k", type=int, default=d.max_rerank_k,
+                   help="the most a request may ask to re-rank")
+    p.add_argument("--beta", type=float, default=d.beta,
+                   help="final score = h(x, y) + beta * fast score (requests may override)")
     p.add_argument("--route-prefix", default=d.route_prefix)
     p.add_argument("--host", default=d.host, help="HTTP host (0.0.0.0 to listen on all)")
     p.add_argument("--port", type=int, default=d.port)
@@ -44,15 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "random token printed at start)")
     p.add_argument("--no-auth", action="store_true", help="no token check (trusted networks)")
     p.add_argument("--docs", action="store_true", help="serve FastAPI's /docs")
-    p.add_argument("--use-gpu", action="store_true", help="encoder and reranker on a GPU")
+    p.add_argument("--use-gpu", action="store_true", help="encoder and slow model on a GPU")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The :class:`ServeConfig` of the command line (validated by the plan)."""
     max_replicas = args.max_replicas or max(args.replicas, ServeConfig.max_replicas)
     return ServeConfig(
-        checkpoint=args.checkpoint, index_path=args.index, reranker=args.reranker,
-        top_k=args.top_k, rerank_k=args.rerank_k, route_prefix=args.route_prefix,
+        checkpoint=args.checkpoint, index_path=args.index, slow_checkpoint=args.slow,
+        top_k=args.top_k, rerank_k=args.rerank_k, max_rerank_k=args.max_rerank_k,
+        beta=args.beta, route_prefix=args.route_prefix,
         host=args.host, port=args.port, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s, replicas=args.replicas,
         max_replicas=max_replicas, token_file=args.token_file,
@@ -86,6 +97,12 @@ def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
     plan = plan_app(cfg, token)  # checks the paths before starting anything
     if plan.gallery_note:
         print(f"note: {plan.gallery_note}", flush=True)
+    if plan.slow_note:
+        print(f"note: {plan.slow_note}", flush=True)
+    elif plan.slow_checkpoint:
+        print(f"slow stage: {plan.slow_checkpoint} re-ranks the fast top {plan.rerank_k} by "
+              f"h + {plan.beta:g} * fast (requests: rerank_k <= {plan.max_rerank_k}, beta)",
+              flush=True)
     app = build_from_plan(plan)
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init_ray(min_cpus=cpus_needed(plan) + 1)

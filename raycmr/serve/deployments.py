@@ -3,7 +3,7 @@
     HTTP -> Ingress (FastAPI: auth, limits, the page) -> QueryEncoder (batched text tower)
                                                       -> Retriever    (batched FAISS top_k)
                                                       -> Reranker     (batched (query, candidates)
-                                                                       -> scores)
+                                                                       -> slow scores h(x, y))
                                                       -> Gallery      (thumbnails, image -> text)
 
 Each deployment is built from one :class:`~raycmr.serve.plan.ServePlan`; the arithmetic lives in
@@ -23,13 +23,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raycmr import artifacts
-from raycmr.serve.plan import ServePlan, local_dir
+from raycmr.serve.plan import ServePlan
 from raycmr.serve.scoring import (
     BatchStats,
+    StageTimes,
     encode_images,
     encode_queries,
     merge_stages,
-    rerank_scores,
+    slow_scores,
     top_k,
 )
 
@@ -108,34 +109,35 @@ class Retriever:
 
 @serve.deployment
 class Reranker:
-    """The slow stage: ``(query, candidate gallery rows) -> one score per row`` (batched).
-
-    Any model with ``score_pairs(query_batch, image_vectors, pair_query_index)`` and a
-    ``cfg.query`` of ``"features"`` or ``"tokens"`` fits; the candidates' vectors are the
-    index's ``rerank_feats.npy``.
-    """
+    """The slow stage: ``(text query, candidate gallery rows) -> h(x, y) per row`` (batched
+    across requests). The slow model (Miech et al. 2021) reads each candidate's phi(x) from the
+    index's phi store (memory-mapped, computed at index time), never the image itself."""
 
     def __init__(self, plan: ServePlan):
         from raycmr.data.text import load_text_encoder
-        from raycmr.models.reranker import load_reranker
+        from raycmr.index.phi_store import PhiStore
 
         self.device = _device(plan.serve.use_gpu)
-        self.model = load_reranker(local_dir(plan.reranker)).to(self.device).eval()
-        self.feats = artifacts.read_rerank_feats(plan.index_path)
-        features = self.model.cfg.query == "features"
-        self.tokenize = None if features else load_text_encoder(plan.tokenizer)
+        model, cfg = artifacts.load_slow_exported(plan.slow_checkpoint)
+        self.model = model.to(self.device).eval()
+        self.phi = PhiStore(plan.index_path)
+        self.tokenize = load_text_encoder(cfg.data.tokenizer)
+        self.max_len = cfg.data.max_text_len
         _set_batching(self.score, plan)
         self.stats = BatchStats()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score(self, queries: list[dict[str, Any]],
                     rows: list[list[int]]) -> list[list[float]]:
-        """Per request: a query and its candidate gallery rows -> one score per row."""
-        self.stats.add(len(queries))
-        return rerank_scores(self.model, self.feats, queries, rows, self.tokenize, self.device)
+        """Per request: a query and its candidate gallery rows -> h(x, y) per row."""
+        t0 = time.perf_counter()
+        out = slow_scores(self.model, self.phi.get, queries, rows, self.tokenize, self.max_len,
+                          self.device)
+        self.stats.add(len(queries), time.perf_counter() - t0)
+        return out
 
     def get_stats(self) -> dict[str, Any]:
-        """Batch sizes this replica ran."""
+        """Batch sizes this replica ran and its milliseconds per batch."""
         return self.stats.summary()
 
 
@@ -207,15 +209,17 @@ class Ingress:
         self.encoder, self.retriever = encoder, retriever
         self.reranker, self.gallery = reranker, gallery
         self.plan = plan
+        self.times = StageTimes()
 
     def __serve_build_asgi_app__(self):
         from raycmr.serve.http import make_api
 
         return make_api(self, self.plan)
 
-    async def search(self, query: dict[str, Any], k: int, rerank: bool
+    async def search(self, query: dict[str, Any], k: int, rerank_k: int, beta: float
                      ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        """Top ``k`` results of a checked query and the seconds each stage took."""
+        """Top ``k`` results of a checked query, its fast top ``rerank_k`` re-ranked by
+        ``h + beta * fast`` (0: none), and the seconds each stage took."""
         plan = self.plan
         times: dict[str, float] = {}
 
@@ -227,18 +231,23 @@ class Ingress:
             t2 = time.perf_counter()
             times.update(encode=t1 - t0, retrieve=t2 - t1)
             scores = None
-            if rerank and self.reranker is not None and hits:
-                head = [h[0] for h in hits[: plan.rerank_k]]
+            if rerank_k and self.reranker is not None and hits:
+                head = [h[0] for h in hits[:rerank_k]]
                 scores = await self.reranker.score.remote(query, head)
                 times["rerank"] = time.perf_counter() - t2
             return hits, scores
 
         hits, scores = await with_retries(attempt, plan.serve.retries, "search")
-        return merge_stages(hits, scores, k, plan.rerank_fast_weight), times
+        self.times.add({**times, "fast": times["encode"] + times["retrieve"],
+                        "total": sum(times.values())})
+        return merge_stages(hits, scores, k, beta), times
 
     async def stats(self) -> dict[str, Any]:
-        """Batch-size summaries of one replica of each batched deployment."""
-        out = {"encoder": await self.encoder.get_stats.remote(),
+        """Milliseconds per stage of this Ingress replica's searches (``encode`` + ``retrieve``
+        = the fast stage, ``rerank`` = the slow one) and the batch-size summaries of one
+        replica of each batched deployment."""
+        out = {"stages": self.times.summary(),
+               "encoder": await self.encoder.get_stats.remote(),
                "retriever": await self.retriever.get_stats.remote()}
         if self.reranker is not None:
             out["reranker"] = await self.reranker.get_stats.remote()

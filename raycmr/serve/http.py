@@ -3,16 +3,22 @@
 Routes (under the application's route prefix):
 
 * ``POST /search`` ``{"text": "...", "k": 10}`` (or ``"text_feat": [...]`` for models whose text
-  tower takes feature vectors; ``"rerank": false`` skips the slow stage) -> a JSON list of
-  results, best first: ``id``, ``score`` and ``stage`` (``"rerank"``: score = reranker score;
-  ``"retrieve"``: score = inner product), ``fast_score``, ``fast_rank`` and, when reranked,
-  ``rerank_score``. The ``Server-Timing`` header holds each stage's milliseconds.
+  tower takes feature vectors) -> a JSON list of results, best first: ``id``, ``score`` (the
+  final score), ``stage``, ``fast_score`` f(x)^T g(y), ``slow_score`` h(x, y) (null when not
+  re-ranked) and ``fast_rank``. With a slow stage the fast top ``rerank_k`` are re-ranked by
+  ``score = h + beta * fast`` (``stage: "rerank"``), the rest keep ``score = fast``
+  (``"retrieve"``). ``"rerank_k"`` (up to the service's ``max_rerank_k``) and ``"beta"``
+  override the service's defaults per request; ``"rerank": false`` skips the slow stage.
+  The ``Server-Timing`` header holds each stage's milliseconds.
 * ``POST /search/image?k=10`` (body: a JPEG/PNG file) -> the closest gallery captions, when the
   gallery's shards hold images and captions.
 * ``GET /`` the search page; ``GET /image/{id}`` a gallery image; ``POST /login``
   ``{"token": ...}`` sets the page's cookie.
-* ``GET /healthz`` (never behind the token) -> gallery size, index kind, query input, reranker.
-* ``GET /stats`` -> batch sizes seen by one replica of each batched deployment.
+* ``GET /healthz`` (never behind the token) -> gallery size, index kind, query input, the slow
+  stage's defaults.
+* ``GET /stats`` -> milliseconds per stage (``encode``, ``retrieve``, their sum ``fast``,
+  ``rerank``, ``total``: mean, p50, p95 over one Ingress replica's recent searches) and batch
+  sizes seen by one replica of each batched deployment.
 * ``/docs``, ``/redoc``, ``/openapi.json`` only with ``docs: true``.
 
 With ``auth: token`` every route but ``/healthz`` and ``/login`` needs ``Authorization: Bearer
@@ -47,6 +53,8 @@ class SearchRequest(BaseModel):
     text_feat: list[float] | None = None
     k: int = Field(10, ge=1)
     rerank: bool = True
+    rerank_k: int | None = Field(None, ge=0)  # None: the service's serve.rerank_k
+    beta: float | None = None  # None: the service's serve.beta
 
 
 class LoginRequest(BaseModel):
@@ -63,7 +71,7 @@ def token_matches(token: str, digest: str) -> bool:
 def render_page(plan: ServePlan, login: bool) -> str:
     """The search page (or its login form) with what it needs to know inlined."""
     info = {"login": login, "query_input": plan.query_input, "top_k": plan.top_k,
-            "rerank": bool(plan.reranker), "rerank_k": plan.rerank_k, "gallery": plan.count,
+            "rerank": bool(plan.slow_checkpoint), "rerank_k": plan.rerank_k, "gallery": plan.count,
             "images": plan.has_images}
     return PAGE.read_text().replace("__INFO__", json.dumps(info).replace("<", "\\u003c"))
 
@@ -163,6 +171,25 @@ def check_query(plan: ServePlan, req: SearchRequest) -> dict[str, Any]:
     return {"text": req.text}
 
 
+def check_rerank(plan: ServePlan, req: SearchRequest) -> tuple[int, float]:
+    """``(rerank_k, beta)`` of a request: the service's defaults or the request's own, or an
+    HTTPException naming the cap."""
+    rerank_k = plan.rerank_k if req.rerank_k is None else req.rerank_k
+    beta = plan.beta if req.beta is None else req.beta
+    if not plan.slow_checkpoint:
+        if req.rerank_k or req.beta is not None:
+            raise HTTPException(400, "this service has no slow stage: 'rerank_k' and 'beta' "
+                                     "need an index built with `raycmr index --slow SLOW`")
+        return 0, 0.0
+    if rerank_k > plan.max_rerank_k:
+        raise HTTPException(400, f"rerank_k={rerank_k} is more than this service's "
+                                 f"max_rerank_k={plan.max_rerank_k} (serve.max_rerank_k, at "
+                                 "most serve.top_k)")
+    if not np.isfinite(beta):
+        raise HTTPException(400, "'beta' must be a finite number")
+    return (rerank_k if req.rerank else 0), float(beta)
+
+
 def _server_timing(times: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={1000 * s:.2f}" for name, s in times.items())
 
@@ -179,7 +206,8 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
     async def search(req: SearchRequest, response: Response) -> list[dict[str, Any]]:
         """Top ``k`` gallery ids for a query, reranked unless ``rerank`` is false."""
         query = check_query(plan, req)
-        results, times = await ingress.search(query, req.k, req.rerank)
+        rerank_k, beta = check_rerank(plan, req)
+        results, times = await ingress.search(query, req.k, rerank_k, beta)
         response.headers["Server-Timing"] = _server_timing(times)
         return results
 
@@ -188,12 +216,13 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
         """Liveness plus what this service answers with."""
         return {"status": "ok", "gallery": plan.count, "index_kind": plan.index_kind,
                 "query_input": plan.query_input, "top_k": plan.top_k,
-                "rerank_k": plan.rerank_k if ingress.reranker is not None else 0,
+                "rerank_k": plan.rerank_k, "max_rerank_k": plan.max_rerank_k,
+                "beta": plan.beta if plan.slow_checkpoint else 0.0,
                 "reranker": ingress.reranker is not None}
 
     @api.get("/stats")
     async def stats() -> dict[str, Any]:
-        """Batch-size summaries of one replica of each batched deployment."""
+        """Milliseconds per stage and batch-size summaries (see the module docstring)."""
         return await ingress.stats()
 
     @api.get("/", response_class=HTMLResponse)

@@ -1,9 +1,9 @@
 """The Serve application's plan: every argument and file checked on the driver, before any Ray
 work, into one :class:`ServePlan` that the deployments are built from.
 
-A mistake (a missing checkpoint or index file, an index of another model, a reranker that takes
-other inputs, auth on without a token) raises :class:`ConfigError` with one line naming the fix.
-Paths may be local or ``s3://``/``gs://`` URIs.
+A mistake (a missing checkpoint or index file, an index of another model, a slow checkpoint
+whose phi(x) the index does not store, auth on without a token) raises :class:`ConfigError`
+with one line naming the fix. Paths may be local or ``s3://``/``gs://`` URIs.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raycmr import artifacts
 from raycmr.config import ConfigError, ServeConfig, config_from_dict
 
-RERANKER_SUBDIR, INDEX_FILES = artifacts.RERANKER_SUBDIR, artifacts.INDEX_FILES
+INDEX_FILES = artifacts.INDEX_FILES
 CHECKPOINT_FILES = artifacts.CHECKPOINT_FILES
 
 # Locations (local paths or object-store URIs) are read through raycmr.artifacts.
@@ -38,7 +36,7 @@ class ServePlan:
 
     serve: ServeConfig  # the validated settings (no secret in it: the token is hashed below)
     checkpoint: str  # resolved checkpoint dir
-    reranker: str  # "" = no rerank stage
+    slow_checkpoint: str  # the slow model whose phi(x) the index stores; "" = no slow stage
     query_input: str  # "text" or "text_feat"
     text_dim: int  # text_feat length (0 for text)
     tokenizer: str
@@ -48,9 +46,9 @@ class ServePlan:
     index_kind: str
     data_kind: str  # the gallery's shards: "images" (image bytes + captions) or "features"
     shards: list[str] = field(default_factory=list)  # the gallery's shard paths
-    rerank_fast_weight: float = 0.0  # residual reranker: + fast_weight * retrieval score
     token_sha256: str = ""  # hex digest of the bearer token; "" = no auth
     gallery_note: str = ""  # why thumbnails and image -> text are off ("" = on, or features)
+    slow_note: str = ""  # why there is no slow stage ("" = there is one, or it was turned off)
 
     @property
     def index_path(self) -> str:
@@ -62,7 +60,17 @@ class ServePlan:
 
     @property
     def rerank_k(self) -> int:
-        return self.serve.rerank_k
+        """Candidates re-ranked by default (0 without a slow stage)."""
+        return self.serve.rerank_k if self.slow_checkpoint else 0
+
+    @property
+    def max_rerank_k(self) -> int:
+        """The most candidates a request may have re-ranked."""
+        return min(self.serve.max_rerank_k, self.serve.top_k) if self.slow_checkpoint else 0
+
+    @property
+    def beta(self) -> float:
+        return self.serve.beta
 
     @property
     def has_images(self) -> bool:
@@ -78,6 +86,11 @@ def serve_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
     args = dict(args or {})
     fields = set(ServeConfig.__dataclass_fields__)
     unknown = sorted(set(args) - fields)
+    if "reranker" in unknown:
+        raise ConfigError("serve arg 'reranker' is gone (the one-vector reranker is retired): "
+                          "the slow stage is a slow-model checkpoint whose phi(x) the index "
+                          "stores; build the index with `raycmr index --slow SLOW` and set "
+                          "slow_checkpoint (default: the index's) or slow_checkpoint=none")
     if unknown:
         raise ConfigError(f"unknown serve arg(s) {', '.join(unknown)}; valid: "
                           f"{', '.join(sorted(fields))}")
@@ -155,7 +168,7 @@ def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None
         )
     features = model_cfg.model.text.kind == "mlp"
     plan = ServePlan(
-        serve=cfg, checkpoint=checkpoint, reranker="",
+        serve=cfg, checkpoint=checkpoint, slow_checkpoint="",
         query_input="text_feat" if features else "text",
         text_dim=model_cfg.model.text.input_dim if features else 0,
         tokenizer=model_cfg.data.tokenizer, max_text_len=model_cfg.data.max_text_len,
@@ -165,7 +178,7 @@ def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None
         shards=[str(s) for s in gallery.get("shards", [])],
         token_sha256=token_digest(token),
     )
-    plan.reranker, plan.rerank_fast_weight = _resolve_reranker(cfg.reranker, plan, gallery)
+    plan.slow_checkpoint, plan.slow_note = _resolve_slow(cfg.slow_checkpoint, plan, gallery)
     if plan.data_kind == "images":
         plan.gallery_note = _check_gallery_shards(plan.shards)
     return plan
@@ -184,29 +197,40 @@ def _check_gallery_shards(shards: list[str]) -> str:
     return ""
 
 
-def _resolve_reranker(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> tuple[str, float]:
-    """``(reranker directory or "" for none, its fast_weight)``, checked against the plan."""
-    from raycmr.models.reranker import CONFIG_FILE, WEIGHTS_FILE, RerankerConfig
+def _resolve_slow(arg: str, plan: ServePlan, gallery: dict[str, Any]) -> tuple[str, str]:
+    """``(slow checkpoint or "" for none, why none)``: ``arg`` (a slow checkpoint; "" = the one
+    the index's phi store was computed with; "none" = off), checked against that store."""
+    from raycmr.index.phi_store import has_phi, read_phi_meta, weights_digest
 
-    if arg.lower() == "none" or plan.rerank_k == 0:
-        return "", 0.0
-    uri = arg or join(plan.index_path, RERANKER_SUBDIR)
-    if not arg and not _exists(join(uri, WEIGHTS_FILE)):
-        return "", 0.0  # no reranker next to the index: serve the fast stage only
-    _require(uri, (WEIGHTS_FILE, CONFIG_FILE), "reranker",
-             "write one with `raycmr reranker --checkpoint CKPT --out DIR`, or pass "
-             "reranker=none")
-    rcfg = RerankerConfig.from_dict(yaml.safe_load(read_text(join(uri, CONFIG_FILE))) or {})
-    want = "features" if plan.query_input == "text_feat" else "tokens"
-    if rcfg.query != want:
-        raise ConfigError(f"reranker '{uri}' scores query {rcfg.query} but this model's queries "
-                          f"are {plan.query_input}; train a reranker with query={want}")
-    if want == "features" and rcfg.text_dim != plan.text_dim:
-        raise ConfigError(f"reranker '{uri}' takes {rcfg.text_dim}-d text_feat, the model "
-                          f"{plan.text_dim}-d")
-    if rcfg.image_dim != gallery["rerank_dim"]:
-        raise ConfigError(
-            f"reranker '{uri}' takes {rcfg.image_dim}-d image vectors but index "
-            f"'{plan.index_path}' stores {gallery['rerank_dim']}-d {gallery['rerank_features']}"
-        )
-    return uri, rcfg.fast_weight
+    if arg.lower() == "none" or plan.serve.rerank_k == 0:
+        return "", ""
+    rebuild = (f"build the index with `raycmr index --checkpoint {plan.checkpoint} --slow SLOW "
+               "--out DIR`")
+    if plan.data_kind != "images":
+        if arg:
+            raise ConfigError(f"serve slow_checkpoint is set but index '{plan.index_path}' is a "
+                              f"{plan.data_kind} gallery: the slow model reads images; pass "
+                              "slow_checkpoint=none")
+        return "", f"a {plan.data_kind} gallery has no slow stage (it reads images)"
+    if not has_phi(plan.index_path):
+        if arg:
+            raise ConfigError(f"index '{plan.index_path}' stores no phi(x) for the slow stage; "
+                              f"{rebuild}, or pass slow_checkpoint=none")
+        return "", f"index '{plan.index_path}' stores no phi(x): no slow stage ({rebuild})"
+    meta = read_phi_meta(plan.index_path)
+    uri = arg or meta["checkpoint"]
+    if not _exists(uri):
+        raise ConfigError(f"slow checkpoint '{uri}' does not exist; give the slow checkpoint "
+                          f"the index was built with (slow_checkpoint=...), or {rebuild}")
+    uri = artifacts.find_checkpoint(uri)
+    slow_cfg = artifacts.read_config(uri)
+    if slow_cfg.train.task != "slow":
+        raise ConfigError(f"'{uri}' is a {slow_cfg.train.task} checkpoint, not a slow model: give "
+                          "a checkpoint of `raycmr train --config quickstart_slow`")
+    if meta.get("weights_sha256") and weights_digest(uri) != meta["weights_sha256"]:
+        raise ConfigError(f"index '{plan.index_path}' stores phi(x) of another slow model "
+                          f"({meta['checkpoint']}) than '{uri}'; serve with that one or {rebuild}")
+    if meta["count"] != plan.count:
+        raise ConfigError(f"index '{plan.index_path}' has {plan.count} images but phi(x) of "
+                          f"{meta['count']}; {rebuild}")
+    return uri, ""

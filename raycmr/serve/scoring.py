@@ -1,9 +1,12 @@
 """Pure functions of the retrieval service: query batches -> embeddings, (query, candidates)
--> reranker scores, the two stages' hits -> the response. No Ray, no HTTP: the deployments
+-> slow scores, the two stages' hits -> the response. No Ray, no HTTP: the deployments
 (:mod:`raycmr.serve.deployments`) call these, and tests check them directly.
 
 Fast and slow stages as in Miech et al., "Thinking Fast and Slow" (CVPR 2021): the dual encoder's
-dot product ranks the whole gallery, a slow model reorders the best ``rerank_k`` candidates.
+dot product ``f(x)^T g(y)`` ranks the whole gallery, the slow model's caption log-likelihood
+``h(x, y)`` (:class:`raycmr.models.slow.SlowModel`, over the candidates' stored phi(x)) reorders
+the best ``rerank_k`` by ``h + beta * f^T g``, exactly as ``raycmr eval --rerank`` ranks
+(:func:`raycmr.evaluate.rerank.combine`, :func:`~raycmr.evaluate.rerank.rerank_order`).
 """
 
 from __future__ import annotations
@@ -15,21 +18,49 @@ import numpy as np
 
 
 class BatchStats:
-    """Sizes of the batches one replica ran (for /stats and tests)."""
+    """Sizes of the batches one replica ran (for /stats and tests), and the seconds its batched
+    work took when timed."""
 
     def __init__(self) -> None:
         self.sizes: collections.Counter[int] = collections.Counter()
+        self.seconds = 0.0
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, seconds: float = 0.0) -> None:
         self.sizes[n] += 1
+        self.seconds += seconds
 
     def summary(self) -> dict[str, Any]:
         batches = sum(self.sizes.values())
         requests = sum(k * v for k, v in self.sizes.items())
-        return {"batches": batches, "requests": requests,
-                "max_batch": max(self.sizes, default=0),
-                "mean_batch": requests / batches if batches else 0.0,
-                "sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
+        out = {"batches": batches, "requests": requests,
+               "max_batch": max(self.sizes, default=0),
+               "mean_batch": requests / batches if batches else 0.0,
+               "sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
+        if self.seconds:
+            out["ms_per_batch"] = 1000 * self.seconds / batches
+        return out
+
+
+class StageTimes:
+    """Milliseconds each stage of the searches took (the last ``keep`` searches per stage)."""
+
+    def __init__(self, keep: int = 2000) -> None:
+        self.times: dict[str, collections.deque[float]] = {}
+        self.keep = keep
+
+    def add(self, times: dict[str, float]) -> None:
+        for stage, seconds in times.items():
+            self.times.setdefault(stage, collections.deque(maxlen=self.keep)).append(seconds)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``stage -> {searches, mean_ms, p50_ms, p95_ms}``."""
+        out = {}
+        for stage, seconds in self.times.items():
+            ms = 1000 * np.asarray(seconds)
+            out[stage] = {"searches": len(ms), "mean_ms": float(ms.mean()),
+                          "p50_ms": float(np.percentile(ms, 50)),
+                          "p95_ms": float(np.percentile(ms, 95))}
+        return out
 
 
 def _query_batch(queries: list[dict[str, Any]], tokenize, max_len: int) -> dict[str, Any]:
@@ -79,23 +110,27 @@ def top_k(scores: np.ndarray, k: int) -> list[int]:
     return np.argsort(-scores, kind="stable")[:k].tolist()
 
 
-def rerank_scores(model, feats: np.ndarray, queries: list[dict[str, Any]],
-                  rows: list[list[int]], tokenize, device: str = "cpu") -> list[list[float]]:
-    """Reranker scores of each query against its own candidate gallery ``rows`` (ragged), all
-    pairs of all queries in one forward pass; ``feats`` holds the stored image vectors."""
+def slow_scores(model, phi_of, queries: list[dict[str, Any]], rows: list[list[int]],
+                tokenize, max_len: int, device: str = "cpu", chunk: int = 4096
+                ) -> list[list[float]]:
+    """h(x, y) of each text query against its own candidate gallery ``rows`` (ragged), the
+    pairs of all queries through the decoders together (``chunk`` at most at once).
+    ``phi_of(rows)`` returns the candidates' stored phi(x) ``[n, P, width]`` (float16)."""
     import torch
 
     flat = [r for rr in rows for r in rr]
     if not flat:
         return [[] for _ in rows]
-    query = _query_batch(queries, tokenize, model.cfg.max_text_len)
-    index = torch.repeat_interleave(torch.arange(len(rows)),
-                                    torch.tensor([len(rr) for rr in rows]))
-    image = torch.from_numpy(np.asarray(feats[np.asarray(flat)], dtype=np.float32))
+    ids, mask = tokenize([q["text"] for q in queries], max_len)
+    per_query = torch.tensor([len(rr) for rr in rows])
+    ids = torch.from_numpy(ids).repeat_interleave(per_query, 0)
+    mask = torch.from_numpy(mask).repeat_interleave(per_query, 0)
+    memory = torch.from_numpy(np.asarray(phi_of(flat))).float()
     with torch.no_grad():
-        scores = model.score_pairs({k: v.to(device) for k, v in query.items()},
-                                   image.to(device), index.to(device))
-    scores = scores.float().cpu().tolist()
+        scores = torch.cat([
+            model.score(memory[s:s + chunk].to(device), ids[s:s + chunk].to(device),
+                        mask[s:s + chunk].to(device)).float().cpu()
+            for s in range(0, len(flat), chunk)]).tolist()
     out, start = [], 0
     for rr in rows:
         out.append(scores[start:start + len(rr)])
@@ -103,24 +138,30 @@ def rerank_scores(model, feats: np.ndarray, queries: list[dict[str, Any]],
     return out
 
 
-def merge_stages(hits: list[tuple[int, str, float]], scores: list[float] | None,
-                 k: int, fast_weight: float = 0.0) -> list[dict[str, Any]]:
-    """The response: the first ``len(scores)`` hits reordered by reranker score (stable for
-    ties), then the remaining hits in retrieval order; the first ``k`` of them. A residual
-    reranker's score is ``slow + fast_weight * retrieval score``.
+def merge_stages(hits: list[tuple[int, str, float]], slow: list[float] | None,
+                 k: int, beta: float = 0.0) -> list[dict[str, Any]]:
+    """The response: the first ``len(slow)`` hits reordered by ``h + beta * fast`` (ties in
+    retrieval order), then the remaining hits in retrieval order; the first ``k`` of them.
 
-    Each result: ``id``, ``score`` (of its stage), ``stage`` (``"rerank"``/``"retrieve"``),
-    ``fast_score`` (the retrieval inner product), ``fast_rank`` (its 1-based place in the
-    retrieval order; the rank change is ``fast_rank`` minus the result's place) and, for
-    reranked results, ``rerank_score``.
+    Each result: ``id``, ``score`` (the final score: ``h + beta * fast`` for a reranked hit,
+    the fast score for the others), ``stage`` (``"rerank"``/``"retrieve"``), ``fast_score``
+    (the retrieval inner product f(x)^T g(y)), ``slow_score`` (h(x, y); None when not
+    reranked) and ``fast_rank`` (its 1-based place in the retrieval order).
     """
-    n = len(scores) if scores is not None else 0
-    if n and fast_weight:
-        scores = [s + fast_weight * h[2] for s, h in zip(scores, hits)]
-    order = sorted(range(n), key=lambda i: -scores[i]) if n else []
-    out = [{"id": hits[i][1], "score": float(scores[i]), "stage": "rerank",
-            "fast_score": float(hits[i][2]), "fast_rank": i + 1,
-            "rerank_score": float(scores[i])} for i in order]
+    import torch
+
+    from raycmr.evaluate.rerank import combine, rerank_order
+
+    n = len(slow) if slow is not None else 0
+    out = []
+    if n:
+        h = torch.tensor(slow, dtype=torch.float32)
+        fast = torch.tensor([hit[2] for hit in hits[:n]], dtype=torch.float32)
+        final = combine(h, fast, beta)
+        for i in rerank_order(final).tolist():
+            out.append({"id": hits[i][1], "score": float(final[i]), "stage": "rerank",
+                        "fast_score": float(hits[i][2]), "slow_score": float(h[i]),
+                        "fast_rank": i + 1})
     out += [{"id": h[1], "score": float(h[2]), "stage": "retrieve", "fast_score": float(h[2]),
-             "fast_rank": n + j + 1} for j, h in enumerate(hits[n:])]
+             "slow_score": None, "fast_rank": n + j + 1} for j, h in enumerate(hits[n:])]
     return out[:k]

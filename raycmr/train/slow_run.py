@@ -43,9 +43,26 @@ def check_slow_config(cfg: Config) -> None:
                               "dual encoder checkpoint")
 
 
+def resolve_fast_checkpoint(cfg: Config) -> Config:
+    """``slow.fast_checkpoint`` as the workers can open it: a run dir becomes its newest
+    checkpoint, a relative local path an absolute one (workers run in their own directory)."""
+    if not cfg.slow.fast_checkpoint:
+        return cfg
+    from pathlib import Path
+
+    from raycmr.artifacts import find_checkpoint, is_remote
+    from raycmr.config import with_overrides
+
+    path = find_checkpoint(cfg.slow.fast_checkpoint)
+    if not is_remote(path):
+        path = str(Path(path).resolve())
+    return with_overrides(cfg, {"slow.fast_checkpoint": path})
+
+
 def build_slow_trainer(cfg: Config, **kwargs):
     """The TorchTrainer of a slow-model run (``kwargs``: as for ``build_trainer``)."""
     from raycmr.train.trainer import build_trainer
 
     check_slow_config(cfg)
+    cfg = resolve_fast_checkpoint(cfg)
     return build_trainer(cfg, task="slow", task_params=slow_task_params(cfg), **kwargs)
