@@ -54,3 +54,17 @@ def test_small_gallery_or_exact_target_is_flat():
     assert choice.kind == "flat"
     with pytest.raises(ValueError, match="target recall"):
         choose_index(x, 1.5)
+
+
+def test_describe_index_states_what_auto_measured():
+    from raycmr.index.autotune import describe_index
+
+    x = _clustered(3000)
+    _, choice = choose_index(x, 0.9, queries=100, small_gallery=1000)
+    line = describe_index({"kind": choice.kind, "count": 3000, "dim": 32,
+                           "params": choice.params, "auto": choice.meta()})
+    assert line.startswith(f"{choice.kind} over 3,000 vectors of dim 32")
+    assert f"recall@10 {choice.recall:.3f} (target 0.90)" in line
+    assert f"{choice.speedup:.1f}x exact search" in line
+    assert describe_index({"kind": "flat", "count": 5, "dim": 4, "params": {}}) == \
+        "flat over 5 vectors of dim 4"

@@ -123,3 +123,17 @@ def choose_index(emb: Any, target_recall: float, *, k: int = 10, queries: int = 
     choice = AutoChoice(best.kind, best.params, target_recall, best.recall, best.qps, exact_qps,
                         kk, len(rows), [t for t, _ in trials])
     return index, choice
+
+
+def describe_index(meta: dict[str, Any]) -> str:
+    """One line about an index folder's ``meta.json``: kind, count, search parameters, and for
+    ``--kind auto`` the recall and speed measured when it was built."""
+    params = ", ".join(f"{k} {v}" for k, v in meta.get("params", {}).items())
+    line = f"{meta['kind']} over {meta['count']:,} vectors of dim {meta['dim']}" + \
+        (f" ({params})" if params else "")
+    auto = meta.get("auto")
+    if auto:
+        line += (f"; chosen by --kind auto: recall@{auto['k']} {auto['recall']:.3f} (target "
+                 f"{auto['target_recall']:.2f}), {auto['qps']:,.0f} queries/s = "
+                 f"{auto['speedup']:.1f}x exact search, measured at build time")
+    return line

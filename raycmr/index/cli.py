@@ -2,6 +2,7 @@
 
     raycmr index --checkpoint runs/NAME/checkpoint_... --split test --out out/index [--kind hnsw]
     raycmr index --checkpoint FAST --slow SLOW --split test --out out/index
+    raycmr index --checkpoint FAST --split test --out out/index --kind auto --target-recall 0.95
 
 With ``--slow`` (a checkpoint of ``raycmr train --config quickstart_slow``) the slow model's
 phi(x) of every gallery image is stored too (``out/index/phi/``, float16, memory-mapped by the
@@ -24,8 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slow", default=None, metavar="SLOW",
                    help="slow-model checkpoint: also store its phi(x) of every image for the "
                         "Serve reranker (image galleries)")
-    p.add_argument("--kind", default=None, choices=["flat", "ivf", "hnsw"],
-                   help="index kind (default: the checkpoint config's index.kind)")
+    p.add_argument("--kind", default=None, choices=["flat", "ivf", "hnsw", "auto"],
+                   help="index kind (default: the checkpoint config's index.kind); auto: the "
+                        "fastest kind and search setting that reaches --target-recall, measured "
+                        "on the gallery's own vectors")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="with --kind auto: recall@10 against exact search to reach")
     p.add_argument("--num-actors", type=int, default=2, help="Ray Data embedding actors")
     p.add_argument("--batch-size", type=int, default=256, help="rows per embedding batch")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. index.nlist=256")
@@ -53,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"index: Ray's lines go to {log} (--verbose shows them here)")
         try:
             build_gallery_index(checkpoint, args.split, args.out, kind=args.kind,
+                                target_recall=args.target_recall,
                                 overrides=args.overrides, slow=args.slow,
                                 num_actors=args.num_actors,
                                 batch_size=args.batch_size, console=console)

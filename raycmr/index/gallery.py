@@ -126,6 +126,7 @@ def build_gallery_index(
     out: str | Path,
     *,
     kind: str | None = None,
+    target_recall: float = 0.95,
     overrides: list[str] | None = None,
     slow: str | None = None,
     num_actors: int = 2,
@@ -137,6 +138,8 @@ def build_gallery_index(
 
     ``kind`` (flat/ivf/hnsw) defaults to the checkpoint config's ``index.kind``; IVF/HNSW
     parameters come from ``index.*`` (dotted ``overrides`` apply to the checkpoint's config).
+    ``kind="auto"`` measures instead (:mod:`raycmr.index.autotune`): the fastest kind and search
+    setting whose recall@10 reaches ``target_recall``; meta.json records what was measured.
     Returns the ``gallery.json`` record. Needs Ray (a local cluster is started if none).
     ``console`` (a rich Console): progress lines and a rows/s bar go there (else plain prints).
     """
@@ -148,7 +151,11 @@ def build_gallery_index(
 
     ckpt_dir = artifacts.find_checkpoint(checkpoint)
     model, cfg = artifacts.load_exported(ckpt_dir)
-    cfg = apply_overrides(cfg, list(overrides or []) + ([f"index.kind={kind}"] if kind else []))
+    auto = kind == "auto"
+    if auto and not 0.0 < target_recall <= 1.0:
+        raise ConfigError(f"--target-recall must be in (0, 1], got {target_recall}")
+    cfg = apply_overrides(cfg, list(overrides or []) +
+                          ([f"index.kind={kind}"] if kind and not auto else []))
     paths = resolve_split(cfg, split)
     info = check_shards(paths, cfg.data.kind, cfg.data.format)
     slow_model = slow_cfg = None
@@ -191,8 +198,19 @@ def build_gallery_index(
     rows = first[order]
     names = [names[i] for i in order]
     img = np.ascontiguousarray(emb["img"][rows], dtype=np.float32)
-    index = build_index_from_config(img, cfg.index)
-    out = save_index(index, names, out)
+    extra: dict[str, Any] = {}
+    if auto:
+        from raycmr.index.autotune import choose_index
+
+        say(f"index: measuring flat, HNSW and IVF settings for recall@10 >= {target_recall}")
+        index, choice = choose_index(img, target_recall, hnsw_m=cfg.index.hnsw_m)
+        extra["auto"] = choice.meta()
+        say(f"index: chose {choice.summary()}")
+        kind_name = choice.kind
+    else:
+        index = build_index_from_config(img, cfg.index)
+        kind_name = cfg.index.kind
+    out = save_index(index, names, out, extra_meta=extra)
     record = {
         "checkpoint": ckpt_dir if artifacts.is_remote(ckpt_dir) else str(Path(ckpt_dir).resolve()),
         "shards": [str(p) for p in paths],
@@ -200,10 +218,10 @@ def build_gallery_index(
         "count": len(names),
         "pairs": len(emb["group"]),
         "embed_dim": int(img.shape[1]),
-        "index_kind": cfg.index.kind,
+        "index_kind": kind_name,
     }
     say(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
-        f"[{cfg.index.kind}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s")
+        f"[{kind_name}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s")
     if slow_model is not None:
         record["slow_checkpoint"] = slow
         record["phi"] = _write_phi(paths, slow, slow_model, slow_cfg, groups[order], out,

@@ -95,6 +95,7 @@ def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
     from raycmr.serve.plan import plan_app
 
     plan = plan_app(cfg, token)  # checks the paths before starting anything
+    print(f"index: {plan.index_note}", flush=True)
     if plan.gallery_note:
         print(f"note: {plan.gallery_note}", flush=True)
     if plan.slow_note:

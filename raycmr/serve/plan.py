@@ -49,6 +49,7 @@ class ServePlan:
     token_sha256: str = ""  # hex digest of the bearer token; "" = no auth
     gallery_note: str = ""  # why thumbnails and image -> text are off ("" = on, or features)
     slow_note: str = ""  # why there is no slow stage ("" = there is one, or it was turned off)
+    index_note: str = ""  # the index's kind, parameters and build-time measurements
 
     @property
     def index_path(self) -> str:
@@ -178,6 +179,9 @@ def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None
         shards=[str(s) for s in gallery.get("shards", [])],
         token_sha256=token_digest(token),
     )
+    from raycmr.index.autotune import describe_index
+
+    plan.index_note = describe_index(meta)
     plan.slow_checkpoint, plan.slow_note = _resolve_slow(cfg.slow_checkpoint, plan, gallery)
     if plan.data_kind == "images":
         plan.gallery_note = _check_gallery_shards(plan.shards)
