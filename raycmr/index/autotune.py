@@ -45,6 +45,7 @@ class AutoChoice:
     k: int
     queries: int
     trials: list[Trial] = field(default_factory=list)
+    reason: str = ""  # why exact search was kept without a sweep ("" = it was measured)
 
     @property
     def speedup(self) -> float:
@@ -57,6 +58,8 @@ class AutoChoice:
         return out
 
     def summary(self) -> str:
+        if self.reason:
+            return f"flat (exact search): {self.reason}"
         return (f"{self.kind} {self.params}: recall@{self.k} {self.recall:.3f} (target "
                 f"{self.target_recall:.2f}) at {self.qps:,.0f} queries/s, {self.speedup:.1f}x "
                 f"exact search ({self.exact_qps:,.0f}/s), measured on {self.queries} of the "
@@ -96,6 +99,9 @@ def choose_index(emb: Any, target_recall: float, *, k: int = 10, queries: int = 
     truth = _drop_self(exact_ids, rows, kk)
     flat = AutoChoice("flat", {}, target_recall, 1.0, exact_qps, exact_qps, kk, len(rows))
     if n < small_gallery or target_recall >= 1.0:
+        flat.reason = (f"the gallery holds {n:,} vectors, under {small_gallery:,}: exact search "
+                       f"answers {exact_qps:,.0f} queries/s" if n < small_gallery
+                       else "a target recall of 1.0 needs exact search")
         flat.trials.append(Trial("flat", {}, 1.0, exact_qps))
         return exact, flat
     trials: list[tuple[Trial, faiss.Index]] = [(Trial("flat", {}, 1.0, exact_qps), exact)]
