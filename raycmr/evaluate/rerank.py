@@ -10,14 +10,19 @@ For every query caption ``y`` of a split, against the split's unique images:
 
 Ranks are 1-based; a tie counts against the target (``1 + #{scores > target's}`` would favour
 it, so ties with the target add their count): a model that scores everything equal ranks the
-target last, not first. Gallery-side work (image embeddings, ``phi(x)``) is index-time and not
-timed; each method's time per query covers what a query costs at search time.
+target last, not first. Gallery-side work (image embeddings, ``phi(x)`` and, with a
+``gallery`` from :meth:`raycmr.models.slow.SlowModel.gallery`, the decoders' cross-attention
+keys and values of it) is index-time and not timed; each method's time per query covers what a
+query costs at search time. With a ``gallery`` both slow methods score through
+``slow.score_gallery`` (the caption's image-free work once per query, then only the K pairs);
+without one, through ``slow.score_candidates`` of the gathered ``phi``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +41,27 @@ class RerankSplit:
     target: np.ndarray  # [Q]
     fast_img: torch.Tensor | None = None  # [N, d]
     fast_txt: torch.Tensor | None = None  # [Q, d]
+    gallery: Any = None  # SlowGallery of phi (index-time caches), or None
 
     def head(self, queries: int) -> RerankSplit:
         """The first ``queries`` queries against the same gallery."""
-        q = slice(0, queries)
+        return self.rows(0, queries)
+
+    def rows(self, start: int, stop: int) -> RerankSplit:
+        """Queries ``start`` .. ``stop - 1`` against the same gallery."""
+        q = slice(start, stop)
         return RerankSplit(self.phi, self.input_ids[q], self.attention_mask[q], self.target[q],
-                           self.fast_img, None if self.fast_txt is None else self.fast_txt[q])
+                           self.fast_img, None if self.fast_txt is None else self.fast_txt[q],
+                           self.gallery)
+
+
+def _slow_scores(slow, split: RerankSplit, candidates: torch.Tensor, s: int,
+                 n: int) -> torch.Tensor:
+    """h of queries ``s .. s + n - 1`` against their candidate rows [n, K]."""
+    ids, mask = split.input_ids[s:s + n], split.attention_mask[s:s + n]
+    if split.gallery is not None:
+        return slow.score_gallery(split.gallery, candidates, ids, mask)
+    return slow.score_candidates(split.phi[candidates], ids, mask)
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,8 +94,7 @@ def rerank_ranks(slow, split: RerankSplit, k: int, beta: float = 0.0,
         tgt = target[s:s + queries_per_call]
         fast_rank = target_ranks(fast, tgt)
         top = fast.topk(min(k, fast.shape[1]), dim=1).indices  # [q, k]
-        h = slow.score_candidates(split.phi[top], split.input_ids[s:s + queries_per_call],
-                                  split.attention_mask[s:s + queries_per_call])
+        h = _slow_scores(slow, split, top, s, top.shape[0])
         final = h + beta * fast.gather(1, top)
         inside = top == tgt[:, None]
         own = torch.where(inside, final, torch.full_like(final, -torch.inf)).max(1).values
@@ -89,9 +108,15 @@ def slow_only_ranks(slow, split: RerankSplit, queries_per_call: int = 8) -> np.n
     """Ranks by ``h`` over the whole gallery."""
     target = torch.as_tensor(split.target, device=split.phi.device)
     ranks = []
+    n_img = split.phi.shape[0]
     for s in range(0, len(target), queries_per_call):
-        h = slow.score_candidates(split.phi, split.input_ids[s:s + queries_per_call],
-                                  split.attention_mask[s:s + queries_per_call])
+        n = len(target[s:s + queries_per_call])
+        if split.gallery is not None:
+            h = _slow_scores(slow, split, torch.arange(n_img, device=target.device).expand(n, -1),
+                             s, n)
+        else:  # every query against the same phi: no gather
+            h = slow.score_candidates(split.phi, split.input_ids[s:s + n],
+                                      split.attention_mask[s:s + n])
         ranks.append(target_ranks(h, target[s:s + queries_per_call]))
     return torch.cat(ranks).cpu().numpy()
 
