@@ -252,12 +252,17 @@ def test_slow_teacher_scores_b_times_m_plus_1_pairs_and_gets_no_gradient(tmp_pat
     (teacher,) = objective._teacher
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     pairs, images = [], []
-    score, encode = teacher.score, teacher.encode_image
-    teacher.score = lambda mem, ids, mask: pairs.append(mem.shape[0]) or score(mem, ids, mask)
+    score, encode = teacher.score_gallery, teacher.encode_image
+
+    def counted(gallery, candidates, ids, mask):
+        pairs.append(tuple(candidates.shape))
+        return score(gallery, candidates, ids, mask)
+
+    teacher.score_gallery = counted
     teacher.encode_image = lambda px: images.append(px.shape[0]) or encode(px)
     batch = _image_batch(b)
     out = objective(batch)
-    assert sum(pairs) == b * (m + 1) and images == [b]
+    assert pairs == [(b, m + 1)] and images == [b]  # B * (m + 1) pairs, phi once per image
     out["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0

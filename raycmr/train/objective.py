@@ -156,9 +156,10 @@ class CrossModalObjective(nn.Module):
                                                                  device=fast.device))
         dtype = next(teacher.parameters()).dtype
         with torch.no_grad():
-            phi = teacher.encode_image(batch["pixel_values"].to(dtype))  # [B, P, w]
-            slow = teacher.score_candidates(phi[candidates], batch["input_ids"],
-                                            batch["attention_mask"])  # [B, m + 1]
+            phi = teacher.encode_image(batch["pixel_values"].to(dtype))  # [B, P, w], once each
+            # cross-attention keys/values once per image, then only the B * (m + 1) pairs
+            slow = teacher.score_gallery(teacher.gallery(phi), candidates, batch["input_ids"],
+                                         batch["attention_mask"])  # [B, m + 1]
         return restricted_distillation_loss(fast, slow, candidates, d.temperature, valid)
 
     def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0,
