@@ -39,7 +39,7 @@ def run_one(arm: str, seed: int, args, out: Path) -> dict:
     over = [f"train.seed={seed}", f"train.epochs={args.epochs}", "train.num_workers=2",
             f"train.storage_path={out / 'runs'}", f"train.name={name}",
             f"train.checkpoint_every_epochs={args.epochs}", "train.num_to_keep=1",
-            *args.set]
+            "train.torch_threads=1", *args.set]
     if arm == "distilled":
         over += ["loss.distill.enabled=true", f"loss.distill.slow={args.slow}",
                  f"loss.distill.weight={args.weight}",
