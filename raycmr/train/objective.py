@@ -129,9 +129,13 @@ class CrossModalObjective(nn.Module):
         (teacher,) = self._teacher
         if next(teacher.parameters()).device != img.device:
             teacher.to(img.device)
-        fast = clamped_logit_scale(self.encoder.logit_scale).exp() * (txt @ img.t())
+        scale = clamped_logit_scale(self.encoder.logit_scale).exp()
         if self.cfg.loss.distill.slow:
-            return self.slow_distillation(teacher, fast, batch)
+            # the current scale without gradient: a near one-hot teacher over the hardest
+            # candidates would drive it to the clamp within a few steps, where InfoNCE from random
+            # init turns into a hardest-negative loss and stops learning (README, distillation)
+            return self.slow_distillation(teacher, scale.detach() * (txt @ img.t()), batch)
+        fast = scale * (txt @ img.t())
         b = img.shape[0]
         with torch.no_grad():
             slow = teacher.score_candidates(
