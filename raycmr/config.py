@@ -104,6 +104,7 @@ class DistillConfig:
     reranker: str = ""  # feature shards: a directory written by `raycmr reranker` (save_reranker)
     slow: str = ""  # image shards: a checkpoint of `raycmr train --config quickstart_slow`
     hard_negatives: int = 7  # slow teacher: m hardest in-batch images per caption (B*(m+1) pairs)
+    start: float = 0.0  # fraction of the run's optimizer steps before the distillation term starts
     temperature: float = 1.0  # softmax temperature of the teacher's scores
 
 
@@ -541,5 +542,8 @@ def validate(cfg: Config) -> None:
                     f"so 1 <= m <= {b - 1}")
         if distill.temperature <= 0:
             raise ConfigError(f"loss.distill.temperature must be > 0, got {distill.temperature}")
+        if not 0.0 <= distill.start < 1.0:
+            raise ConfigError(f"loss.distill.start is a fraction of the run's optimizer steps: "
+                              f"0 <= start < 1, got {distill.start}")
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

@@ -282,6 +282,17 @@ def test_slow_teacher_scores_b_times_m_plus_1_pairs_and_gets_no_gradient(tmp_pat
         want, _ = _restricted_loop(fast, slow_of, list(range(b)), m, 1.0)
     assert float(out["distill"]) == pytest.approx(want, rel=1e-4)
 
+    # before loss.distill.start the teacher is not called and the loss is InfoNCE alone
+    late = CrossModalObjective(with_overrides(cfg, {"loss.distill.start": 0.5})).eval()
+    late.load_state_dict(objective.state_dict())
+    late._teacher[0].score_gallery = counted
+    pairs.clear()
+    early = late(batch, progress=0.4)
+    assert pairs == [] and float(early["distill"]) == 0.0
+    assert float(early["loss"]) == pytest.approx(float(early["contrastive"]), rel=1e-6)
+    assert late(batch, progress=0.5)["distill"] == pytest.approx(float(out["distill"]), rel=1e-5)
+    assert pairs == [(b, m + 1)]
+
 
 def test_slow_teacher_config_errors(tmp_path) -> None:
     from raycmr.config import load_config
@@ -289,6 +300,8 @@ def test_slow_teacher_config_errors(tmp_path) -> None:
     cfg, _ = _slow_teacher_setup(tmp_path)
     with pytest.raises(ConfigError, match="hard_negatives is 6"):
         with_overrides(cfg, {"loss.distill.hard_negatives": 6})
+    with pytest.raises(ConfigError, match="0 <= start < 1"):
+        with_overrides(cfg, {"loss.distill.start": 1.0})
     with pytest.raises(ConfigError, match="one teacher"):
         with_overrides(cfg, {"loss.distill.reranker": "x"})
     with pytest.raises(ConfigError, match="data.kind=images"):

@@ -196,8 +196,12 @@ class CrossModalObjective(nn.Module):
             total = total + res["total"]
             parts.update({f"dscmr_{k}": v.detach() for k, v in res.items()})
         if self._teacher:
-            distill = self.distillation(img, txt, batch)
-            total = total + loss_cfg.distill.weight * distill
+            # before loss.distill.start (a fraction of the run) the teacher is not called
+            if progress >= loss_cfg.distill.start:
+                distill = self.distillation(img, txt, batch)
+                total = total + loss_cfg.distill.weight * distill
+            else:
+                distill = img.new_zeros((), dtype=torch.float32)
             parts["distill"] = distill.detach()
         parts["loss"] = total
         return parts
