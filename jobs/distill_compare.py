@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def run_one(arm: str, seed: int, args, out: Path) -> dict:
                  f"loss.distill.weight={args.weight}",
                  f"loss.distill.hard_negatives={args.hard_negatives}",
                  f"loss.distill.temperature={args.temperature}"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun must not resume an earlier run
     cmd = [str(Path(sys.executable).with_name("raycmr")), "train", "--config", "quickstart", *over]
     start = time.time()
     with open(out / f"{name}.log", "w") as log:
