@@ -133,7 +133,8 @@ def main(argv: list[str]) -> int:
         (out / "table.md").write_text(
             f"quickstart data, {args.epochs} epochs, 2 workers x 64 pairs; teacher "
             f"{args.slow}; weight {args.weight}, m = {args.hard_negatives}, "
-            f"T = {args.temperature}\n\n{table(rows, args)}\n")
+            f"T = {args.temperature}; overrides {' '.join(args.set) or 'none'}\n\n"
+            f"{table(rows, args)}\n")
 
     for seed in args.seeds:
         for arm in args.arms:
