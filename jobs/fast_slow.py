@@ -7,7 +7,7 @@ of R@1 and time per query against K (the re-ranked fast top-K).
 K = 0 re-ranks every image. Writes OUT/fast_slow.md and OUT/fast_slow.png. Time per query:
 the gallery's fast embeddings, phi(x) and the slow decoders' cross-attention keys/values of
 phi(x) are computed once, before timing, for every method alike; the methods take turns chunk by
-chunk of 16 queries (raycmr/evaluate/fast_slow.py); the machine's load average before and
+chunk of 64 queries (raycmr/evaluate/fast_slow.py); the machine's load average before and
 after is printed with the table.
 """
 

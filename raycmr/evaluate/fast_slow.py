@@ -6,8 +6,8 @@ the gallery side (fast image embeddings, the slow model's ``phi(x)`` and its dec
 cross-attention keys and values, :meth:`raycmr.models.slow.SlowModel.gallery`) is computed once
 up front, as an index would store it, and serves fast+slow and slow-only alike.
 
-Timing: the methods take turns chunk by chunk of queries (every method on queries 0-15, then
-every method on 16-31, ...), so that the varying load of a shared machine falls on all of them
+Timing: the methods take turns chunk by chunk of queries (every method on queries 0-63, then
+every method on 64-127, ...), so that the varying load of a shared machine falls on all of them
 alike; a method's time per query is the sum of its chunks' times over its queries.
 """
 
@@ -79,7 +79,7 @@ def fast_text_seconds(fast, split: rr.RerankSplit, batch_size: int = 64) -> floa
 
 
 def compare(slow, split: rr.RerankSplit, ks: list[int], beta: float, slow_queries: int,
-            fast=None, chunk: int = 16) -> list[dict[str, Any]]:
+            fast=None, chunk: int = 64) -> list[dict[str, Any]]:
     """One row per method: ``method``, ``k``, R@1/5/10, medr, ``ms_per_query`` (and for
     fast+slow, ``fast_recall_at_k``: the share of queries whose image is in the top K).
     The methods take turns on each ``chunk`` of queries (module docstring)."""
