@@ -4,12 +4,17 @@ of R@1 and time per query against K (the re-ranked fast top-K).
     python jobs/fast_slow.py --fast FAST_CKPT --slow SLOW_CKPT [--split test] [--beta 0]
         [--k 5 10 20 50 100 0] [--queries N] [--slow-queries 250] [--out out/fast_slow]
 
-K = 0 re-ranks every image. Writes OUT/fast_slow.md and OUT/fast_slow.png.
+K = 0 re-ranks every image. Writes OUT/fast_slow.md and OUT/fast_slow.png. Time per query:
+the gallery's fast embeddings, phi(x) and the slow decoders' cross-attention keys/values of
+phi(x) are computed once, before timing, for every method alike; the methods take turns chunk by
+chunk of 64 queries (raycmr/evaluate/fast_slow.py); the machine's load average before and
+after is printed with the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table
@@ -59,13 +64,19 @@ def main() -> None:
     parser.add_argument("--slow-queries", type=int, default=250)
     parser.add_argument("--out", default="out/fast_slow")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     rows, n_img = evaluate_fast_slow(args.fast, args.slow, args.split, args.k, args.beta,
                                      args.slow_queries, queries=args.queries)
+    load_after = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
+    load = (f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, "
+            f"after {'/'.join(f'{x:.1f}' for x in load_after)}, {os.cpu_count()} CPUs")
     (out / "fast_slow.md").write_text(
-        f"{args.split} split, text->image, {n_img} images, beta {args.beta}\n\n{table}\n")
+        f"{args.split} split, text->image, {n_img} images, beta {args.beta}; {load}\n\n"
+        f"{table}\n")
+    print(load)
     plot(rows, out / "fast_slow.png", n_img)
     print(table)
     print(f"wrote {out / 'fast_slow.md'} and {out / 'fast_slow.png'}")

@@ -95,9 +95,17 @@ class DSCMRConfig:
 
 @dataclass
 class DistillConfig:
+    """Slow -> fast distillation (raycmr/losses/distill.py). One teacher: ``reranker`` (feature
+    shards: a one-vector reranker scores all B^2 pairs of the batch) or ``slow`` (image shards:
+    the captioning model of a ``train.task=slow`` checkpoint scores each caption against its
+    image and its ``hard_negatives`` hardest in-batch images by the fast model's scores)."""
+
     enabled: bool = False
     weight: float = 1.0
-    reranker: str = ""  # the teacher: a directory written by `raycmr reranker` (save_reranker)
+    reranker: str = ""  # feature shards: a directory written by `raycmr reranker` (save_reranker)
+    slow: str = ""  # image shards: a checkpoint of `raycmr train --config quickstart_slow`
+    hard_negatives: int = 7  # slow teacher: m hardest in-batch images per caption (B*(m+1) pairs)
+    start: float = 0.0  # fraction of the run's optimizer steps before the distillation term starts
     temperature: float = 1.0  # softmax temperature of the teacher's scores
 
 
@@ -525,13 +533,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.label_temperature must be > 0, got {cfg.model.label_temperature}")
     distill = cfg.loss.distill
     if distill.enabled:
-        if not distill.reranker:
-            raise ConfigError("loss.distill.enabled needs a teacher: set loss.distill.reranker to a "
-                              "directory written by `raycmr reranker --checkpoint CKPT --out DIR`")
-        if cfg.data.kind != "features":
-            raise ConfigError("loss.distill scores batch pairs with a reranker over stored image "
-                              "vectors: it needs data.kind=features")
+        if bool(distill.reranker) == bool(distill.slow):
+            raise ConfigError(
+                "loss.distill.enabled needs one teacher: loss.distill.reranker=DIR (feature "
+                "shards, a directory written by `raycmr reranker --checkpoint CKPT --out DIR`) "
+                "or loss.distill.slow=CKPT (image shards, a checkpoint of `raycmr train "
+                "--config quickstart_slow`)" + (", not both" if distill.reranker else ""))
+        if distill.reranker and cfg.data.kind != "features":
+            raise ConfigError("loss.distill.reranker scores batch pairs with a reranker over stored "
+                              "image vectors: it needs data.kind=features (on image shards use "
+                              "loss.distill.slow=CKPT, the captioning slow model)")
+        if distill.slow:
+            if cfg.data.kind != "images":
+                raise ConfigError("loss.distill.slow computes the slow model's phi(x) from the "
+                                  "batch's pixels: it needs data.kind=images")
+            if cfg.train.task != "dual_encoder" or cfg.dckt.enabled:
+                raise ConfigError("loss.distill.slow distils into the dual encoder: it needs "
+                                  "train.task=dual_encoder and dckt.enabled=false")
+            m, b = distill.hard_negatives, cfg.train.batch_size
+            if not 1 <= m < b:
+                raise ConfigError(
+                    f"loss.distill.hard_negatives is {m}: each caption's candidates are its "
+                    f"image and m other images of the worker's batch of train.batch_size={b}, "
+                    f"so 1 <= m <= {b - 1}")
         if distill.temperature <= 0:
             raise ConfigError(f"loss.distill.temperature must be > 0, got {distill.temperature}")
+        if not 0.0 <= distill.start < 1.0:
+            raise ConfigError(f"loss.distill.start is a fraction of the run's optimizer steps: "
+                              f"0 <= start < 1, got {distill.start}")
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

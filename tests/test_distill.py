@@ -1,22 +1,30 @@
 """Slow -> fast distillation: the loss against its formula, and a dual encoder that learns to
-retrieve from a reranker teacher alone (no pair labels in its loss)."""
+retrieve from a reranker teacher alone (no pair labels in its loss); with the captioning slow
+model as teacher on image shards, the loss over each caption's positive + m hardest in-batch
+images against explicit loops, the teacher's pair count and its frozen weights."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from raycmr.config import ConfigError, config_from_dict
+from raycmr.config import ConfigError, config_from_dict, with_overrides
 from raycmr.evaluate.metrics import retrieval_metrics
-from raycmr.losses.distill import distillation_loss
+from raycmr.losses.distill import (
+    distillation_loss,
+    hardest_candidates,
+    restricted_distillation_loss,
+)
 from raycmr.models.reranker import (
     CrossAttentionReranker,
     RerankerConfig,
     save_reranker,
 )
 from raycmr.rerank.fit import fit_reranker
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.objective import CrossModalObjective, load_teacher
 
 IMAGE_DIM, TEXT_DIM = 16, 8
 
@@ -130,3 +138,186 @@ def test_distill_config_errors(tmp_path) -> None:
                                                          fast_weight=10.0)), tmp_path / "residual")
     with pytest.raises(ConfigError, match="--fast-weight 0"):
         CrossModalObjective(config_from_dict(_config(str(tmp_path / "residual"))))
+
+
+# ------------------------------------------- the captioning slow model as teacher (image shards)
+
+
+def _restricted_loop(fast: list[list[float]], slow_of, group: list[int], m: int,
+                     t: float) -> tuple[float, list[list[int]]]:
+    """Explicit loops: each row's candidates (its column, then its m highest-scoring columns of
+    other groups, ties to the lower column) and the mean KL over them; ``slow_of(i, j)`` is the
+    teacher's score of caption i with image j."""
+    total, chosen = 0.0, []
+    for i, row in enumerate(fast):
+        others = [j for j in range(len(row)) if j != i and group[j] != group[i]]
+        others.sort(key=lambda j: (-row[j], j))
+        cand = [i] + others[:m]
+        chosen.append(cand)
+        s = [slow_of(i, j) / t for j in cand]
+        f = [row[j] for j in cand]
+        zq = sum(math.exp(v) for v in s)
+        zp = sum(math.exp(v) for v in f)
+        total += sum(math.exp(s[c]) / zq * (s[c] - math.log(zq) - (f[c] - math.log(zp)))
+                     for c in range(len(cand)))
+    return total / len(fast), chosen
+
+
+def test_restricted_loss_hand_computed() -> None:
+    # m = 1: caption 0's hardest other image is column 2 (fast 0.7 > 0.2); the teacher ties
+    # its two candidates (q = 1/2, 1/2) while the fast logits [0, ln 3] give p = 1/4, 3/4:
+    # KL = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln(4/3)
+    fast = torch.tensor([[0.0, 0.2, math.log(3.0)]])
+    cand, valid = hardest_candidates(fast, torch.tensor([0]), 1)
+    assert cand.tolist() == [[0, 2]] and valid.all()
+    loss = restricted_distillation_loss(fast, torch.tensor([[-5.0, -5.0]]), cand, 1.0, valid)
+    assert float(loss) == pytest.approx(0.5 * math.log(4.0 / 3.0), rel=1e-6)
+    assert 0.5 * math.log(4.0 / 3.0) == pytest.approx(0.143841, abs=1e-6)
+
+
+@pytest.mark.parametrize("m,t", [(1, 1.0), (3, 0.5), (5, 2.0)])
+def test_restricted_loss_matches_explicit_loops(m: int, t: float) -> None:
+    rng = np.random.default_rng(m)
+    b = 7
+    fast = rng.standard_normal((b, b)) * 3
+    table = rng.standard_normal((b, b)) * 4  # the teacher's score of (caption i, image j)
+    group = [0, 1, 2, 2, 3, 4, 5]  # captions 2 and 3 share an image: never each other's negative
+    want, chosen = _restricted_loop(fast.tolist(), lambda i, j: float(table[i, j]), group, m, t)
+    g = torch.tensor(group)
+    same = (g[:, None] == g[None, :]) & ~torch.eye(b, dtype=torch.bool)
+    cand, valid = hardest_candidates(torch.from_numpy(fast), torch.arange(b), m, same)
+    assert [c[:len(want_c)] for c, want_c in zip(cand.tolist(), chosen)] == chosen
+    # rows 2 and 3 have one admissible negative fewer: the filler is invalid when m reaches it
+    assert valid.sum(1).tolist() == [len(c) for c in chosen]
+    slow = torch.from_numpy(table).gather(1, cand)
+    fast_t = torch.from_numpy(fast).requires_grad_(True)
+    got = restricted_distillation_loss(fast_t, slow, cand, t, valid)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert torch.isfinite(fast_t.grad).all()
+    # columns outside a row's candidates get no gradient, those inside do
+    for i in range(b):
+        for j in range(b):
+            assert (float(fast_t.grad[i, j]) != 0.0) == (j in chosen[i]), (i, j)
+    with pytest.raises(ValueError, match="1 <= m"):
+        hardest_candidates(torch.zeros(3, 3), torch.arange(3), 3)
+
+
+def _slow_teacher_setup(tmp_path, batch: int = 6, **distill):
+    """A tiny random slow model exported as a checkpoint and a dual encoder config that
+    distils from it (32 px images, 16 tokens)."""
+    from raycmr.artifacts import write_export
+    from raycmr.config import load_config
+    from raycmr.models.slow import build_slow_model
+
+    common = ["data.image_size=32", "data.max_text_len=16", "slow.width=32", "slow.heads=2",
+              "slow.decoder_layers=1"]
+    slow_cfg = load_config("quickstart_slow", common)
+    torch.manual_seed(0)
+    slow = build_slow_model(slow_cfg.slow, torch.arange(1000, 1100), 32, 16).eval()
+    (tmp_path / "slow").mkdir(exist_ok=True)
+    write_export(tmp_path / "slow", slow.state_dict(), slow_cfg, {})
+    over = {"hard_negatives": 2, **distill}
+    cfg = load_config("quickstart", common + [
+        "model.embed_dim=16", f"train.batch_size={batch}",
+        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
+        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
+         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
+         " max_position_embeddings: 32}"),
+        "loss.distill.enabled=true", f"loss.distill.slow={tmp_path / 'slow'}",
+        *(f"loss.distill.{k}={v}" for k, v in over.items())])
+    return cfg, slow
+
+
+def _image_batch(b: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 12, (b,), generator=gen)
+    ids = torch.zeros(b, 16, dtype=torch.long)
+    mask = torch.zeros(b, 16, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, :n] = torch.cat([torch.tensor([101]), torch.randint(1000, 1100, (n - 2,),
+                                                                   generator=gen),
+                                torch.tensor([102])])
+        mask[i, :n] = 1
+    return {"pixel_values": torch.randn(b, 3, 32, 32, generator=gen), "input_ids": ids,
+            "attention_mask": mask, "group": torch.arange(b)}
+
+
+def test_slow_teacher_scores_b_times_m_plus_1_pairs_and_gets_no_gradient(tmp_path) -> None:
+    b, m = 6, 2
+    cfg, reference = _slow_teacher_setup(tmp_path, batch=b, hard_negatives=m)
+    objective = CrossModalObjective(cfg).eval()  # no dropout: the reference below sees the same
+    assert not any(k.startswith("_teacher") for k in objective.state_dict())
+    (teacher,) = objective._teacher
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    pairs, images = [], []
+    score, encode = teacher.score_gallery, teacher.encode_image
+
+    def counted(gallery, candidates, ids, mask):
+        pairs.append(tuple(candidates.shape))
+        return score(gallery, candidates, ids, mask)
+
+    teacher.score_gallery = counted
+    teacher.encode_image = lambda px: images.append(px.shape[0]) or encode(px)
+    batch = _image_batch(b)
+    out = objective(batch)
+    assert pairs == [(b, m + 1)] and images == [b]  # B * (m + 1) pairs, phi once per image
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0
+               for p in objective.encoder.parameters())
+
+    # the loss equals the explicit loops over the teacher's own pair scores
+    with torch.no_grad():
+        img, txt = objective.encoder(batch)
+        fast = (objective.encoder.logit_scale.clamp(max=math.log(100)).exp()
+                * (txt @ img.t())).tolist()
+        phi = reference.encode_image(batch["pixel_values"])
+
+        def slow_of(i: int, j: int) -> float:
+            return float(reference.score(phi[j:j + 1], batch["input_ids"][i:i + 1],
+                                         batch["attention_mask"][i:i + 1]))
+
+        want, _ = _restricted_loop(fast, slow_of, list(range(b)), m, 1.0)
+    assert float(out["distill"]) == pytest.approx(want, rel=1e-4)
+
+    # before loss.distill.start the teacher is not called and the loss is InfoNCE alone
+    late = CrossModalObjective(with_overrides(cfg, {"loss.distill.start": 0.5})).eval()
+    late.load_state_dict(objective.state_dict())
+    late._teacher[0].score_gallery = counted
+    pairs.clear()
+    early = late(batch, progress=0.4)
+    assert pairs == [] and float(early["distill"]) == 0.0
+    assert float(early["loss"].detach()) == pytest.approx(float(early["contrastive"]), rel=1e-6)
+    assert late(batch, progress=0.5)["distill"] == pytest.approx(float(out["distill"]), rel=1e-5)
+    assert pairs == [(b, m + 1)]
+
+
+def test_slow_teacher_config_errors(tmp_path) -> None:
+    from raycmr.config import load_config
+
+    cfg, _ = _slow_teacher_setup(tmp_path)
+    with pytest.raises(ConfigError, match="hard_negatives is 6"):
+        with_overrides(cfg, {"loss.distill.hard_negatives": 6})
+    with pytest.raises(ConfigError, match="0 <= start < 1"):
+        with_overrides(cfg, {"loss.distill.start": 1.0})
+    with pytest.raises(ConfigError, match="one teacher"):
+        with_overrides(cfg, {"loss.distill.reranker": "x"})
+    with pytest.raises(ConfigError, match="data.kind=images"):
+        config_from_dict({**_config(""), "loss": {"kind": "none", "distill": {
+            "enabled": True, "slow": "x"}}})
+    with pytest.raises(ConfigError, match="data.image_size=64"):
+        CrossModalObjective(with_overrides(cfg, {"data.image_size": 64}))
+    with pytest.raises(ConfigError, match="data.tokenizer='bert'"):
+        load_teacher(with_overrides(cfg, {"data.tokenizer": "bert"}))
+    with pytest.raises(ConfigError, match="vocab_size 500"):
+        load_teacher(with_overrides(cfg, {"model.text.hf_config": {
+            **cfg.model.text.hf_config, "vocab_size": 500}}))
+    fast = load_config("quickstart", [])
+    with pytest.raises(ConfigError, match="not a slow model"):
+        from raycmr.artifacts import write_export
+        from raycmr.models.dual_encoder import DualEncoder
+
+        write_export(tmp_path / "fast", DualEncoder(fast.model).state_dict(), fast, {})
+        load_teacher(with_overrides(cfg, {"loss.distill.slow": str(tmp_path / "fast")}))

@@ -104,3 +104,35 @@ def test_combine_and_rerank_order() -> None:
     assert rr.rerank_order(rr.combine(h, fast, 0.0)).tolist() == [[1, 3, 2, 0]]  # ties: stable
     assert rr.rerank_order(rr.combine(h, fast, 2.0)).tolist() == [[1, 3, 2, 0]]
     assert rr.rerank_order(rr.combine(h, fast, 10.0)).tolist() == [[0, 2, 1, 3]]
+
+
+class TableFast:
+    """A fast text encoder returning the split's own query embeddings (query number in ids)."""
+
+    def __init__(self, fast_txt: torch.Tensor):
+        self.fast_txt = fast_txt
+
+    def retrieval_embed_text(self, batch):
+        return self.fast_txt[batch["input_ids"][:, 0]]
+
+
+def test_compare_taking_turns_by_chunk_equals_whole_split_ranks() -> None:
+    from raycmr.evaluate.fast_slow import compare
+
+    split, scorer = _split(q=11, n=12, seed=4)
+    rows = compare(scorer, split, [3, 0], beta=0.5, slow_queries=7,
+                   fast=TableFast(split.fast_txt), chunk=4)
+    by = {(r["method"], r["k"]): r for r in rows}
+    assert set(by) == {("fast", ""), ("fast+slow", 3), ("fast+slow", 12), ("slow-only", 12)}
+    fast = rr.fast_ranks(split)
+    assert by[("fast", "")]["t2i_r1"] == rr.summary(fast, "t2i")["t2i_r1"]
+    for k in (3, 12):
+        want = rr.summary(rr.rerank_ranks(scorer, split, k, 0.5), "t2i")
+        assert {m: by[("fast+slow", k)][m] for m in want} == want
+        assert by[("fast+slow", k)]["fast_recall_at_k"] == rr.recall_at(fast, k)
+        assert by[("fast+slow", k)]["queries"] == 11
+    # slow-only on the first 7 queries only (chunks 0-3 and 4-6)
+    want = rr.summary(rr.slow_only_ranks(scorer, split.head(7)), "t2i")
+    assert {m: by[("slow-only", 12)][m] for m in want} == want
+    assert by[("slow-only", 12)]["queries"] == 7
+    assert all(r["ms_per_query"] > 0 for r in rows)

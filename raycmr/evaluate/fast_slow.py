@@ -2,9 +2,14 @@
 retrieval of a split, with time per query (the methods: :mod:`raycmr.evaluate.rerank`).
 
 The split is decoded by Ray Data and read on the driver (a quickstart split is 500 images);
-the gallery side (fast image embeddings, the slow model's ``phi(x)``) is computed once up
-front, as an index stores it (phi rounded to float16: :func:`raycmr.models.slow.stored_phi`),
-so these rankings are the ones the Serve app answers with.
+the gallery side (fast image embeddings, the slow model's ``phi(x)`` rounded to float16 as an
+index stores it, :func:`raycmr.models.slow.stored_phi`, and its decoders' cross-attention keys
+and values, :meth:`raycmr.models.slow.SlowModel.gallery`) is computed once up front and serves
+fast+slow and slow-only alike, so these rankings are the ones the Serve app answers with.
+
+Timing: the methods take turns chunk by chunk of queries (every method on queries 0-63, then
+every method on 64-127, ...), so that the varying load of a shared machine falls on all of them
+alike; a method's time per query is the sum of its chunks' times over its queries.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from raycmr.config import Config, ConfigError
@@ -53,8 +59,10 @@ def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> 
     groups = torch.cat(cols["group"]).numpy()
     image_rows, target = group_pairs(groups)
     rows = torch.as_tensor(image_rows)
-    out = rr.RerankSplit(torch.cat(cols["phi"])[rows], torch.cat(cols["ids"]),
-                         torch.cat(cols["mask"]), target, groups=groups[image_rows])
+    phi = torch.cat(cols["phi"])[rows]
+    out = rr.RerankSplit(phi, torch.cat(cols["ids"]), torch.cat(cols["mask"]), target,
+                         groups=groups[image_rows],
+                         gallery=slow.gallery(phi) if hasattr(slow, "gallery") else None)
     if fast is not None:
         out.fast_img = torch.cat(cols["fimg"])[rows]
         out.fast_txt = torch.cat(cols["ftxt"])
@@ -75,27 +83,53 @@ def fast_text_seconds(fast, split: rr.RerankSplit, batch_size: int = 64) -> floa
 
 
 def compare(slow, split: rr.RerankSplit, ks: list[int], beta: float, slow_queries: int,
-            fast=None) -> list[dict[str, Any]]:
+            fast=None, chunk: int = 64) -> list[dict[str, Any]]:
     """One row per method: ``method``, ``k``, R@1/5/10, medr, ``ms_per_query`` (and for
-    fast+slow, ``fast_recall_at_k``: the share of queries whose image is in the top K)."""
-    rows: list[dict[str, Any]] = []
+    fast+slow, ``fast_recall_at_k``: the share of queries whose image is in the top K).
+    The methods take turns on each ``chunk`` of queries (module docstring)."""
     n_img = split.phi.shape[0]
-    if fast is not None and split.fast_img is not None:
-        fast_s = fast_text_seconds(fast, split)
-        fast_r = rr.fast_ranks(split)
-        rows.append({"method": "fast", "k": "", **rr.summary(fast_r, "t2i"),
-                     "ms_per_query": 1000 * fast_s, "queries": len(fast_r)})
+    n_q = len(split.target)
+    methods: list[tuple[str, Any, Any]] = []  # (method, k, ranks of a sub-split)
+    with_fast = fast is not None and split.fast_img is not None
+    if with_fast:
+        methods.append(("fast", "", rr.fast_ranks))
         for k in ks:
             kk = min(k, n_img) if k > 0 else n_img
-            ranks, sec = rr.timed(rr.rerank_ranks, slow, split, kk, beta)
-            rows.append({"method": "fast+slow", "k": kk, **rr.summary(ranks, "t2i"),
-                         "ms_per_query": 1000 * (fast_s + sec / len(ranks)),
-                         "fast_recall_at_k": rr.recall_at(fast_r, kk), "queries": len(ranks)})
-    if slow_queries and n_img <= SLOW_ONLY_MAX_IMAGES:
-        sub = split.head(slow_queries)
-        ranks, sec = rr.timed(rr.slow_only_ranks, slow, sub)
-        rows.append({"method": "slow-only", "k": n_img, **rr.summary(ranks, "t2i"),
-                     "ms_per_query": 1000 * sec / len(ranks), "queries": len(ranks)})
+            methods.append(("fast+slow", kk,
+                            lambda sub, kk=kk: rr.rerank_ranks(slow, sub, kk, beta)))
+    slow_only = bool(slow_queries) and n_img <= SLOW_ONLY_MAX_IMAGES
+    if slow_only:
+        methods.append(("slow-only", n_img, lambda sub: rr.slow_only_ranks(slow, sub)))
+    ranks: list[list[np.ndarray]] = [[] for _ in methods]
+    seconds = [0.0 for _ in methods]
+    fast_s = 0.0
+    for s in range(0, n_q, chunk):
+        sub = split.rows(s, min(s + chunk, n_q))
+        if with_fast:
+            fast_s += fast_text_seconds(fast, sub) * len(sub.target)
+        for i, (method, _, fn) in enumerate(methods):
+            if method == "slow-only":
+                if s >= slow_queries:
+                    continue
+                sub_i = sub.head(min(len(sub.target), slow_queries - s))
+            else:
+                sub_i = sub
+            got, sec = rr.timed(fn, sub_i)
+            ranks[i].append(got)
+            seconds[i] += sec
+    rows: list[dict[str, Any]] = []
+    fast_r = np.concatenate(ranks[0]) if with_fast else None
+    for i, (method, k, _) in enumerate(methods):
+        r = np.concatenate(ranks[i])
+        row = {"method": method, "k": k, **rr.summary(r, "t2i"), "queries": len(r)}
+        if method == "fast":
+            row["ms_per_query"] = 1000 * fast_s / n_q
+        elif method == "fast+slow":
+            row["ms_per_query"] = 1000 * (fast_s + seconds[i]) / n_q
+            row["fast_recall_at_k"] = rr.recall_at(fast_r, k)
+        else:
+            row["ms_per_query"] = 1000 * seconds[i] / len(r)
+        rows.append(row)
     return rows
 
 

@@ -27,6 +27,13 @@ Vision side (``vision``):
 - ``patch``: a conv stem (three stride-2 convolutions) giving the same grid of patch tokens,
   followed by ``vision_layers`` transformer encoder layers.
 
+Scoring a gallery (:meth:`SlowModel.gallery` once, then :meth:`SlowModel.score_gallery` per
+query): what depends on the image alone is computed once per image, as an index stores it -
+``phi(x)`` and every decoder layer's cross-attention keys and values of it - and what depends on
+the caption alone once per query (token embeddings and the first layer's causal self-attention),
+so a query against K candidates pays only for the K pairs' remaining decoder work. It computes
+the same ``h`` as :meth:`SlowModel.score` (eval mode).
+
 Plain PyTorch: no Ray in here.
 """
 
@@ -237,6 +244,114 @@ class SlowModel(nn.Module):
         out = [self.score(flat_mem[s:s + chunk], ids[s:s + chunk], mask[s:s + chunk])
                for s in range(0, q * k, chunk)]
         return torch.cat(out).view(q, k)
+
+    def _decoders(self) -> list[CaptionDecoder]:
+        return [self.forward_decoder] + ([self.backward_decoder]
+                                         if self.backward_decoder is not None else [])
+
+    @torch.no_grad()
+    def gallery(self, phi: torch.Tensor) -> SlowGallery:
+        """Index time: ``phi`` [N, P, w] and every decoder layer's cross-attention keys and
+        values of it, for :meth:`score_gallery`."""
+        return SlowGallery(phi, [[_cross_kv(layer, phi) for layer in dec.layers.layers]
+                                 for dec in self._decoders()])
+
+    @torch.no_grad()
+    def score_gallery(self, gallery: SlowGallery, candidates: torch.Tensor,
+                      input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      chunk: int = 2048) -> torch.Tensor:
+        """h of each query caption [Q, T] against its candidate gallery rows ``candidates``
+        [Q, K] -> ``[Q, K]``, equal to :meth:`score_candidates` of ``gallery.phi[candidates]``
+        (eval mode); at most about ``chunk`` pairs at once."""
+        q, k = candidates.shape
+        step = max(1, chunk // max(k, 1))
+        out = [self._score_gallery(gallery, candidates[s:s + step], input_ids[s:s + step],
+                                   attention_mask[s:s + step]) for s in range(0, q, step)]
+        return torch.cat(out) if out else candidates.new_zeros((0, k), dtype=torch.float32)
+
+    def _score_gallery(self, gallery: SlowGallery, candidates: torch.Tensor,
+                       input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        q, k = candidates.shape
+        lengths = attention_mask.sum(1)
+        t = max(int(lengths.max()), 2)
+        ids, mask = self.compact(input_ids[:, :t]), attention_mask[:, :t]
+        flat = candidates.reshape(-1)
+        total = torch.zeros(q * k, dtype=torch.float32, device=ids.device)
+        predicted = (lengths - 1).clamp(min=1).float().repeat_interleave(k)
+        for d, (decoder, kv) in enumerate(zip(self._decoders(), gallery.kv)):
+            seq = ids if d == 0 else reverse_captions(ids, lengths)
+            inputs, targets = seq[:, :-1], seq[:, 1:]
+            valid = mask[:, 1:].bool()
+            pad = ~mask[:, :-1].bool()
+            n = inputs.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).triu(1)
+            layers = decoder.layers.layers
+            # per query: embeddings and the first layer's self-attention (no image in them)
+            x = _self_block(layers[0], decoder.embed(inputs) + decoder.pos[:, :n], causal, pad)
+            x = x.repeat_interleave(k, 0)  # [Q*K, n, w]
+            pad_k = pad.repeat_interleave(k, 0)
+            for i, layer in enumerate(layers):
+                if i:
+                    x = _self_block(layer, x, causal, pad_k)
+                ck, cv = kv[i]
+                x = _cross_ff_block(layer, x, ck[flat], cv[flat])
+            logp = torch.log_softmax(decoder.head(decoder.norm(x)).float(), dim=-1)
+            picked = logp.gather(-1, targets.repeat_interleave(k, 0).unsqueeze(-1)).squeeze(-1)
+            s = (picked * valid.repeat_interleave(k, 0)).sum(1)
+            total = total + (s / predicted if self.cfg.length_norm else s)
+        return total.view(q, k)
+
+
+class SlowGallery:
+    """A gallery laid out for :meth:`SlowModel.score_gallery`: ``phi`` [N, P, w] and, per
+    decoder and layer, the cross-attention keys and values ``[N, heads, P, w / heads]``."""
+
+    def __init__(self, phi: torch.Tensor, kv: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+        self.phi = phi
+        self.kv = kv
+
+    def __len__(self) -> int:
+        return int(self.phi.shape[0])
+
+    def select(self, rows: torch.Tensor) -> SlowGallery:
+        """The gallery's ``rows`` (e.g. reordered to unique images)."""
+        return SlowGallery(self.phi[rows], [[(k[rows], v[rows]) for k, v in layers]
+                                            for layers in self.kv])
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    n, t, d = x.shape
+    return x.view(n, t, heads, d // heads).transpose(1, 2)
+
+
+def _cross_kv(layer: nn.TransformerDecoderLayer, memory: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-attention keys and values of ``memory`` [N, P, d]: ``[N, heads, P, d/heads]``."""
+    mha = layer.multihead_attn
+    _, wk, wv = mha.in_proj_weight.chunk(3)
+    _, bk, bv = mha.in_proj_bias.chunk(3)
+    return (_split_heads(F.linear(memory, wk, bk), mha.num_heads),
+            _split_heads(F.linear(memory, wv, bv), mha.num_heads))
+
+
+def _self_block(layer: nn.TransformerDecoderLayer, x: torch.Tensor, causal: torch.Tensor,
+                pad: torch.Tensor) -> torch.Tensor:
+    h = layer.norm1(x)
+    return x + layer.self_attn(h, h, h, attn_mask=causal, key_padding_mask=pad,
+                               need_weights=False, is_causal=True)[0]
+
+
+def _cross_ff_block(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+    """Cross-attention to cached keys/values ``[M, heads, P, dh]`` and the feed-forward block of
+    a pre-norm decoder layer (eval mode: no dropout)."""
+    mha = layer.multihead_attn
+    wq, _, _ = mha.in_proj_weight.chunk(3)
+    bq, _, _ = mha.in_proj_bias.chunk(3)
+    q = _split_heads(F.linear(layer.norm2(x), wq, bq), mha.num_heads)
+    a = F.scaled_dot_product_attention(q, k, v)  # [M, heads, T, dh]
+    x = x + mha.out_proj(a.transpose(1, 2).reshape(x.shape))
+    return x + layer._ff_block(layer.norm3(x))
 
 
 def captioning_loss(scores: torch.Tensor) -> torch.Tensor:

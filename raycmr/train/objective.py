@@ -2,7 +2,12 @@
 
     L = w_c * L_contrastive(global batch) + w_grl * L_adversary
       + (w_common * J_common + alpha * J_label + beta * J_invariance)     [DSCMR]
-      + w_d * L_distill(local batch, frozen reranker as teacher)          [Miech et al. 2021]
+      + w_d * L_distill(local batch, frozen teacher)                       [Miech et al. 2021]
+
+Distillation's teacher is either the one-vector reranker of ``loss.distill.reranker`` (feature
+shards; every (text, image) pair of the batch) or the captioning slow model of
+``loss.distill.slow`` (image shards; each caption against its image and the
+``loss.distill.hard_negatives`` hardest in-batch images by the fast scores, section 2.2).
 
 The contrastive part sees every worker's embeddings (one packed gather,
 :func:`raycmr.distributed.gather_global_batch`) unless ``loss.global_negatives`` is off; the
@@ -44,7 +49,15 @@ def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
 
 
 def load_teacher(cfg: Config) -> nn.Module:
-    """The frozen reranker of ``loss.distill.reranker``, checked against the feature sizes."""
+    """The frozen teacher of ``loss.distill``: the reranker (``reranker``, checked against the
+    feature sizes) or the slow model (``slow``, checked against the image and text inputs)."""
+    teacher = load_slow_teacher(cfg) if cfg.loss.distill.slow else load_reranker_teacher(cfg)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def load_reranker_teacher(cfg: Config) -> nn.Module:
     from raycmr.config import ConfigError
     from raycmr.models.reranker import load_reranker
 
@@ -62,9 +75,35 @@ def load_teacher(cfg: Config) -> nn.Module:
             f"loss.distill.reranker '{cfg.loss.distill.reranker}' is a residual reranker "
             f"(fast_weight {rc.fast_weight}): its score leans on a fast model, not a teacher of "
             "one; train the teacher with `raycmr reranker ... --fast-weight 0`")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
+    return teacher
+
+
+def load_slow_teacher(cfg: Config) -> nn.Module:
+    """The slow model of ``loss.distill.slow``; it must read the same pixels and captions."""
+    from raycmr.artifacts import load_slow_exported
+    from raycmr.config import ConfigError
+
+    path = cfg.loss.distill.slow
+    teacher, tcfg = load_slow_exported(path)
+    problems = []
+    if tcfg.data.image_size != cfg.data.image_size:
+        problems.append(f"images of {tcfg.data.image_size} px, this run "
+                        f"data.image_size={cfg.data.image_size}")
+    if tcfg.data.tokenizer != cfg.data.tokenizer:
+        problems.append(f"captions tokenised by '{tcfg.data.tokenizer}', this run "
+                        f"data.tokenizer='{cfg.data.tokenizer}' (another vocabulary)")
+    if tcfg.data.max_text_len < cfg.data.max_text_len:
+        problems.append(f"captions of at most {tcfg.data.max_text_len} tokens, this run "
+                        f"data.max_text_len={cfg.data.max_text_len}")
+    vocab_size = (cfg.model.text.hf_config or {}).get("vocab_size")
+    if vocab_size and int(teacher.vocab.max()) >= int(vocab_size):
+        problems.append(f"token ids up to {int(teacher.vocab.max())}, beyond this text tower's "
+                        f"vocab_size {vocab_size}")
+    if problems:
+        raise ConfigError(f"loss.distill.slow '{path}' cannot teach this model: the slow model "
+                          f"reads {'; '.join(problems)}. Train the slow model on the same data "
+                          "config (raycmr train --config quickstart_slow)")
+    return teacher
 
 
 class CrossModalObjective(nn.Module):
@@ -90,13 +129,42 @@ class CrossModalObjective(nn.Module):
         (teacher,) = self._teacher
         if next(teacher.parameters()).device != img.device:
             teacher.to(img.device)
+        scale = clamped_logit_scale(self.encoder.logit_scale).exp()
+        if self.cfg.loss.distill.slow:
+            # the current scale without gradient: a near one-hot teacher over the hardest
+            # candidates would drive it to the clamp within a few steps, where InfoNCE from random
+            # init turns into a hardest-negative loss and stops learning (README, distillation)
+            return self.slow_distillation(teacher, scale.detach() * (txt @ img.t()), batch)
+        fast = scale * (txt @ img.t())
         b = img.shape[0]
         with torch.no_grad():
             slow = teacher.score_candidates(
                 {"text_feat": batch["text_feat"]},
                 batch["image_feat"].unsqueeze(0).expand(b, -1, -1))
-        fast = clamped_logit_scale(self.encoder.logit_scale).exp() * (txt @ img.t())
         return distillation_loss(fast, slow, self.cfg.loss.distill.temperature)
+
+    def slow_distillation(self, teacher: nn.Module, fast: torch.Tensor,
+                          batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Section 2.2 of Miech et al.: the slow model's phi(x) of the batch's pixels (once per
+        image), then h of each caption against its image and its m hardest in-batch images
+        by the fast logits ``fast`` [B, B] (B * (m + 1) pairs), and the KL over those."""
+        from raycmr.losses.distill import hardest_candidates, restricted_distillation_loss
+
+        d = self.cfg.loss.distill
+        b = fast.shape[0]
+        group = batch["group"]
+        same = group[:, None] == group[None, :]
+        positive = torch.arange(b, device=fast.device)
+        candidates, valid = hardest_candidates(fast, positive, min(d.hard_negatives, b - 1),
+                                               same & ~torch.eye(b, dtype=torch.bool,
+                                                                 device=fast.device))
+        dtype = next(teacher.parameters()).dtype
+        with torch.no_grad():
+            phi = teacher.encode_image(batch["pixel_values"].to(dtype))  # [B, P, w], once each
+            # cross-attention keys/values once per image, then only the B * (m + 1) pairs
+            slow = teacher.score_gallery(teacher.gallery(phi), candidates, batch["input_ids"],
+                                         batch["attention_mask"])  # [B, m + 1]
+        return restricted_distillation_loss(fast, slow, candidates, d.temperature, valid)
 
     def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0,
                 progress: float = 1.0):
@@ -128,8 +196,12 @@ class CrossModalObjective(nn.Module):
             total = total + res["total"]
             parts.update({f"dscmr_{k}": v.detach() for k, v in res.items()})
         if self._teacher:
-            distill = self.distillation(img, txt, batch)
-            total = total + loss_cfg.distill.weight * distill
+            # before loss.distill.start (a fraction of the run) the teacher is not called
+            if progress >= loss_cfg.distill.start:
+                distill = self.distillation(img, txt, batch)
+                total = total + loss_cfg.distill.weight * distill
+            else:
+                distill = img.new_zeros((), dtype=torch.float32)
             parts["distill"] = distill.detach()
         parts["loss"] = total
         return parts

@@ -24,6 +24,10 @@ def train(cfg: Config, *, name: str | None = None, sinks: list | None = None):
     from raycmr.train.trainer import build_trainer
 
     cluster_storage_path(cfg.train.storage_path, "train.storage_path")  # refuse before Ray starts
+    if cfg.loss.distill.enabled:  # a teacher that cannot teach this model stops here, not on a worker
+        from raycmr.train.objective import load_teacher
+
+        load_teacher(cfg)
     init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
     check_cluster_fits(training_demand(cfg))
     if cfg.train.task == "slow":

@@ -89,8 +89,9 @@ class SlowTask(Task):
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         image_rows, target = group_pairs(cat["group"].numpy())
         rows = torch.as_tensor(image_rows)
-        split = rr.RerankSplit(cat["phi"][rows].to(device), cat["ids"].to(device),
-                               cat["mask"].to(device), target)
+        phi = cat["phi"][rows].to(device)
+        split = rr.RerankSplit(phi, cat["ids"].to(device), cat["mask"].to(device), target,
+                               gallery=slow.gallery(phi))
         slow_cfg = self.cfg.slow
         if fast is None:
             ranks = rr.slow_only_ranks(slow, split.head(slow_cfg.val_queries))
