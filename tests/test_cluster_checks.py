@@ -65,7 +65,7 @@ def _serve_plan(replicas: int, reranker: bool, images: bool, use_gpu: bool = Fal
     from raycmr.serve.plan import ServePlan
 
     return ServePlan(serve=ServeConfig(replicas=replicas, max_replicas=replicas, use_gpu=use_gpu),
-                     checkpoint="c", reranker="r" if reranker else "", query_input="text",
+                     checkpoint="c", slow_checkpoint="s" if reranker else "", query_input="text",
                      text_dim=0, tokenizer="minilm", max_text_len=8, image_size=32, count=10,
                      index_kind="flat", data_kind="images" if images else "features")
 
