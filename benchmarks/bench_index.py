@@ -73,9 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
     p.add_argument("--numpy-block", type=int, default=128, help="queries per numpy matmul block")
     p.add_argument("--methods", nargs="+", default=["numpy", "flat", "ivf", "hnsw"],
-                   choices=["numpy", "flat", "ivf", "hnsw"])
+                   choices=["numpy", "flat", "ivf", "ivfpq", "hnsw"])
+    p.add_argument("--pq-m", type=int, default=32,
+                   help="ivfpq: bytes per vector (sub-quantizers of 8 bits)")
     p.add_argument("--embeddings", default="",
-                   help=".npy [N, d] real embeddings: the last --queries rows query the rest")
+                   help=".npy [N, d] real embeddings: without --query-embeddings, --queries "
+                   "random rows query the rest")
+    p.add_argument("--query-embeddings", default="",
+                   help=".npy [Q, d] query vectors for --embeddings (e.g. text embeddings "
+                   "searching an image gallery); the first --queries rows are used")
+    p.add_argument("--embedding-sizes", type=int, nargs="+", default=[0],
+                   help="with --embeddings: galleries of the first n rows (0 = all rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
     args = p.parse_args(argv)
@@ -124,6 +132,16 @@ def numpy_topk(gallery: np.ndarray, queries: np.ndarray, k: int,
     return scores, ids
 
 
+def score_recall(gallery: np.ndarray, queries: np.ndarray, ids: np.ndarray,
+                 exact_scores: np.ndarray, k: int, tol: float = 1e-5) -> float:
+    """Share of the returned top-``k`` whose true score reaches the exact ``k``-th score: recall
+    that counts an equally good neighbour as a hit (near-duplicate galleries have many ties)."""
+    ids = np.asarray(ids)[:, :k]
+    got = np.einsum("qd,qkd->qk", queries, gallery[np.clip(ids, 0, None)])
+    hit = (got >= exact_scores[:, k - 1:k] - tol) & (ids >= 0)
+    return float(hit.mean())
+
+
 def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
                   args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build every index once, then time all searches interleaved round by round."""
@@ -140,7 +158,7 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
 
     # Exact FAISS first: it is the reference for every recall.
     flat, flat_build = built("flat")
-    _, exact_ids = search(flat, queries, k)
+    exact_scores, exact_ids = search(flat, queries, k)
     if "flat" in args.methods:
         variants.append(("flat", "IndexFlatIP", flat_build, lambda: search(flat, queries, k)))
     if "numpy" in args.methods:
@@ -159,6 +177,25 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
         for nprobe in sorted({min(p, nlist) for p in args.nprobe}):
             variants.append(("ivf", f"nlist={nlist} nprobe={nprobe}", ivf_build,
                              ivf_search(nprobe)))
+    if "ivfpq" in args.methods:
+        nlist = clamp_nlist(args.nlist, n)
+        t0 = time.perf_counter()
+        pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(gallery.shape[1]), gallery.shape[1], nlist,
+                              args.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        pq.train(gallery)
+        pq.add(gallery)
+        pq_build = time.perf_counter() - t0
+        print(f"  {data} N={n:,}: built ivfpq in {pq_build:.2f}s", flush=True)
+
+        def pq_search(nprobe: int) -> Callable[[], Any]:
+            def run() -> Any:
+                pq.nprobe = nprobe
+                return search(pq, queries, k)
+            return run
+
+        for nprobe in sorted({min(p, nlist) for p in args.nprobe}):
+            variants.append(("ivfpq", f"nlist={nlist} m={args.pq_m} nprobe={nprobe}", pq_build,
+                             pq_search(nprobe)))
     if "hnsw" in args.methods:
         hnsw, hnsw_build = built("hnsw", hnsw_m=args.hnsw_m,
                                  ef_construction=args.ef_construction, ef_search=args.ef_search[0])
@@ -173,7 +210,11 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
             variants.append(("hnsw", f"M={args.hnsw_m} efC={args.ef_construction} ef={ef}",
                              hnsw_build, hnsw_search(ef)))
 
-    recalls = {params: recall_at_k(fn()[1], exact_ids, k) for _, params, _, fn in variants}
+    recalls, score_recalls = {}, {}
+    for _, params, _, fn in variants:
+        ids = fn()[1]
+        recalls[params] = recall_at_k(ids, exact_ids, k)
+        score_recalls[params] = score_recall(gallery, queries, ids, exact_scores, k)
     times = time_interleaved({params: fn for _, params, _, fn in variants}, args.repeats,
                              warmup=0)  # the recall calls above were the warm-up
     flat_times = times.get("IndexFlatIP")
@@ -185,6 +226,7 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
             "data": data, "N": n, "dim": gallery.shape[1], "method": method, "params": params,
             "build_s": build_s, "search_s": search_s, "qps": queries.shape[0] / search_s,
             f"recall@{k}": recalls[params],
+            f"score_recall@{k}": score_recalls[params],
             # speed relative to exact FAISS, taken within each round, then the median
             "x_flat": (statistics.median(f / m for f, m in zip(flat_times, t))
                        if flat_times else None),
@@ -195,6 +237,34 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
               f"x_flat={rows[-1]['x_flat'] or 0:.2f}", flush=True)
     del variants
     gc.collect()
+    return rows
+
+
+def bench_embeddings(args: argparse.Namespace, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Real embeddings: the gallery's first n rows for each ``--embedding-sizes`` n, queried by
+    ``--query-embeddings`` (or by held-out random rows of the gallery file)."""
+    emb = unit_rows(np.load(args.embeddings, mmap_mode="r"))
+    if emb.ndim != 2:
+        raise SystemExit(f"{args.embeddings}: need a 2-D array, got shape {emb.shape}")
+    name = os.path.basename(args.embeddings)
+    if args.query_embeddings:
+        queries = unit_rows(np.load(args.query_embeddings)[:args.queries])
+        gallery = emb
+    else:
+        if emb.shape[0] <= args.queries:
+            raise SystemExit(f"{args.embeddings}: need more than {args.queries} rows, got "
+                             f"{emb.shape[0]}")
+        perm = rng.permutation(emb.shape[0])
+        queries, gallery = emb[perm[:args.queries]], emb[np.sort(perm[args.queries:])]
+    if queries.shape[1] != gallery.shape[1]:
+        raise SystemExit(f"queries have dim {queries.shape[1]}, the gallery {gallery.shape[1]}")
+    args.dim = gallery.shape[1]
+    rows: list[dict[str, Any]] = []
+    for n in args.embedding_sizes:
+        part = np.ascontiguousarray(gallery if n <= 0 else gallery[:n])
+        rows += bench_dataset(name, part, np.ascontiguousarray(queries), args)
+        del part
+        gc.collect()
     return rows
 
 
@@ -219,14 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             del gallery
             gc.collect()
     if args.embeddings:
-        emb = unit_rows(np.load(args.embeddings))
-        if emb.ndim != 2 or emb.shape[0] <= args.queries:
-            raise SystemExit(f"{args.embeddings}: need a 2-D array with more than "
-                             f"{args.queries} rows, got shape {emb.shape}")
-        perm = rng.permutation(emb.shape[0])
-        real_q, real_g = emb[perm[:args.queries]], emb[perm[args.queries:]]
-        rows += bench_dataset(os.path.basename(args.embeddings), np.ascontiguousarray(real_g),
-                              np.ascontiguousarray(real_q), args)
+        rows += bench_embeddings(args, rng)
     meta = {k: v for k, v in vars(args).items()}
     meta.update({"threads_applied": threads,
                  "search_timing": f"all queries in one call; {args.repeats} rounds after a warm-up "
@@ -236,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                  "faiss_version": faiss.__version__})
     print()
     print_table(rows, ["data", "N", "method", "params", "build_s", "search_s", "qps",
-                       f"recall@{args.k}", "x_flat"],
-                formats={f"recall@{args.k}": ".3f", "x_flat": ".2f", "qps": ",.0f",
+                       f"recall@{args.k}", f"score_recall@{args.k}", "x_flat"],
+                formats={f"recall@{args.k}": ".3f", f"score_recall@{args.k}": ".3f",
+                         "x_flat": ".2f", "qps": ",.0f",
                          "build_s": ".2f", "search_s": ".3f"},
                 title=f"index search, dim={args.dim}, {args.queries} queries, k={args.k}, "
                       f"{args.threads} threads")

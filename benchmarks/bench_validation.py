@@ -50,8 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=0, help="eval batch (0: eval.batch_size)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--small", action="store_true",
+                   help="4 rounds (run_all.py --small, `make bench`)")
     p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.small:
+        args.rounds = 4
+    return args
 
 
 def _batches(cfg, rows: int, batch: int) -> list[dict[str, torch.Tensor]]:

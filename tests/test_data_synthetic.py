@@ -17,6 +17,7 @@ from raycmr.data.synthetic import (
     SHAPES,
     generate,
     layout,
+    write_synthetic_split,
     write_synthetic_splits,
 )
 
@@ -107,3 +108,22 @@ def test_write_splits_summary_counts(tmp_path):
     train = set(pq.read_table(tmp_path / "train").column("image").to_pylist())
     test = set(pq.read_table(tmp_path / "test").column("image").to_pylist())
     assert not train & test
+
+
+def test_parallel_writer_writes_the_same_files_as_one_process(tmp_path):
+    one = write_synthetic_split(tmp_path / "one", "train", 47, seed=1, captions_per_image=2,
+                                rows_per_shard=8, image_size=16, progress=False)
+    two = write_synthetic_split(tmp_path / "two", "train", 47, seed=1, captions_per_image=2,
+                                rows_per_shard=8, image_size=16, progress=False, workers=2)
+    assert (two.rows, two.shards, two.bytes) == (one.rows, one.shards, one.bytes) == \
+        (94, 12, one.bytes)
+    names = [f.name for f in sorted((tmp_path / "one").glob("part-*.parquet"))]
+    assert [f.split("/")[-1] for f in two.files] == names
+    for name in names:
+        assert pq.read_table(tmp_path / "two" / name).equals(pq.read_table(tmp_path / "one" / name))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_synthetic_split(tmp_path / "two", "train", 47, seed=1, workers=2,
+                              rows_per_shard=8, progress=False)
+    with pytest.raises(ValueError, match="multiple of --captions-per-image"):
+        write_synthetic_split(tmp_path / "three", "train", 47, seed=1, captions_per_image=3,
+                              rows_per_shard=8, progress=False, workers=2)

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", choices=["mixed", "plain", "noisy"], default="mixed",
                    help="background style; 'domain' column")
     p.add_argument("--overwrite", action="store_true", help="replace existing part-*.parquet")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes rendering shards in parallel (the files are the same as "
+                   "with 1)")
 
     p = sub.add_parser("folder", help="a folder of images + a CSV/JSONL captions file")
     p.add_argument("--images", required=True, help="folder holding the image files")
@@ -79,6 +82,7 @@ def _run(args: argparse.Namespace) -> dict[str, WriteSummary]:
             args.out, args.train, args.val, args.test, args.seed, image_size=args.image_size,
             captions_per_image=args.captions_per_image, rows_per_shard=args.rows_per_shard,
             image_format=args.image_format, domain=args.domain, overwrite=args.overwrite,
+            workers=args.workers,
         )
     if args.shards_command == "folder":
         from raycmr.data.writers import write_folder_shards

@@ -206,10 +206,12 @@ def generate(
     captions_per_image: int = 1,
     image_format: str = "png",
     domain: str = "mixed",
+    start: int = 0,
 ):
-    """Yield ``n`` :class:`SyntheticRecord`; record ``i`` depends only on (seed, split, i)."""
+    """Yield records ``start`` .. ``start + n - 1`` (:class:`SyntheticRecord`); record ``i``
+    depends only on (seed, split, i), so any range can be generated on its own."""
     code = SPLIT_CODES.get(split, 3)
-    for i in range(n):
+    for i in range(start, start + n):
         rng = np.random.default_rng([seed, code, i])
         scene = sample_scene(rng, domain)
         img = render(scene, rng, image_size)
@@ -230,20 +232,80 @@ def write_synthetic_split(
     domain: str = "mixed",
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> WriteSummary:
-    """Write one split as image shards; one row per caption (rows = n * captions_per_image)."""
+    """Write one split as image shards; one row per caption (rows = n * captions_per_image).
+
+    ``workers`` > 1 renders in that many processes, each writing whole shards; the files are
+    the same as with one process (records depend only on their index, shard boundaries fall
+    where one process would cut them), which needs ``rows_per_shard`` to be a multiple of
+    ``captions_per_image``."""
+    options = {"image_size": image_size, "captions_per_image": captions_per_image,
+               "image_format": image_format, "domain": domain}
+    if workers > 1 and n > rows_per_shard:
+        return _write_parallel(out_dir, split, n, seed, rows_per_shard, overwrite, progress,
+                               workers, options)
     writer = ShardWriter(out_dir, image_shard_schema(), rows_per_shard, overwrite=overwrite,
                          progress=f"synthetic {split}" if progress else None,
                          total=n * captions_per_image)
     with writer:
-        for rec in generate(n, seed, split, image_size=image_size,
-                            captions_per_image=captions_per_image, image_format=image_format,
-                            domain=domain):
-            for j, text in enumerate(rec.captions):
-                writer.write({"id": f"{rec.image_id}-{j}", "image": rec.image, "caption": text,
-                              "image_id": rec.image_id, "label": rec.scene.label,
-                              "domain": rec.scene.domain})
+        _write_records(writer, generate(n, seed, split, **options))
     return writer.summary
+
+
+def _write_records(writer: ShardWriter, records) -> None:
+    for rec in records:
+        for j, text in enumerate(rec.captions):
+            writer.write({"id": f"{rec.image_id}-{j}", "image": rec.image, "caption": text,
+                          "image_id": rec.image_id, "label": rec.scene.label,
+                          "domain": rec.scene.domain})
+
+
+def _write_chunk(out_dir: str, split: str, start: int, n: int, seed: int, rows_per_shard: int,
+                 first_shard: int, options: dict[str, Any]) -> WriteSummary:
+    """One process's part of :func:`_write_parallel`: images ``start`` .. ``start + n - 1`` as
+    shards ``part-{first_shard}`` on."""
+    writer = ShardWriter(out_dir, image_shard_schema(), rows_per_shard, first_shard=first_shard)
+    with writer:
+        _write_records(writer, generate(n, seed, split, start=start, **options))
+    return writer.summary
+
+
+def _write_parallel(out_dir: str | Path, split: str, n: int, seed: int, rows_per_shard: int,
+                    overwrite: bool, progress: bool, workers: int,
+                    options: dict[str, Any]) -> WriteSummary:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from raycmr.data.writers import prepare_shard_dir
+    from raycmr.reporting.bars import RowsBar
+
+    per_image = options["captions_per_image"]
+    if rows_per_shard % per_image:
+        raise ValueError(f"--workers > 1 writes whole shards per process: --rows-per-shard "
+                         f"({rows_per_shard}) must be a multiple of --captions-per-image "
+                         f"({per_image}), or use --workers 1")
+    prepare_shard_dir(out_dir, overwrite)
+    images_per_shard = rows_per_shard // per_image
+    shards = -(-n // images_per_shard)
+    shards_per_task = max(1, min(10, shards // (4 * workers)))
+    chunk = shards_per_task * images_per_shard
+    bar = RowsBar(f"synthetic {split}", n * per_image) if progress else None
+    summary, done = WriteSummary(), 0
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_write_chunk, str(out_dir), split, start, min(chunk, n - start),
+                               seed, rows_per_shard, start // images_per_shard, options)
+                   for start in range(0, n, chunk)]
+        for future in futures:  # in shard order, so the summary lists files in order
+            part = future.result()
+            summary = summary.merge(part)
+            done += part.rows
+            if bar is not None:
+                bar.update(done)
+    if bar is not None:
+        bar.close()
+    return summary
 
 
 def write_synthetic_splits(
@@ -256,7 +318,7 @@ def write_synthetic_splits(
 ) -> dict[str, WriteSummary]:
     """Write ``out_dir/{train,val,test}/part-*.parquet``; the splits draw from disjoint seeds.
     ``options`` are :func:`write_synthetic_split`'s keywords (image_size, captions_per_image,
-    rows_per_shard, image_format, domain, overwrite, progress).
+    rows_per_shard, image_format, domain, overwrite, progress, workers).
 
     Returns one :class:`WriteSummary` per split (rows = images * captions_per_image).
     """

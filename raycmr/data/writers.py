@@ -71,6 +71,23 @@ class WriteSummary:
         }
 
 
+def prepare_shard_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Create ``out_dir``; existing ``part-*.parquet`` files are an error unless ``overwrite``
+    (then they are deleted), so stale shards never mix in."""
+    fs, inner, prefix = split_uri(str(out_dir))
+    fs.create_dir(inner, recursive=True)
+    infos = fs.get_file_info(pafs.FileSelector(inner))
+    stale = [i.path for i in infos if i.base_name.startswith("part-")
+             and i.base_name.endswith(".parquet")]
+    if stale and not overwrite:
+        raise FileExistsError(
+            f"'{prefix}{inner}' already holds {len(stale)} shard(s); remove them, "
+            "choose another --out, or pass --overwrite"
+        )
+    for path in stale:
+        fs.delete_file(path)
+
+
 class ShardWriter:
     """Buffers rows and writes ``out_dir/part-00000.parquet``, ... every ``rows_per_shard`` rows.
 
@@ -88,6 +105,7 @@ class ShardWriter:
         overwrite: bool = False,
         progress: str | None = None,
         total: int | None = None,
+        first_shard: int = 0,
     ) -> None:
         if rows_per_shard <= 0:
             raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
@@ -98,20 +116,11 @@ class ShardWriter:
         self._buffer: list[dict[str, Any]] = []
         # rows/s on the terminal while writing (``progress`` names the bar; None: quiet)
         self._progress = RowsBar(progress, total) if progress is not None else None
-        self._prepare_dir(overwrite)
-
-    def _prepare_dir(self, overwrite: bool) -> None:
-        self._fs.create_dir(self._dir, recursive=True)
-        infos = self._fs.get_file_info(pafs.FileSelector(self._dir))
-        stale = [i.path for i in infos if i.base_name.startswith("part-")
-                 and i.base_name.endswith(".parquet")]
-        if stale and not overwrite:
-            raise FileExistsError(
-                f"'{self._prefix}{self._dir}' already holds {len(stale)} shard(s); remove them, "
-                "choose another --out, or pass --overwrite"
-            )
-        for path in stale:
-            self._fs.delete_file(path)
+        # one of several writers filling one folder (:func:`prepare_shard_dir` ran before):
+        # its files start at part-{first_shard}
+        self._first_shard = first_shard
+        if first_shard == 0:
+            prepare_shard_dir(out_dir, overwrite)
 
     def write(self, row: dict[str, Any]) -> None:
         """Add one row (a dict with the schema's columns; missing optional ones become null)."""
@@ -139,7 +148,7 @@ class ShardWriter:
             return
         columns = {name: [r.get(name) for r in self._buffer] for name in self.schema.names}
         table = pa.table(columns, schema=self.schema)
-        path = f"{self._dir}/part-{self.summary.shards:05d}.parquet"
+        path = f"{self._dir}/part-{self._first_shard + self.summary.shards:05d}.parquet"
         pq.write_table(table, path, filesystem=self._fs)
         self.summary.bytes += self._fs.get_file_info(path).size
         self.summary.files.append(self._prefix + path)

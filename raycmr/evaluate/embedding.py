@@ -60,11 +60,13 @@ class DualEncoderEmbedder:
     in an actor, it builds the dual encoder of ``cfg_dict`` with ``state`` (a state dict or its
     object ref) and returns a function from a decoded batch to ``img``, ``txt`` (in ``space``),
     ``img_common``, ``group``, ``label`` and the batch columns named in ``keep``, valid rows
-    only."""
+    only. ``images_only``: the image tower alone, returning ``img`` and ``group`` (a gallery
+    index needs nothing else, and the text tower would double its cost)."""
 
     def __init__(self, cfg_dict: dict[str, Any], state: Any, space: Space = "retrieval",
-                 keep: tuple[str, ...] = ()):
+                 keep: tuple[str, ...] = (), images_only: bool = False):
         self.cfg_dict, self.state, self.space, self.keep = cfg_dict, state, space, tuple(keep)
+        self.images_only = images_only
 
     def __call__(self):
         import ray
@@ -77,13 +79,18 @@ class DualEncoderEmbedder:
         state = ray.get(self.state) if isinstance(self.state, ray.ObjectRef) else self.state
         model.load_state_dict(state)
         model.eval()
-        space, keep = self.space, self.keep
+        space, keep, images_only = self.space, self.keep, self.images_only
 
         @torch.no_grad()
         def embed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             valid = batch["valid"].astype(bool)
             tensors = {k: torch.from_numpy(np.ascontiguousarray(v[valid]))
                        for k, v in batch.items() if k in MODEL_INPUTS}
+            if images_only:
+                img = model.encode_image(tensors)
+                if space == "retrieval":
+                    img = model.to_retrieval(img, "image")
+                return {"img": img.float().numpy(), "group": batch["group"][valid]}
             img, txt, img_common = encode_pairs(model, tensors, space)
             out = {"img": img.float().numpy(), "txt": txt.float().numpy(),
                    "img_common": img_common.float().numpy(),
@@ -96,29 +103,33 @@ class DualEncoderEmbedder:
 
 def embed_dataset(ds: Any, cfg: Config, state_dict: dict, *, space: Space = "retrieval",
                   keep: tuple[str, ...] = (), num_actors: int = 2, batch_size: int = 256,
+                  images_only: bool = False,
                   on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Embed every valid pair of a preprocessed Ray Data dataset (the columns of
     :func:`raycmr.data.pipeline.build_dataset`) on ``num_actors`` actors: ``img``, ``txt``
-    (in ``space``), ``img_common``, ``group``, ``label`` and the columns in ``keep``."""
+    (in ``space``), ``img_common``, ``group``, ``label`` and the columns in ``keep``
+    (``images_only``: ``img`` and ``group``)."""
     import ray
 
     from raycmr.data.inference import run_batch_inference
 
-    factory = DualEncoderEmbedder(cfg.to_dict(), ray.put(state_dict), space, keep)
-    return run_batch_inference(ds, factory, ("img", "txt", "img_common", "group", "label", *keep),
-                               num_actors=num_actors, batch_size=batch_size, on_rows=on_rows)
+    factory = DualEncoderEmbedder(cfg.to_dict(), ray.put(state_dict), space, keep, images_only)
+    columns = ("img", "group") if images_only else \
+        ("img", "txt", "img_common", "group", "label", *keep)
+    return run_batch_inference(ds, factory, columns, num_actors=num_actors,
+                               batch_size=batch_size, on_rows=on_rows)
 
 
 def embed_split(paths: list[str], cfg: Config, state_dict: dict, *, num_actors: int = 2,
                 batch_size: int = 256, keep: tuple[str, ...] = (),
-                space: Space = "retrieval",
+                space: Space = "retrieval", images_only: bool = False,
                 on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """:func:`embed_dataset` over the shards at ``paths`` (read with ``cfg.data``)."""
     from raycmr.data.pipeline import build_dataset
 
     ds = build_dataset(paths, cfg.data, training=False)
     return embed_dataset(ds, cfg, state_dict, space=space, keep=keep, num_actors=num_actors,
-                         batch_size=batch_size, on_rows=on_rows)
+                         batch_size=batch_size, images_only=images_only, on_rows=on_rows)
 
 
 def embed_pairs(spec, cfg: Config, state_dict: dict, *, num_actors: int = 2,

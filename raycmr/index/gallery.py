@@ -186,7 +186,8 @@ def build_gallery_index(
 
     try:
         emb = embed_split(paths, cfg, model.state_dict(), num_actors=num_actors,
-                          batch_size=batch_size, on_rows=on_rows if bar else None)
+                          batch_size=batch_size, images_only=True,
+                          on_rows=on_rows if bar else None)
     finally:
         if bar is not None:
             bar.close()

@@ -52,6 +52,34 @@ def negative_mask(batch: GlobalBatch) -> torch.Tensor:
     return batch.groups[a, None] != batch.groups[None, :]
 
 
+def anchor_similarities(batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s_i2t, s_t2i)``, each [anchors, N]: every anchor image against every caption and every
+    anchor caption against every image. When all rows are anchors (every worker computes the
+    whole global loss) ``s_t2i`` is ``s_i2t``'s transpose: one matmul, not two."""
+    a = batch.anchors
+    img, txt = batch.img[a], batch.txt[a]
+    s_i2t = img @ batch.txt.t()
+    if batch.anchor_count == batch.rows:
+        return s_i2t, s_i2t.t()
+    return s_i2t, txt @ batch.img.t()
+
+
+@torch.no_grad()
+def _hardest_negatives(batch: GlobalBatch, neg: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, column)`` of each anchor image's hardest caption and of each anchor caption's
+    hardest image among the candidates ``neg`` allows (``s = -inf`` where there is none)."""
+    a = batch.anchors
+    masked = (batch.img[a] @ batch.txt.t()).masked_fill_(~neg, float("-inf"))
+    hard_c, col_c = masked.max(dim=1)
+    if batch.anchor_count == batch.rows:  # the mask is symmetric: captions' view transposed
+        masked = masked.t().contiguous()  # (a contiguous row max is faster than a column max)
+    else:
+        masked = (batch.txt[a] @ batch.img.t()).masked_fill_(~neg, float("-inf"))
+    hard_i, col_i = masked.max(dim=1)
+    return hard_c, col_c, hard_i, col_i
+
+
 def vse_loss(batch: GlobalBatch, *, margin: float = 0.2, hardest: bool = True
              ) -> ContrastiveOutput:
     """VSE++ hinge-based triplet ranking loss (Faghri et al., BMVC 2018).
@@ -64,24 +92,34 @@ def vse_loss(batch: GlobalBatch, *, margin: float = 0.2, hardest: bool = True
 
     where ``c'`` ranges over the global batch's captions and ``i'`` over its images that are not
     in the anchor's group. MH is the max of hinges over the hardest negative; SH the sum of hinges.
+
+    MH's gradient reaches only each anchor's positive and its hardest negatives, so the hardest
+    negatives are found without autograd (one masked similarity matrix, its row and column
+    maxima) and their similarities recomputed as dot products with gradient: the backward is
+    O(N d), not O(N^2), and the value is the same (the max of hinges is the hinge of the max).
     """
     a = batch.anchors
     img, txt = batch.img[a], batch.txt[a]
     pos = (img * txt).sum(dim=1)  # s(i, c) of each anchor pair
-    s_i2t = img @ batch.txt.t()  # anchor image vs every caption
-    s_t2i = txt @ batch.img.t()  # anchor caption vs every image
     neg = negative_mask(batch)
-    cost_c = (margin + s_i2t - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
-    cost_i = (margin + s_t2i - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
     if hardest:
-        per_anchor = cost_c.max(dim=1).values + cost_i.max(dim=1).values
+        hard_c, col_c, hard_i, col_i = _hardest_negatives(batch, neg)
+        s_c = (img * batch.txt[col_c]).sum(dim=1)  # s(i, c'): the anchor image's hardest caption
+        s_i = (txt * batch.img[col_i]).sum(dim=1)  # s(i', c): the anchor caption's hardest image
+        zero = pos.new_zeros(())
+        per_anchor = (torch.where(torch.isfinite(hard_c), (margin + s_c - pos).clamp(min=0), zero)
+                      + torch.where(torch.isfinite(hard_i), (margin + s_i - pos).clamp(min=0),
+                                    zero))
+        hard = torch.cat([hard_c, hard_i])
     else:
+        s_i2t, s_t2i = anchor_similarities(batch)
+        cost_c = (margin + s_i2t - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
+        cost_i = (margin + s_t2i - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
         per_anchor = cost_c.sum(dim=1) + cost_i.sum(dim=1)
+        with torch.no_grad():
+            hard = torch.cat([s_i2t.masked_fill(~neg, float("-inf")).max(dim=1).values,
+                              s_t2i.masked_fill(~neg, float("-inf")).max(dim=1).values])
     with torch.no_grad():
-        hard = torch.cat([
-            s_i2t.masked_fill(~neg, float("-inf")).max(dim=1).values,
-            s_t2i.masked_fill(~neg, float("-inf")).max(dim=1).values,
-        ])
         hard = hard[torch.isfinite(hard)]
         hard_mean = hard.mean() if hard.numel() else torch.zeros((), device=img.device)
     return ContrastiveOutput(per_anchor.sum() / batch.scale(), hard_mean, pos.detach().mean())
@@ -103,14 +141,14 @@ def infonce_loss(batch: GlobalBatch, logit_scale: torch.Tensor) -> ContrastiveOu
     neg = negative_mask(batch)
     keep = neg.clone()
     keep[torch.arange(rows, device=img.device), target] = True
-    logits_i2t = (scale * img @ batch.txt.t()).masked_fill(~keep, float("-inf"))
-    logits_t2i = (scale * txt @ batch.img.t()).masked_fill(~keep, float("-inf"))
+    s_i2t, s_t2i = anchor_similarities(batch)
+    logits_i2t = (scale * s_i2t).masked_fill(~keep, float("-inf"))
+    logits_t2i = (scale * s_t2i).masked_fill(~keep, float("-inf"))
     per_anchor = 0.5 * (
         F.cross_entropy(logits_i2t, target, reduction="none")
         + F.cross_entropy(logits_t2i, target, reduction="none")
     )
     with torch.no_grad():
-        s_i2t = img @ batch.txt.t()
         hard = s_i2t.masked_fill(~neg, float("-inf")).max(dim=1).values
         hard = hard[torch.isfinite(hard)]
         hard_mean = hard.mean() if hard.numel() else torch.zeros((), device=img.device)

@@ -27,7 +27,13 @@ import math
 import torch
 
 from raycmr.distributed import GlobalBatch
-from raycmr.losses.contrastive import ContrastiveOutput, infonce_loss, negative_mask, vse_loss
+from raycmr.losses.contrastive import (
+    ContrastiveOutput,
+    anchor_similarities,
+    infonce_loss,
+    negative_mask,
+    vse_loss,
+)
 
 WARMUP_LOSSES = ("none", "vse_sh", "infonce", "soft")
 
@@ -52,7 +58,7 @@ def smooth_mh_loss(batch: GlobalBatch, *, margin: float, tau: float) -> Contrast
     zero = pos.new_zeros(pos.shape[0], 1)
     per_anchor = pos.new_zeros(pos.shape[0])
     hard = []
-    for sims in (img @ batch.txt.t(), txt @ batch.img.t()):
+    for sims in anchor_similarities(batch):
         z = ((margin + sims - pos[:, None]) / tau).masked_fill(~neg, float("-inf"))
         per_anchor = per_anchor + tau * torch.logsumexp(torch.cat([zero, z], dim=1), dim=1)
         with torch.no_grad():

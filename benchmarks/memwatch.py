@@ -1,0 +1,142 @@
+"""Peak memory of a command and every process it starts (Ray's workers included), and the size of
+Ray's object spill directory, sampled in a background thread.
+
+A local Ray cluster started by a command (``raycmr index``, ``raycmr train``) runs as that
+command's descendants: the GCS, the raylet, and the ``ray::`` worker processes under it. The
+sampler walks the tree every ``every_s`` seconds and keeps, per process, its peak resident set
+size (RSS). RSS counts the pages of Ray's shared-memory object store that a process has touched,
+so a worker reading large blocks shows them in its RSS; the report names the object store's own
+peak use separately where Ray exposes it (spilled bytes on disk).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+SPILL_GLOB = "/tmp/ray/session_*/ray_spilled_objects*"
+
+
+def _role(proc: psutil.Process, root_pid: int) -> str:
+    """A short name for a process of the tree: driver, ray::<Actor/Task>, raylet, gcs, ..."""
+    if proc.pid == root_pid:
+        return "driver"
+    try:
+        cmd = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
+    title = cmd[0] if cmd else proc.name()
+    if title.startswith("ray::"):
+        return title.split()[0]
+    for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py",
+                "runtime_env", "default_worker"):
+        if any(key in part for part in cmd[:3]):
+            return key
+    return proc.name()
+
+
+def _dir_bytes(pattern: str) -> int:
+    total = 0
+    for root in glob.glob(pattern):
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except OSError:
+                    pass
+    return total
+
+
+@dataclass
+class TreePeaks:
+    """What a sampled run used: per-role peak RSS (max over that role's processes), the peak of
+    the whole tree's summed RSS, the peak spill-directory size, wall seconds, samples taken."""
+
+    wall_s: float = 0.0
+    samples: int = 0
+    peak_rss: dict[str, int] = field(default_factory=dict)  # role -> max RSS of one process
+    peak_tree_rss: int = 0
+    peak_spilled: int = 0
+    returncode: int | None = None
+
+    def worker_peak(self) -> int:
+        """Max RSS of any ``ray::`` worker process."""
+        return max((v for k, v in self.peak_rss.items() if k.startswith("ray::")), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wall_s": round(self.wall_s, 2), "samples": self.samples,
+                "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in sorted(self.peak_rss.items())},
+                "peak_driver_mb": round(self.peak_rss.get("driver", 0) / 2**20, 1),
+                "peak_worker_mb": round(self.worker_peak() / 2**20, 1),
+                "peak_tree_mb": round(self.peak_tree_rss / 2**20, 1),
+                "peak_spilled_mb": round(self.peak_spilled / 2**20, 1),
+                "returncode": self.returncode}
+
+
+class TreeSampler:
+    """Samples the process tree rooted at ``pid`` until :meth:`stop`."""
+
+    def __init__(self, pid: int, every_s: float = 0.5, spill_glob: str = SPILL_GLOB):
+        self.pid, self.every_s, self.spill_glob = pid, every_s, spill_glob
+        self.peaks = TreePeaks()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._spill_every = 10  # samples between spill-directory walks (they cost more)
+
+    def start(self) -> TreeSampler:
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        tree = 0
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            role = _role(p, self.pid)
+            tree += rss
+            if rss > self.peaks.peak_rss.get(role, 0):
+                self.peaks.peak_rss[role] = rss
+        self.peaks.peak_tree_rss = max(self.peaks.peak_tree_rss, tree)
+        if self.peaks.samples % self._spill_every == 0:
+            self.peaks.peak_spilled = max(self.peaks.peak_spilled, _dir_bytes(self.spill_glob))
+        self.peaks.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> TreePeaks:
+        self._stop.set()
+        self._thread.join()
+        self.peaks.peak_spilled = max(self.peaks.peak_spilled, _dir_bytes(self.spill_glob))
+        self.peaks.wall_s = time.perf_counter() - self._t0
+        return self.peaks
+
+
+def run_sampled(cmd: list[str], log_path: str, env: dict[str, str] | None = None,
+                every_s: float = 0.5) -> TreePeaks:
+    """Run ``cmd`` (stdout and stderr to ``log_path``) while sampling its process tree."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+        sampler = TreeSampler(proc.pid, every_s).start()
+        proc.wait()
+        peaks = sampler.stop()
+    peaks.returncode = proc.returncode
+    return peaks
