@@ -98,7 +98,7 @@ def export_vectors(out: Path, queries: int, batch_size: int) -> dict:
     np.save(out / "gallery.npy", gallery)
     gallery_json = json.loads((out / "index" / "gallery.json").read_text())
     model, cfg = artifacts.load_exported(gallery_json["checkpoint"])
-    last = sorted((out / "shards" / "test").glob("part-*.parquet"))[-1]
+    last = max((out / "shards" / "test").glob("part-*.parquet"))
     init_ray(min_cpus=3)
     emb = embed_split([str(last)], cfg, model.state_dict(), num_actors=2, batch_size=batch_size)
     txt = emb["txt"][:queries]
