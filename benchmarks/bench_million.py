@@ -32,9 +32,17 @@ import time
 from pathlib import Path
 
 try:  # `python -m benchmarks.bench_million` from the repo root
+    from benchmarks.common import RESULTS_DIR, write_result
     from benchmarks.memwatch import run_sampled
 except ImportError:  # `python benchmarks/bench_million.py`
+    from common import RESULTS_DIR, write_result
     from memwatch import run_sampled
+
+NAME = "bench_million"
+STAGE_COLUMNS = ["stage", "rows", "wall_s", "rows_per_s", "peak_driver_mb", "peak_worker_mb",
+                 "peak_tree_mb", "peak_spilled_mb", "load_start", "load_end"]
+INDEX_COLUMNS = ["N", "method", "params", "build_s", "search_s", "qps", "recall@10",
+                 "score_recall@10", "x_flat"]
 
 HERE = Path(__file__).resolve().parent
 RAYCMR = [sys.executable, "-m", "raycmr.cli"]
@@ -146,7 +154,35 @@ def main(argv: list[str] | None = None) -> int:
     path = out / f"million_{n}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+    if records:
+        write_benchmarks_result(args, result)
     return 0
+
+
+def write_benchmarks_result(args: argparse.Namespace, result: dict) -> None:
+    """``benchmarks/results/bench_million.json`` for BENCHMARKS.md: the stages, and the
+    bench_index table of this gallery's embeddings when it ran."""
+    n = result["images"]
+    index_json = RESULTS_DIR / f"bench_index_million_{n}.json"
+    extra = []
+    if index_json.exists():
+        index_rows = json.loads(index_json.read_text())["rows"]
+        extra.append({"title": f"bench_index on the {n:,} real image embeddings, text queries "
+                               "(the last shard's captions)",
+                      "rows": index_rows, "columns": INDEX_COLUMNS,
+                      "formats": {"recall@10": ".3f", "score_recall@10": ".3f", "x_flat": ".2f",
+                                  "qps": ",.0f", "build_s": ".2f", "search_s": ".3f"}})
+    disk = result["disk"]
+    summary = [(f"disk: shards {disk['shards_mb']:,} MB, index {disk['index_mb']:,} MB "
+                f"({n:,} images)"),
+               ("peak RSS counts the pages of Ray's shared-memory object store a process has "
+                "touched; whole tree = the command, its local Ray cluster and every worker")]
+    write_result(NAME, result["stages"], {
+        "title": f"{n:,} images: each stage a user command, its process tree sampled every "
+                 "0.5 s (benchmarks/memwatch.py)",
+        "columns": STAGE_COLUMNS, "summary": summary, "extra_tables": extra,
+        "command": "python benchmarks/bench_million.py " + " ".join(sys.argv[1:]),
+        "disk": disk, "vectors": result["vectors"]})
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ from raycmr.data.pipeline import TENSOR_COLUMNS, build_dataset, iter_worker_batc
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
 from raycmr.train.deepspeed_config import deepspeed_config
+from raycmr.train.loop import STEP_PHASES
 from raycmr.train.objective import CrossModalObjective
 
 NAME = "bench_train_overhead"
@@ -175,6 +176,37 @@ def init_single_process_group() -> None:
                             world_size=1)
 
 
+def step_profile(phase_s: dict[str, dict[str, float]], phase_steps: dict[str, int],
+                 raycmr_epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per phase of a step (ms per step): the DataLoader loop, the in-process
+    DeepSpeed engine (in-memory batches: no data wait) and ``raycmr train`` (the means of its
+    ``step_ms_<phase>`` over the steady epochs); a last row sums them."""
+    rows = []
+    for phase in (*STEP_PHASES, "total"):
+        row: dict[str, Any] = {"phase": phase}
+        for arm, sums in phase_s.items():
+            steps = max(phase_steps[arm], 1)
+            row[arm] = (sum(sums.values()) if phase == "total" else sums[phase]) * 1000 / steps
+        if raycmr_epochs:
+            row["raycmr_v1"] = float(np.mean([
+                sum(e.get(f"step_ms_{p}", 0.0) for p in STEP_PHASES) if phase == "total"
+                else e.get(f"step_ms_{phase}", 0.0) for e in raycmr_epochs]))
+        rows.append(row)
+    return rows
+
+
+def profile_summary(profile: list[dict[str, Any]]) -> str:
+    """The phases where raycmr's step spends more than the DataLoader loop's, largest first."""
+    if not profile or "raycmr_v1" not in profile[0]:
+        return "step profile: no raycmr run"
+    extra = sorted(((r["raycmr_v1"] - r["plain+dataloader"], r["phase"]) for r in profile
+                    if r["phase"] != "total"), reverse=True)
+    total = next(r for r in profile if r["phase"] == "total")
+    return (f"step profile: raycmr {total['raycmr_v1']:.1f} ms vs DataLoader loop "
+            f"{total['plain+dataloader']:.1f} ms per step; raycmr spends more on " +
+            ", ".join(f"{phase} {d:+.1f} ms" for d, phase in extra if d > 0.05))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wall0 = time.perf_counter()
@@ -208,15 +240,27 @@ def main(argv: list[str] | None = None) -> int:
         opt, warmup_cosine(total_steps, cfg.train.warmup_steps))
 
     logged: dict[str, float] = {}  # the raycmr loop reads every output as a float too
+    # the step's time by phase (the raycmr loop's STEP_PHASES), summed over an arm's steps
+    phase_s: dict[str, dict[str, float]] = {a: dict.fromkeys(STEP_PHASES, 0.0)
+                                            for a in ("plain+dataloader", "deepspeed")}
+    phase_steps: dict[str, int] = dict.fromkeys(phase_s, 0)
 
-    def plain_step(batch: dict) -> None:
+    def plain_step(batch: dict, phases: dict[str, float] | None = None) -> None:
+        t0 = time.perf_counter()
         out = plain_model(batch)
+        t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(plain_model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
+        t3 = time.perf_counter()
         logged.update((k, float(v.detach())) for k, v in out.items())
+        if phases is not None:
+            for name, dt in zip(("forward", "backward", "optimizer", "bookkeeping"),
+                                (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+                phases[name] += dt
 
     def plain_epoch() -> None:
         plain_model.train()
@@ -228,12 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         persistent_workers=True, prefetch_factor=2)
     loader_rows: list[int] = []
 
-    def plain_loader_epoch() -> None:
+    def plain_loader_epoch(phases: dict[str, float] | None = None) -> None:
         plain_model.train()
-        n = 0
+        n, mark = 0, time.perf_counter()
         for batch in loader:
-            plain_step(batch)
+            if phases is not None:
+                phases["data"] += time.perf_counter() - mark
+                phase_steps["plain+dataloader"] += 1
+            plain_step(batch, phases)
             n += int(batch["group"].shape[0])
+            mark = time.perf_counter()
         loader_rows.append(n)
 
     init_single_process_group()
@@ -243,16 +291,25 @@ def main(argv: list[str] | None = None) -> int:
         model=ds_model, model_parameters=[p for p in ds_model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, total_steps), dist_init_required=False)
 
-    def ds_step(batch: dict) -> None:
+    def ds_step(batch: dict, phases: dict[str, float] | None = None) -> None:
+        t0 = time.perf_counter()
         out = engine(batch)
+        t1 = time.perf_counter()
         engine.backward(out["loss"])
+        t2 = time.perf_counter()
         engine.step()
+        t3 = time.perf_counter()
         logged.update((k, float(v.detach())) for k, v in out.items())
+        if phases is not None:
+            for name, dt in zip(("forward", "backward", "optimizer", "bookkeeping"),
+                                (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+                phases[name] += dt
 
     def ds_epoch() -> None:
         engine.train()
         for i in rng.permutation(steps_per_epoch):
-            ds_step(batches[i])
+            ds_step(batches[i], phase_s["deepspeed"])
+            phase_steps["deepspeed"] += 1
 
     datasets: dict[str, Any] = {}
     if args.data_arms:
@@ -274,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             n += int(batch["group"].shape[0])
         ray_rows[name].append(n)
 
-    arms = {"plain": plain_epoch, "plain+dataloader": plain_loader_epoch, "deepspeed": ds_epoch}
+    arms = {"plain": plain_epoch,
+            "plain+dataloader": functools.partial(plain_loader_epoch, phase_s["plain+dataloader"]),
+            "deepspeed": ds_epoch}
     if args.data_arms:
         arms.update({name: functools.partial(ds_ray_epoch, name) for name in datasets})
     # short warm-up: allocator, first-call paths (and the Ray Data workers' imports)
@@ -368,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{x['deepspeed+raydata_v1']:.2f} (V1) of the plain loop; an epoch's first batch "
             f"waits {by_arm['deepspeed+raydata']['first_batch_s']:.1f} s on V2 (one task decodes the whole split "
             f"before anything streams) vs {by_arm['deepspeed+raydata_v1']['first_batch_s']:.1f} s on V1")
+    profile = step_profile(phase_s, phase_steps, fits.get("v1", {}).get("steady", []))
+    summary.append(profile_summary(profile))
     columns = ["arm", "what", "epochs", "samples_per_s", "spread", "epoch_s", "first_batch_s",
                "x_plain"]
     formats = {"samples_per_s": ".1f", "epoch_s": ".2f", "x_plain": ".2f", "first_batch_s": ".2f"}
@@ -375,11 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     text = print_table(rows, columns, formats=formats,
                        title=f"training throughput, quickstart model, batch {args.batch}, "
                              f"{args.threads} torch thread(s), {samples} samples/epoch, medians")
+    profile_table = {
+        "title": "where a step's time goes, ms per step (means; deepspeed: in-memory batches; "
+                 "raycmr: its step_ms_* epoch metrics, epochs >= 2)",
+        "rows": profile, "columns": ["phase", "plain+dataloader", "deepspeed", "raycmr_v1"],
+        "formats": {k: ".1f" for k in ("plain+dataloader", "deepspeed", "raycmr_v1")}}
+    print()
+    print_table(profile, profile_table["columns"], formats=profile_table["formats"],
+                title=profile_table["title"])
     print("\n" + "\n".join(summary))
     meta = dict(vars(args))
     meta.update({
         "title": text.splitlines()[0], "summary": summary, "columns": columns,
         "formats": formats, "x_plain": x, "gap_parts": parts, "threads_applied": threads,
+        "extra_tables": [profile_table],
         "raycmr_runs": {k: {"epochs": v["epochs"], "wall_s": v["wall_s"]}
                         for k, v in fits.items()},
         "epoch_times_s": times, "ray_rows": ray_rows, "steps_per_epoch": steps_per_epoch,

@@ -37,6 +37,9 @@ BENCH_DIR = REPO_ROOT / "benchmarks"
 BENCHMARKS = ["bench_ingest", "bench_train_overhead", "bench_global_negatives", "bench_validation",
               "bench_index", "bench_progress",
               "bench_gpu"]
+# long runs with their own commands (minutes to an hour): shown in BENCHMARKS.md from their last
+# result, run only when named with --only
+SEPARATE = ["bench_million", "bench_streaming"]
 # bench_index (written before the result conventions grew titles and summaries)
 DEFAULT_COLUMNS = {
     "bench_index": ["data", "N", "method", "params", "build_s", "search_s", "qps", "recall@10",
@@ -53,7 +56,7 @@ RUNS_FILE = "run_all.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="pass --small to every benchmark")
-    p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS + SEPARATE, help="run only these")
     p.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="do not run these")
     p.add_argument("--render-only", action="store_true",
                    help="run nothing; rewrite BENCHMARKS.md from benchmarks/results/*.json")
@@ -167,6 +170,9 @@ def section(name: str, result: dict[str, Any] | None, run: dict[str, Any] | None
         formats = meta.get("formats") or DEFAULT_FORMATS.get(name)
         out.append(markdown_table(rows, columns, formats))
     out.append("")
+    for table in meta.get("extra_tables", []):  # e.g. bench_train_overhead's step profile
+        out += [f"**{table['title']}**", "",
+                markdown_table(table["rows"], table["columns"], table.get("formats")), ""]
     for line in meta.get("summary", []):
         out.append(f"- {line}")
     if meta.get("summary"):
@@ -206,7 +212,7 @@ def render(runs: dict[str, dict[str, Any]], output: Path, small: bool) -> None:
          "numbers."),
         "",
     ]
-    for name in BENCHMARKS:
+    for name in BENCHMARKS + SEPARATE:
         parts.append(section(name, load_result(name), runs.get(name)))
     output.write_text("\n".join(parts).rstrip() + "\n")
     print(f"\nwrote {output}")

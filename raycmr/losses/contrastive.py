@@ -40,16 +40,22 @@ class ContrastiveOutput:
     pos_sim: torch.Tensor  # mean positive-pair similarity (no grad)
 
 
-def negative_mask(batch: GlobalBatch) -> torch.Tensor:
-    """Bool [anchors, N]: True where candidate j may serve as a negative of anchor i."""
+def same_group_mask(batch: GlobalBatch) -> torch.Tensor:
+    """Bool [anchors, N]: True where candidate j shows anchor i's own content (its group, the
+    anchor's own pair included): never a negative."""
     a = batch.anchors
     if batch.groups is None:
-        mask = torch.ones(batch.anchor_count, batch.rows, dtype=torch.bool,
-                          device=batch.img.device)
+        mask = torch.zeros(batch.anchor_count, batch.rows, dtype=torch.bool,
+                           device=batch.img.device)
         idx = torch.arange(batch.anchor_count, device=batch.img.device)
-        mask[idx, idx + a.start] = False
+        mask[idx, idx + a.start] = True
         return mask
-    return batch.groups[a, None] != batch.groups[None, :]
+    return batch.groups[a, None] == batch.groups[None, :]
+
+
+def negative_mask(batch: GlobalBatch) -> torch.Tensor:
+    """Bool [anchors, N]: True where candidate j may serve as a negative of anchor i."""
+    return ~same_group_mask(batch)
 
 
 def anchor_similarities(batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,18 +71,26 @@ def anchor_similarities(batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def _hardest_negatives(batch: GlobalBatch, neg: torch.Tensor
+def _hardest_negatives(batch: GlobalBatch
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(s, column)`` of each anchor image's hardest caption and of each anchor caption's
-    hardest image among the candidates ``neg`` allows (``s = -inf`` where there is none)."""
+    """``(s, column)`` of each anchor image's hardest caption and ``(s, row)`` of each anchor
+    caption's hardest image, among candidates outside the anchor's group (``s = -inf`` where
+    there is none)."""
     a = batch.anchors
-    masked = (batch.img[a] @ batch.txt.t()).masked_fill_(~neg, float("-inf"))
+    masked = (batch.img[a] @ batch.txt.t()).masked_fill_(same_group_mask(batch), float("-inf"))
     hard_c, col_c = masked.max(dim=1)
-    if batch.anchor_count == batch.rows:  # the mask is symmetric: captions' view transposed
-        masked = masked.t().contiguous()  # (a contiguous row max is faster than a column max)
-    else:
-        masked = (batch.txt[a] @ batch.img.t()).masked_fill_(~neg, float("-inf"))
-    hard_i, col_i = masked.max(dim=1)
+    if batch.anchor_count != batch.rows:
+        masked = (batch.txt[a] @ batch.img.t()).masked_fill_(same_group_mask(batch),
+                                                              float("-inf"))
+        hard_i, col_i = masked.max(dim=1)
+        return hard_c, col_c, hard_i, col_i
+    # all rows are anchors: the mask is symmetric and each caption's candidates are a column.
+    # A column max with its index is slow on CPU (strided); the values alone are fast, and
+    # the row holding each column's max is found by comparison (any row of a tie).
+    hard_i = masked.amax(dim=0)
+    rows, cols = (masked == hard_i[None, :]).nonzero(as_tuple=True)
+    col_i = torch.zeros_like(col_c)
+    col_i[cols] = rows
     return hard_c, col_c, hard_i, col_i
 
 
@@ -101,9 +115,8 @@ def vse_loss(batch: GlobalBatch, *, margin: float = 0.2, hardest: bool = True
     a = batch.anchors
     img, txt = batch.img[a], batch.txt[a]
     pos = (img * txt).sum(dim=1)  # s(i, c) of each anchor pair
-    neg = negative_mask(batch)
     if hardest:
-        hard_c, col_c, hard_i, col_i = _hardest_negatives(batch, neg)
+        hard_c, col_c, hard_i, col_i = _hardest_negatives(batch)
         s_c = (img * batch.txt[col_c]).sum(dim=1)  # s(i, c'): the anchor image's hardest caption
         s_i = (txt * batch.img[col_i]).sum(dim=1)  # s(i', c): the anchor caption's hardest image
         zero = pos.new_zeros(())
@@ -112,6 +125,7 @@ def vse_loss(batch: GlobalBatch, *, margin: float = 0.2, hardest: bool = True
                                     zero))
         hard = torch.cat([hard_c, hard_i])
     else:
+        neg = negative_mask(batch)
         s_i2t, s_t2i = anchor_similarities(batch)
         cost_c = (margin + s_i2t - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
         cost_i = (margin + s_t2i - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)

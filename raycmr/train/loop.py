@@ -113,13 +113,30 @@ def build_engine(task: Task, cfg: Config, total_steps: int):
     return engine
 
 
-def train_step(engine, task: Task, batch: Any, info: StepInfo) -> dict[str, torch.Tensor]:
+def train_step(engine, task: Task, batch: Any, info: StepInfo,
+               seconds: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """One micro-step: the task's forward, DeepSpeed's backward and step (which steps the
-    optimizer every ``grad_accum`` micro-steps)."""
+    optimizer every ``grad_accum`` micro-steps). ``seconds``: each phase's time is added to
+    ``forward``, ``backward``, ``optimizer``."""
+    t0 = time.perf_counter()
     out = task.forward(engine, batch, info)
+    t1 = time.perf_counter()
     engine.backward(out["loss"])
+    t2 = time.perf_counter()
     engine.step()
+    if seconds is not None:
+        t3 = time.perf_counter()
+        seconds["forward"] += t1 - t0
+        seconds["backward"] += t2 - t1
+        seconds["optimizer"] += t3 - t2
     return out
+
+
+#: where a training step's time goes (``step_ms_<phase>`` epoch metrics, per micro-step): the
+#: wait for the next batch from Ray Data, its copy to the device, the task's forward (with the
+#: cross-worker gather), DeepSpeed's backward and optimizer step, and the loop's bookkeeping
+#: (reading the loss parts, progress reports)
+STEP_PHASES = ("data", "to_device", "forward", "backward", "optimizer", "bookkeeping")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -168,12 +185,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         window_start, epoch_start = time.perf_counter(), time.time()
         dropped_epoch: collections.Counter[str] = collections.Counter()
         repeated = [0]
+        seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        mark = time.perf_counter()
         for batch, dropped in fixed_steps(task.batches(shards, epoch, seed), micro_per_epoch,
                                           repeated):
+            got = time.perf_counter()
+            seconds["data"] += got - mark
             dropped_epoch.update(dropped)
             info = StepInfo(epoch_offset + epoch, engine.global_steps, total_steps,
                             samples_seen + local_rows * world)
-            out = train_step(engine, task, to_device(batch, device, dtype), info)
+            on_device = to_device(batch, device, dtype)
+            seconds["to_device"] += time.perf_counter() - got
+            out = train_step(engine, task, on_device, info, seconds)
+            done = time.perf_counter()
             rows = task.rows(batch)
             local_rows += rows
             window_rows += rows
@@ -192,14 +216,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "grl_lambda": parts.get("grl_lambda", 0.0)})
                 window_rows, window_start = 0, time.perf_counter()
             _maybe_inject_failure(loop_config.get("inject_failure"), engine.global_steps)
+            mark = time.perf_counter()
+            seconds["bookkeeping"] += mark - done
             if engine.global_steps >= total_steps:
                 break
 
         epoch_time = time.time() - epoch_start
-        # the epoch's one reduction: metric parts, rows, repeats and dropped records by reason
+        # the epoch's one reduction: metric parts, rows, repeats, dropped records by reason and
+        # the step's time by phase
         parts_all = distributed.gather_objects(
             ({k: v / max(n_micro, 1) for k, v in sums.items()}, local_rows, repeated[0],
-             dict(dropped_epoch)))
+             dict(dropped_epoch), {k: 1000 * v / max(n_micro, 1) for k, v in seconds.items()}))
         rows_epoch = sum(p[1] for p in parts_all)
         samples_seen += rows_epoch
         dropped_run.update(distributed.merge_counts(p[3] for p in parts_all))
@@ -212,6 +239,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lr=float(engine.get_lr()[0]), epoch_time_s=epoch_time,
             samples_per_s=rows_epoch / max(epoch_time, 1e-9),
             repeated_batches=sum(p[2] for p in parts_all),
+            **{f"step_ms_{k}": sum(p[4].get(k, 0.0) for p in parts_all) / world
+               for k in STEP_PHASES},
             dropped_records=sum(dropped_all.values()), worker_nodes=nodes,
             **{f"dropped_{r}": c for r, c in sorted(dropped_all.items())},
         )
