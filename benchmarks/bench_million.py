@@ -39,7 +39,8 @@ except ImportError:  # `python benchmarks/bench_million.py`
     from memwatch import run_sampled
 
 NAME = "bench_million"
-STAGE_COLUMNS = ["stage", "rows", "wall_s", "rows_per_s", "peak_driver_mb", "peak_worker_mb",
+STAGE_COLUMNS = ["stage", "rows", "wall_s", "rows_per_s", "peak_driver_uss_mb",
+                 "peak_worker_uss_mb", "peak_tree_uss_mb", "peak_driver_mb", "peak_worker_mb",
                  "peak_tree_mb", "peak_spilled_mb", "load_start", "load_end"]
 INDEX_COLUMNS = ["N", "method", "params", "build_s", "search_s", "qps", "recall@10",
                  "score_recall@10", "x_flat"]
@@ -79,10 +80,12 @@ def stage(name: str, cmd: list[str], out: Path, rows: int) -> dict:
     record = {"stage": name, "rows": rows, "rows_per_s": round(rows / max(peaks.wall_s, 1e-9), 1),
               "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
               **peaks.to_dict()}
-    print(f"   {peaks.wall_s:.0f} s, {record['rows_per_s']:,} rows/s, peak RSS driver "
-          f"{record['peak_driver_mb']:,} MB, largest Ray worker {record['peak_worker_mb']:,} MB, "
-          f"whole tree {record['peak_tree_mb']:,} MB, spilled {record['peak_spilled_mb']} MB, "
-          f"exit {peaks.returncode}", flush=True)
+    print(f"   {peaks.wall_s:.0f} s, {record['rows_per_s']:,} rows/s; peak own memory (USS) "
+          f"driver {record['peak_driver_uss_mb']:,} MB, largest Ray worker "
+          f"{record['peak_worker_uss_mb']:,} MB, whole tree {record['peak_tree_uss_mb']:,} MB; "
+          f"peak RSS driver {record['peak_driver_mb']:,} MB, largest Ray worker "
+          f"{record['peak_worker_mb']:,} MB, whole tree {record['peak_tree_mb']:,} MB; spilled "
+          f"{record['peak_spilled_mb']} MB; exit {peaks.returncode}", flush=True)
     if peaks.returncode:
         tail = (out / f"{name}.log").read_text().splitlines()[-20:]
         raise SystemExit(f"{name} failed (exit {peaks.returncode}); last lines of "
@@ -175,8 +178,10 @@ def write_benchmarks_result(args: argparse.Namespace, result: dict) -> None:
     disk = result["disk"]
     summary = [(f"disk: shards {disk['shards_mb']:,} MB, index {disk['index_mb']:,} MB "
                 f"({n:,} images)"),
-               ("peak RSS counts the pages of Ray's shared-memory object store a process has "
-                "touched; whole tree = the command, its local Ray cluster and every worker")]
+               ("*_uss_mb: a process's own memory (USS); *_mb without it: RSS, which also "
+                "counts the pages of Ray's shared-memory object store a process has touched "
+                "(benchmarks/memwatch.py); whole tree = the command, its local Ray cluster and "
+                "every worker")]
     write_result(NAME, result["stages"], {
         "title": f"{n:,} images: each stage a user command, its process tree sampled every "
                  "0.5 s (benchmarks/memwatch.py)",

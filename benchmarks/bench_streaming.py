@@ -30,7 +30,6 @@ except ImportError:  # `python benchmarks/bench_streaming.py`
     from memwatch import run_sampled
 
 NAME = "bench_streaming"
-ROLES = ("driver", "ray::RayTrainWorker", "ray::_RayTrainWorker__execute", "raylet", "gcs_server")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,36 +74,38 @@ def main(argv: list[str] | None = None) -> int:
         if peaks.returncode:
             tail = (out / f"train_{rows}.log").read_text().splitlines()[-15:]
             raise SystemExit(f"raycmr train failed (exit {peaks.returncode}):\n" + "\n".join(tail))
-        rss = peaks.to_dict()["peak_rss_mb"]
+        info = peaks.to_dict()
+        uss, rss = info["peak_uss_mb"], info["peak_rss_mb"]
         row = {"rows": rows, "shards": len(files), "wall_s": round(time.time() - t0, 1),
                "rows_per_s": round(rows / peaks.wall_s, 1),
-               "driver_mb": rss.get("driver", 0.0),
-               "train_worker_mb": max((v for k, v in rss.items() if "RayTrainWorker" in k),
+               "driver_mb": uss.get("driver", 0.0),
+               "train_worker_mb": max((v for k, v in uss.items() if "RayTrainWorker" in k),
                                       default=0.0),
-               "data_task_mb": max((v for k, v in rss.items() if k.startswith("ray::")
+               "data_task_mb": max((v for k, v in uss.items() if k.startswith("ray::")
                                     and "RayTrainWorker" not in k), default=0.0),
-               "raylet_mb": rss.get("raylet", 0.0),
-               "tree_mb": peaks.to_dict()["peak_tree_mb"],
-               "spilled_mb": peaks.to_dict()["peak_spilled_mb"], "peak_rss_mb": rss}
+               "raylet_mb": uss.get("raylet", 0.0),
+               "tree_mb": info["peak_tree_uss_mb"], "tree_rss_mb": info["peak_tree_mb"],
+               "spilled_mb": info["peak_spilled_mb"], "peak_uss_mb": uss, "peak_rss_mb": rss}
         rows_out.append(row)
-        print(f"   {row['wall_s']} s, {row['rows_per_s']} rows/s; peak RSS: driver "
+        print(f"   {row['wall_s']} s, {row['rows_per_s']} rows/s; peak own memory (USS): driver "
               f"{row['driver_mb']} MB, train worker {row['train_worker_mb']} MB, Ray Data task "
-              f"{row['data_task_mb']} MB, whole tree {row['tree_mb']} MB; spilled "
-              f"{row['spilled_mb']} MB", flush=True)
+              f"{row['data_task_mb']} MB, whole tree {row['tree_mb']} MB (RSS "
+              f"{row['tree_rss_mb']} MB); spilled {row['spilled_mb']} MB", flush=True)
     first, last = rows_out[0], rows_out[-1]
     growth = {k: round(last[k] / max(first[k], 1e-9), 2)
               for k in ("driver_mb", "train_worker_mb", "data_task_mb", "tree_mb")}
     summary = [f"{last['rows']:,} rows / {first['rows']:,} rows = "
                f"{last['rows'] / first['rows']:.0f}x the data; peak RSS ratio: " +
                ", ".join(f"{k.removesuffix('_mb')} {v}x" for k, v in growth.items())]
-    print_table(rows_out, ["rows", "shards", "wall_s", "rows_per_s", "driver_mb",
-                           "train_worker_mb", "data_task_mb", "raylet_mb", "tree_mb",
-                           "spilled_mb"],
-                title=f"one epoch of raycmr train, {args.workers} workers, quickstart model")
+    columns = ["rows", "shards", "wall_s", "rows_per_s", "driver_mb", "train_worker_mb",
+               "data_task_mb", "raylet_mb", "tree_mb", "tree_rss_mb", "spilled_mb"]
+    title = (f"one epoch of raycmr train, {args.workers} workers, quickstart model; peak own "
+             "memory (USS, MB) of each kind of process (tree_rss_mb: the whole tree's RSS)")
+    print_table(rows_out, columns, title=title)
     for line in summary:
         print(line)
     path = write_result(NAME, rows_out, {"args": vars(args), "growth": growth,
-                                         "summary": summary,
+                                         "summary": summary, "title": title, "columns": columns,
                                          "loadavg_at_start": round(load_start, 2),
                                          "loadavg_at_end": round(os.getloadavg()[0], 2)})
     print(f"wrote {path}")

@@ -3,10 +3,18 @@ Ray's object spill directory, sampled in a background thread.
 
 A local Ray cluster started by a command (``raycmr index``, ``raycmr train``) runs as that
 command's descendants: the GCS, the raylet, and the ``ray::`` worker processes under it. The
-sampler walks the tree every ``every_s`` seconds and keeps, per process, its peak resident set
-size (RSS). RSS counts the pages of Ray's shared-memory object store that a process has touched,
-so a worker reading large blocks shows them in its RSS; the report names the object store's own
-peak use separately where Ray exposes it (spilled bytes on disk).
+sampler walks the tree every ``every_s`` seconds and keeps, per role (driver, each ``ray::``
+actor or task name, raylet, ...), the peak over its processes of two sizes:
+
+* RSS, the resident set size. It counts every page of Ray's shared-memory object store that a
+  process has touched, and those pages stay counted while the store is mapped: a long-lived
+  worker's RSS drifts up towards the store's size as it reads blocks from different places in
+  it, without holding any more data.
+* USS, the unique set size: memory no other process shares, i.e. what the process itself holds
+  (its heap, its tensors, copies it made of blocks). Whether a process "keeps" data as the input
+  grows shows here.
+
+The spill directory's size is sampled too (objects Ray wrote to disk because the store was full).
 """
 
 from __future__ import annotations
@@ -62,20 +70,28 @@ class TreePeaks:
     wall_s: float = 0.0
     samples: int = 0
     peak_rss: dict[str, int] = field(default_factory=dict)  # role -> max RSS of one process
+    peak_uss: dict[str, int] = field(default_factory=dict)  # role -> max USS of one process
     peak_tree_rss: int = 0
+    peak_tree_uss: int = 0
     peak_spilled: int = 0
     returncode: int | None = None
 
-    def worker_peak(self) -> int:
-        """Max RSS of any ``ray::`` worker process."""
-        return max((v for k, v in self.peak_rss.items() if k.startswith("ray::")), default=0)
+    def worker_peak(self, sizes: dict[str, int] | None = None) -> int:
+        """Max size (RSS unless ``sizes`` is given) of any ``ray::`` worker process."""
+        sizes = self.peak_rss if sizes is None else sizes
+        return max((v for k, v in sizes.items() if k.startswith("ray::")), default=0)
 
     def to_dict(self) -> dict[str, Any]:
+        mb = 2**20
         return {"wall_s": round(self.wall_s, 2), "samples": self.samples,
-                "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in sorted(self.peak_rss.items())},
-                "peak_driver_mb": round(self.peak_rss.get("driver", 0) / 2**20, 1),
-                "peak_worker_mb": round(self.worker_peak() / 2**20, 1),
-                "peak_tree_mb": round(self.peak_tree_rss / 2**20, 1),
+                "peak_rss_mb": {k: round(v / mb, 1) for k, v in sorted(self.peak_rss.items())},
+                "peak_uss_mb": {k: round(v / mb, 1) for k, v in sorted(self.peak_uss.items())},
+                "peak_driver_mb": round(self.peak_rss.get("driver", 0) / mb, 1),
+                "peak_worker_mb": round(self.worker_peak() / mb, 1),
+                "peak_tree_mb": round(self.peak_tree_rss / mb, 1),
+                "peak_driver_uss_mb": round(self.peak_uss.get("driver", 0) / mb, 1),
+                "peak_worker_uss_mb": round(self.worker_peak(self.peak_uss) / mb, 1),
+                "peak_tree_uss_mb": round(self.peak_tree_uss / mb, 1),
                 "peak_spilled_mb": round(self.peak_spilled / 2**20, 1),
                 "returncode": self.returncode}
 
@@ -101,17 +117,20 @@ class TreeSampler:
             procs = [root] + root.children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        tree = 0
+        tree = tree_uss = 0
         for p in procs:
             try:
-                rss = p.memory_info().rss
+                full = p.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             role = _role(p, self.pid)
-            tree += rss
-            if rss > self.peaks.peak_rss.get(role, 0):
-                self.peaks.peak_rss[role] = rss
+            tree += full.rss
+            tree_uss += full.uss
+            for peaks, value in ((self.peaks.peak_rss, full.rss), (self.peaks.peak_uss, full.uss)):
+                if value > peaks.get(role, 0):
+                    peaks[role] = value
         self.peaks.peak_tree_rss = max(self.peaks.peak_tree_rss, tree)
+        self.peaks.peak_tree_uss = max(self.peaks.peak_tree_uss, tree_uss)
         if self.peaks.samples % self._spill_every == 0:
             self.peaks.peak_spilled = max(self.peaks.peak_spilled, _dir_bytes(self.spill_glob))
         self.peaks.samples += 1
