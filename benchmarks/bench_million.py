@@ -16,8 +16,13 @@ tree (the command, the local Ray cluster it starts, every ``ray::`` worker):
 4. ``benchmarks/bench_index.py --embeddings gallery.npy --query-embeddings queries.npy``: flat
    vs IVF vs IVF-PQ vs HNSW at each ``--sizes`` (the gallery's first n rows; 0 = all).
 
-Run it twice (e.g. ``--images 100000`` and ``--images 1000000``) to see whether a stage's peak
-memory grows with the gallery. Writes OUT/million.json and prints a Markdown table.
+Run it for two sizes (e.g. ``--images 100000`` and ``--images 1000000``) to see whether a
+stage's peak memory grows with the gallery. Each run writes OUT/million_N.json; then
+
+    python benchmarks/bench_million.py --render OUT1/million_100000.json OUT2/million_1000000.json
+
+writes ``benchmarks/results/bench_million.json``, which ``benchmarks/run_all.py`` renders into
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ RAYCMR = [sys.executable, "-m", "raycmr.cli"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a quickstart (image) checkpoint")
+    p.add_argument("--checkpoint", default="", help="a quickstart (image) checkpoint")
     p.add_argument("--images", type=int, default=1_000_000)
     p.add_argument("--out", default="out/million")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -66,7 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stages whose output from an earlier run is reused")
     p.add_argument("--bench-args", default="",
                    help="extra arguments for bench_index.py (one string)")
-    return p.parse_args(argv)
+    p.add_argument("--render", nargs="+", metavar="MILLION_JSON", default=[],
+                   help="run nothing: write benchmarks/results/bench_million.json from these "
+                   "OUT/million_N.json files (e.g. a 100k and a 1M run, for BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    if not args.render and not args.checkpoint:
+        p.error("--checkpoint is required (unless --render)")
+    return args
 
 
 def du(path: Path) -> int:
@@ -120,6 +131,9 @@ def export_vectors(out: Path, queries: int, batch_size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        write_benchmarks_result([json.loads(Path(f).read_text()) for f in args.render])
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = args.images
@@ -157,37 +171,37 @@ def main(argv: list[str] | None = None) -> int:
     path = out / f"million_{n}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
-    if records:
-        write_benchmarks_result(args, result)
     return 0
 
 
-def write_benchmarks_result(args: argparse.Namespace, result: dict) -> None:
-    """``benchmarks/results/bench_million.json`` for BENCHMARKS.md: the stages, and the
-    bench_index table of this gallery's embeddings when it ran."""
-    n = result["images"]
-    index_json = RESULTS_DIR / f"bench_index_million_{n}.json"
-    extra = []
-    if index_json.exists():
-        index_rows = json.loads(index_json.read_text())["rows"]
-        extra.append({"title": f"bench_index on the {n:,} real image embeddings, text queries "
-                               "(the last shard's captions)",
-                      "rows": index_rows, "columns": INDEX_COLUMNS,
-                      "formats": {"recall@10": ".3f", "score_recall@10": ".3f", "x_flat": ".2f",
-                                  "qps": ",.0f", "build_s": ".2f", "search_s": ".3f"}})
-    disk = result["disk"]
-    summary = [(f"disk: shards {disk['shards_mb']:,} MB, index {disk['index_mb']:,} MB "
-                f"({n:,} images)"),
-               ("*_uss_mb: a process's own memory (USS); *_mb without it: RSS, which also "
-                "counts the pages of Ray's shared-memory object store a process has touched "
-                "(benchmarks/memwatch.py); whole tree = the command, its local Ray cluster and "
-                "every worker")]
-    write_result(NAME, result["stages"], {
-        "title": f"{n:,} images: each stage a user command, its process tree sampled every "
-                 "0.5 s (benchmarks/memwatch.py)",
-        "columns": STAGE_COLUMNS, "summary": summary, "extra_tables": extra,
-        "command": "python benchmarks/bench_million.py " + " ".join(sys.argv[1:]),
-        "disk": disk, "vectors": result["vectors"]})
+def write_benchmarks_result(results: list[dict]) -> None:
+    """``benchmarks/results/bench_million.json`` for BENCHMARKS.md from runs of several gallery
+    sizes: every run's stages in one table (to read memory against size), and the bench_index
+    table of each size's embeddings that was measured."""
+    stages, extra, summary = [], [], []
+    for result in sorted(results, key=lambda r: r["images"]):
+        n = result["images"]
+        stages += [{"images": n, **s} for s in result["stages"]]
+        disk = result["disk"]
+        summary.append(f"{n:,} images: shards {disk['shards_mb']:,} MB, index "
+                       f"{disk['index_mb']:,} MB on disk")
+        index_json = RESULTS_DIR / f"bench_index_million_{n}.json"
+        if index_json.exists():
+            extra.append({"title": f"bench_index on the {n:,} real image embeddings, 1,000 text "
+                                   "queries (captions of the last shard's images)",
+                          "rows": json.loads(index_json.read_text())["rows"],
+                          "columns": INDEX_COLUMNS,
+                          "formats": {"recall@10": ".3f", "score_recall@10": ".3f",
+                                      "x_flat": ".2f", "qps": ",.0f", "build_s": ".2f",
+                                      "search_s": ".3f"}})
+    summary.append("*_uss_mb: a process's own memory (USS); *_mb without it: RSS, which also "
+                   "counts the pages of Ray's shared-memory object store a process has touched "
+                   "(benchmarks/memwatch.py); tree = the command, its local Ray cluster and "
+                   "every worker")
+    write_result(NAME, stages, {
+        "title": "a gallery of N synthetic images: each stage a user command, its process tree "
+                 "sampled every 0.5 s",
+        "columns": ["images", *STAGE_COLUMNS], "summary": summary, "extra_tables": extra})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ Ray's object spill directory, sampled in a background thread.
 
 A local Ray cluster started by a command (``raycmr index``, ``raycmr train``) runs as that
 command's descendants: the GCS, the raylet, and the ``ray::`` worker processes under it. The
-sampler walks the tree every ``every_s`` seconds and keeps, per role (driver, each ``ray::``
+sampler walks the tree every ``every_s`` seconds (USS every fourth time) and keeps, per role (driver, each ``ray::``
 actor or task name, raylet, ...), the peak over its processes of two sizes:
 
 * RSS, the resident set size. It counts every page of Ray's shared-memory object store that a
@@ -105,6 +105,10 @@ class TreeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._spill_every = 10  # samples between spill-directory walks (they cost more)
+        # USS reads /proc/PID/smaps_rollup, a page-table walk that costs the kernel tens of ms
+        # for a process mapping a large object store: every 4th sample only, so the sampling
+        # itself does not slow what it measures
+        self._uss_every = 4
 
     def start(self) -> TreeSampler:
         self._t0 = time.perf_counter()
@@ -117,16 +121,20 @@ class TreeSampler:
             procs = [root] + root.children(recursive=True)
         except psutil.NoSuchProcess:
             return
+        with_uss = self.peaks.samples % self._uss_every == 0
         tree = tree_uss = 0
         for p in procs:
             try:
-                full = p.memory_full_info()
+                mem = p.memory_full_info() if with_uss else p.memory_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             role = _role(p, self.pid)
-            tree += full.rss
-            tree_uss += full.uss
-            for peaks, value in ((self.peaks.peak_rss, full.rss), (self.peaks.peak_uss, full.uss)):
+            tree += mem.rss
+            sizes = [(self.peaks.peak_rss, mem.rss)]
+            if with_uss:
+                tree_uss += mem.uss
+                sizes.append((self.peaks.peak_uss, mem.uss))
+            for peaks, value in sizes:
                 if value > peaks.get(role, 0):
                     peaks[role] = value
         self.peaks.peak_tree_rss = max(self.peaks.peak_tree_rss, tree)
