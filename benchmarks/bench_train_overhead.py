@@ -18,6 +18,8 @@ ViT + tiny BERT, VSE++ max-of-hinges), batch ``--batch``, ``--threads`` torch th
   DeepSpeed + Ray Data) as shipped (``data.parquet_reader=v1``), samples/s as the run reports it
   (``samples_per_s``, from ``epoch_time_s``) for epochs 2.. only (epoch 1 pays worker start-up,
   imports, warm-up);
+* ``raycmr_v1_zero0``: the same run with ``train.zero_stage=0`` (the quickstart config asks for
+  ZeRO-1, which at one worker partitions the optimizer over a single rank: copies, no saving);
 * ``raycmr_v2``: the same run with ``data.parquet_reader=v2``, Ray 2.60's default V2 Parquet
   read path (see bench_ingest: it reads a small split in one task, so nothing streams and the
   decoding does not overlap training);
@@ -101,8 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rounds of the in-process arms before and again after the raycmr run")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (train.torch_threads)")
-    p.add_argument("--read-paths", nargs="+", choices=["v1", "v2"], default=["v1", "v2"],
-                   help="one raycmr run per data.parquet_reader (v1: the default; v2: Ray 2.60 default)")
+    p.add_argument("--read-paths", nargs="+", choices=["v1", "v2", "v1_zero0"],
+                   default=["v1", "v1_zero0", "v2"],
+                   help="one raycmr run per data.parquet_reader (v1: the default; v2: Ray 2.60 "
+                   "default; v1_zero0: v1 with train.zero_stage=0)")
     p.add_argument("--no-data-arms", dest="data_arms", action="store_false",
                    help="leave out the in-process DeepSpeed + Ray Data arms")
     p.add_argument("--seed", type=int, default=0)
@@ -356,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     fits: dict[str, dict[str, Any]] = {}
     for path in args.read_paths:
         fit_start = time.perf_counter()
-        _, epochs = fit_with_epoch_metrics(with_overrides(cfg, {"data.parquet_reader": path}))
+        over: dict[str, Any] = {"data.parquet_reader": path.split("_")[0]}
+        if path.endswith("_zero0"):
+            over["train.zero_stage"] = 0
+        _, epochs = fit_with_epoch_metrics(with_overrides(cfg, over))
         steady = [e for e in epochs if int(e.get("epoch", 0)) >= 2 and "samples_per_s" in e]
         if not steady:
             raise SystemExit(f"the raycmr run ({path}) reported no epoch >= 2: {epochs}")
@@ -388,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "raycmr_v1": "raycmr train, 1 worker (Ray Train + DeepSpeed + Ray Data), as shipped "
                      "(data.parquet_reader=v1)",
         "raycmr_v2": "the same with data.parquet_reader=v2 (Ray 2.60's default V2 read path)",
+        "raycmr_v1_zero0": "raycmr train as shipped but train.zero_stage=0 (the quickstart "
+                           "config's ZeRO-1 partitions the optimizer over one rank)",
     }
     base = med(rate["plain"])
     rows: list[dict[str, Any]] = []
@@ -410,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{x[f'raycmr_{path}'] / x['plain+dataloader']:.2f} "
         f"({'meets' if x[f'raycmr_{path}'] >= 0.95 * x['plain+dataloader'] else 'misses'} "
         "the 0.95 target)"
-        for path, label in (("v1", "as shipped"), ("v2", "V2 read path")) if path in fits]
+        for path, label in (("v1", "as shipped"), ("v1_zero0", "train.zero_stage=0"),
+                            ("v2", "V2 read path")) if path in fits]
     parts: dict[str, float] = {"decoding in a DataLoader worker": 1 - x["plain+dataloader"],
                                "DeepSpeed engine": 1 - x["deepspeed"]}
     if "raycmr_v1" in x:
