@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     growth = {k: round(last[k] / max(first[k], 1e-9), 2)
               for k in ("driver_mb", "train_worker_mb", "data_task_mb", "tree_mb")}
     summary = [f"{last['rows']:,} rows / {first['rows']:,} rows = "
-               f"{last['rows'] / first['rows']:.0f}x the data; peak RSS ratio: " +
+               f"{last['rows'] / first['rows']:.0f}x the data; peak own-memory (USS) ratio: " +
                ", ".join(f"{k.removesuffix('_mb')} {v}x" for k, v in growth.items())]
     columns = ["rows", "shards", "wall_s", "rows_per_s", "driver_mb", "train_worker_mb",
                "data_task_mb", "raylet_mb", "tree_mb", "tree_rss_mb", "spilled_mb"]
