@@ -310,8 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(
             f"torch.distributed collectives per step: {rows[0]['collectives_off']} without the "
             f"gather (the gradient all-reduce), {rows[0]['collectives_on']} with it (the one "
-            "packed gather of embeddings, groups and sizes): at these sizes each "
-            "is a latency-bound round trip between the processes")
+            "packed gather of embeddings, groups and sizes)")
+        summary.append(
+            "what the gather adds beyond its one collective is the loss itself: every worker "
+            "scores all W*B anchors against all W*B candidates, (W*B)^2 pairs instead of B^2 "
+            "(exact gradients with no backward collective); for the feature MLPs the loss is "
+            "most of the step, so its ratio follows the pair count, for the quickstart towers "
+            "it is noise")
         method = "harness"
     formats = {"fbc_on_over_off": ".3f", "step_on_over_off": ".3f", "on_over_off_time": ".3f",
                "delta_ms": "+.1f", "fbc_ms_off": ".1f", "fbc_ms_on": ".1f",
