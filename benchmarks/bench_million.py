@@ -1,5 +1,7 @@
-"""A million-image gallery end to end: synthetic shards, `raycmr index` (Ray Data batch inference
-+ FAISS), then `bench_index` on the real embeddings, with rows/s, peak memory and disk per stage.
+"""A million-image gallery end to end: shards, index, search, with rows/s, memory and disk.
+
+Synthetic shards, `raycmr index` (Ray Data batch inference + FAISS), then `bench_index` on the
+real embeddings, with rows/s, peak memory and disk per stage.
 
     python benchmarks/bench_million.py --checkpoint runs/quickstart/checkpoint_... \\
         [--images 1000000] [--out out/million] [--workers 2] [--sizes 100000 0]
