@@ -9,7 +9,8 @@ the same query set:
 * ``flat``: exact ``IndexFlatIP`` (the reference for recall);
 * ``ivf``: ``IndexIVFFlat`` trained on the gallery (``nlist`` from IndexConfig, clamped for small
   N), one row per ``--nprobe``;
-* ``hnsw``: ``IndexHNSWFlat`` (``M`` from IndexConfig), one row per ``--ef-search``.
+* ``hnsw``: ``IndexHNSWFlat`` (``M`` from IndexConfig), one row per ``--ef-search``;
+* ``ivfpq`` (when named in ``--methods``): ``IndexIVFPQ``, ``--pq-m`` bytes a vector.
 
 Every index is built once (build seconds timed once); then all searches run interleaved:
 ``--repeats`` rounds, each calling every variant once with all queries, after a warm-up round.
@@ -24,6 +25,12 @@ there is a lower bound; ``lowrank`` and real embeddings show the usual picture.
     python benchmarks/bench_index.py --small            # N = 20k, 100k
     python benchmarks/bench_index.py                    # N = 100k, 1M (minutes on 2 cores)
     python benchmarks/bench_index.py --embeddings gallery.npy --sizes 0
+    python benchmarks/bench_index.py --sizes 0 --embeddings gallery.npy \
+        --query-embeddings text_queries.npy --embedding-sizes 100000 0   # benchmarks/bench_million.py
+
+Besides recall@k (ids), ``score_recall@k`` counts a returned item whose exact score reaches the
+exact k-th score as a hit: galleries of near-duplicates have ties that id recall counts as
+misses.
 """
 
 from __future__ import annotations
@@ -157,6 +164,12 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
         return index, seconds
 
     # Exact FAISS first: it is the reference for every recall.
+    def nprobe_search(index: faiss.Index, nprobe: int) -> Callable[[], Any]:
+        def run() -> Any:
+            index.nprobe = nprobe
+            return search(index, queries, k)
+        return run
+
     flat, flat_build = built("flat")
     exact_scores, exact_ids = search(flat, queries, k)
     if "flat" in args.methods:
@@ -167,16 +180,9 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
     if "ivf" in args.methods:
         nlist = clamp_nlist(args.nlist, n)
         ivf, ivf_build = built("ivf", nlist=nlist, nprobe=args.nprobe[0])
-
-        def ivf_search(nprobe: int) -> Callable[[], Any]:
-            def run() -> Any:
-                ivf.nprobe = nprobe
-                return search(ivf, queries, k)
-            return run
-
         for nprobe in sorted({min(p, nlist) for p in args.nprobe}):
             variants.append(("ivf", f"nlist={nlist} nprobe={nprobe}", ivf_build,
-                             ivf_search(nprobe)))
+                             nprobe_search(ivf, nprobe)))
     if "ivfpq" in args.methods:
         nlist = clamp_nlist(args.nlist, n)
         t0 = time.perf_counter()
@@ -186,16 +192,9 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
         pq.add(gallery)
         pq_build = time.perf_counter() - t0
         print(f"  {data} N={n:,}: built ivfpq in {pq_build:.2f}s", flush=True)
-
-        def pq_search(nprobe: int) -> Callable[[], Any]:
-            def run() -> Any:
-                pq.nprobe = nprobe
-                return search(pq, queries, k)
-            return run
-
         for nprobe in sorted({min(p, nlist) for p in args.nprobe}):
             variants.append(("ivfpq", f"nlist={nlist} m={args.pq_m} nprobe={nprobe}", pq_build,
-                             pq_search(nprobe)))
+                             nprobe_search(pq, nprobe)))
     if "hnsw" in args.methods:
         hnsw, hnsw_build = built("hnsw", hnsw_m=args.hnsw_m,
                                  ef_construction=args.ef_construction, ef_search=args.ef_search[0])
