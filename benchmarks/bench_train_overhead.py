@@ -20,6 +20,8 @@ ViT + tiny BERT, VSE++ max-of-hinges), batch ``--batch``, ``--threads`` torch th
   imports, warm-up);
 * ``raycmr_v1_zero0``: the same run with ``train.zero_stage=0`` (the quickstart config asks for
   ZeRO-1, which at one worker partitions the optimizer over a single rank: copies, no saving);
+* ``raycmr_v1_prefetch4`` / ``raycmr_v1_noshuffle`` (``--read-paths``): the same run with
+  ``data.prefetch_batches=4`` / ``data.shuffle_buffer=0``, what the data wait is made of;
 * ``raycmr_v2``: the same run with ``data.parquet_reader=v2``, Ray 2.60's default V2 Parquet
   read path (see bench_ingest: it reads a small split in one task, so nothing streams and the
   decoding does not overlap training);
@@ -92,6 +94,14 @@ from raycmr.train.loop import STEP_PHASES
 from raycmr.train.objective import CrossModalObjective
 
 NAME = "bench_train_overhead"
+# the raycmr runs: name -> config overrides (v1 is as shipped)
+RUN_VARIANTS: dict[str, dict[str, Any]] = {
+    "v1": {"data.parquet_reader": "v1"},
+    "v1_zero0": {"data.parquet_reader": "v1", "train.zero_stage": 0},
+    "v1_prefetch4": {"data.parquet_reader": "v1", "data.prefetch_batches": 4},
+    "v1_noshuffle": {"data.parquet_reader": "v1", "data.shuffle_buffer": 0},
+    "v2": {"data.parquet_reader": "v2"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,10 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rounds of the in-process arms before and again after the raycmr run")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (train.torch_threads)")
-    p.add_argument("--read-paths", nargs="+", choices=["v1", "v2", "v1_zero0"],
-                   default=["v1", "v1_zero0", "v2"],
-                   help="one raycmr run per data.parquet_reader (v1: the default; v2: Ray 2.60 "
-                   "default; v1_zero0: v1 with train.zero_stage=0)")
+    p.add_argument("--read-paths", nargs="+", choices=list(RUN_VARIANTS),
+                   default=["v1", "v1_zero0", "v1_prefetch4", "v2"],
+                   help="one raycmr run each: " + "; ".join(
+                       f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}"
+                       for k, v in RUN_VARIANTS.items()))
     p.add_argument("--no-data-arms", dest="data_arms", action="store_false",
                    help="leave out the in-process DeepSpeed + Ray Data arms")
     p.add_argument("--seed", type=int, default=0)
@@ -181,20 +192,29 @@ def init_single_process_group() -> None:
 
 
 def step_profile(phase_s: dict[str, dict[str, float]], phase_steps: dict[str, int],
-                 raycmr_epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                 raycmr_epochs: list[dict[str, Any]], steps_per_epoch: int
+                 ) -> list[dict[str, Any]]:
     """One row per phase of a step (ms per step): the DataLoader loop, the in-process
     DeepSpeed engine (in-memory batches: no data wait) and ``raycmr train`` (the means of its
-    ``step_ms_<phase>`` over the steady epochs); a last row sums them."""
+    ``step_ms_<phase>`` over the steady epochs); ``first_batch``: the wait for each epoch's
+    first batch spread over the epoch's steps; a last row sums them."""
+    phases = (*STEP_PHASES, "first_batch")
+
+    def raycmr(e: dict[str, Any], phase: str) -> float:
+        if phase == "first_batch":
+            return 1000 * e.get("first_batch_s", 0.0) / steps_per_epoch
+        return e.get(f"step_ms_{phase}", 0.0)
+
     rows = []
-    for phase in (*STEP_PHASES, "total"):
+    for phase in (*phases, "total"):
         row: dict[str, Any] = {"phase": phase}
         for arm, sums in phase_s.items():
             steps = max(phase_steps[arm], 1)
             row[arm] = (sum(sums.values()) if phase == "total" else sums[phase]) * 1000 / steps
         if raycmr_epochs:
             row["raycmr_v1"] = float(np.mean([
-                sum(e.get(f"step_ms_{p}", 0.0) for p in STEP_PHASES) if phase == "total"
-                else e.get(f"step_ms_{phase}", 0.0) for e in raycmr_epochs]))
+                sum(raycmr(e, p) for p in phases) if phase == "total" else raycmr(e, phase)
+                for e in raycmr_epochs]))
         rows.append(row)
     return rows
 
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logged: dict[str, float] = {}  # the raycmr loop reads every output as a float too
     # the step's time by phase (the raycmr loop's STEP_PHASES), summed over an arm's steps
-    phase_s: dict[str, dict[str, float]] = {a: dict.fromkeys(STEP_PHASES, 0.0)
+    phase_s: dict[str, dict[str, float]] = {a: dict.fromkeys((*STEP_PHASES, "first_batch"), 0.0)
                                             for a in ("plain+dataloader", "deepspeed")}
     phase_steps: dict[str, int] = dict.fromkeys(phase_s, 0)
 
@@ -281,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         n, mark = 0, time.perf_counter()
         for batch in loader:
             if phases is not None:
-                phases["data"] += time.perf_counter() - mark
+                phases["data" if n else "first_batch"] += time.perf_counter() - mark
                 phase_steps["plain+dataloader"] += 1
             plain_step(batch, phases)
             n += int(batch["group"].shape[0])
@@ -360,10 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     fits: dict[str, dict[str, Any]] = {}
     for path in args.read_paths:
         fit_start = time.perf_counter()
-        over: dict[str, Any] = {"data.parquet_reader": path.split("_")[0]}
-        if path.endswith("_zero0"):
-            over["train.zero_stage"] = 0
-        _, epochs = fit_with_epoch_metrics(with_overrides(cfg, over))
+        _, epochs = fit_with_epoch_metrics(with_overrides(cfg, RUN_VARIANTS[path]))
         steady = [e for e in epochs if int(e.get("epoch", 0)) >= 2 and "samples_per_s" in e]
         if not steady:
             raise SystemExit(f"the raycmr run ({path}) reported no epoch >= 2: {epochs}")
@@ -397,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         "raycmr_v2": "the same with data.parquet_reader=v2 (Ray 2.60's default V2 read path)",
         "raycmr_v1_zero0": "raycmr train as shipped but train.zero_stage=0 (the quickstart "
                            "config's ZeRO-1 partitions the optimizer over one rank)",
+        "raycmr_v1_prefetch4": "raycmr train as shipped but data.prefetch_batches=4 (Ray Data "
+                               "prepares 4 batches ahead instead of 1)",
+        "raycmr_v1_noshuffle": "raycmr train as shipped but data.shuffle_buffer=0 (no local "
+                               "shuffle in the training process)",
     }
     base = med(rate["plain"])
     rows: list[dict[str, Any]] = []
@@ -420,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({'meets' if x[f'raycmr_{path}'] >= 0.95 * x['plain+dataloader'] else 'misses'} "
         "the 0.95 target)"
         for path, label in (("v1", "as shipped"), ("v1_zero0", "train.zero_stage=0"),
+                            ("v1_prefetch4", "data.prefetch_batches=4"),
+                            ("v1_noshuffle", "data.shuffle_buffer=0"),
                             ("v2", "V2 read path")) if path in fits]
     parts: dict[str, float] = {"decoding in a DataLoader worker": 1 - x["plain+dataloader"],
                                "DeepSpeed engine": 1 - x["deepspeed"]}
@@ -437,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{x['deepspeed+raydata_v1']:.2f} (V1) of the plain loop; an epoch's first batch "
             f"waits {by_arm['deepspeed+raydata']['first_batch_s']:.1f} s on V2 (one task decodes the whole split "
             f"before anything streams) vs {by_arm['deepspeed+raydata_v1']['first_batch_s']:.1f} s on V1")
-    profile = step_profile(phase_s, phase_steps, fits.get("v1", {}).get("steady", []))
+    profile = step_profile(phase_s, phase_steps, fits.get("v1", {}).get("steady", []),
+                           steps_per_epoch)
     summary.append(profile_summary(profile))
     columns = ["arm", "what", "epochs", "samples_per_s", "spread", "epoch_s", "first_batch_s",
                "x_plain"]

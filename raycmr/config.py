@@ -36,6 +36,7 @@ class DataConfig:
     tokenizer: str = "minilm"  # "minilm" (offline package) or a local path / hub id
     max_text_len: int = 32
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
+    prefetch_batches: int = 1  # batches Ray Data's iterator prepares ahead in each worker
     num_cpus_per_map_task: float = 1.0
     # Training sets of at most this many rows are read and decoded once and kept in Ray's
     # object store (the per-epoch order still comes from each worker's shuffle buffer); 0 = never.
@@ -506,8 +507,9 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if cfg.get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {cfg.get(key)}")
-    if cfg.data.reserved_cpus < 0:
-        raise ConfigError(f"data.reserved_cpus must be >= 0, got {cfg.data.reserved_cpus}")
+    for key in ("data.reserved_cpus", "data.prefetch_batches", "data.shuffle_buffer"):
+        if cfg.get(key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {cfg.get(key)}")
     for name, amount in cfg.train.worker_resources.items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             raise ConfigError(f"train.worker_resources.{name} must be a number >= 0, got {amount!r}")

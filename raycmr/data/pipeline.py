@@ -128,6 +128,7 @@ def iter_worker_batches(
     shuffle_buffer: int,
     seed: int,
     drop_last: bool,
+    prefetch_batches: int = 1,
 ) -> Iterator[tuple[dict[str, Any], collections.Counter[str]]]:
     """Yield ``(batch, dropped)``: torch tensors of the valid rows, and invalid rows by reason.
 
@@ -139,6 +140,7 @@ def iter_worker_batches(
     """
     batches = data_iterator.iter_batches(
         batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 0 else None,
         local_shuffle_seed=seed if shuffle_buffer > 0 else None,
     )

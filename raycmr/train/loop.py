@@ -135,7 +135,8 @@ def train_step(engine, task: Task, batch: Any, info: StepInfo,
 #: where a training step's time goes (``step_ms_<phase>`` epoch metrics, per micro-step): the
 #: wait for the next batch from Ray Data, its copy to the device, the task's forward (with the
 #: cross-worker gather), DeepSpeed's backward and optimizer step, and the loop's bookkeeping
-#: (reading the loss parts, progress reports)
+#: (reading the loss parts, progress reports). The wait for an epoch's first batch (Ray Data
+#: starts a new execution each epoch) is not in ``data`` but in ``first_batch_s``.
 STEP_PHASES = ("data", "to_device", "forward", "backward", "optimizer", "bookkeeping")
 
 
@@ -190,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch, dropped in fixed_steps(task.batches(shards, epoch, seed), micro_per_epoch,
                                           repeated):
             got = time.perf_counter()
-            seconds["data"] += got - mark
+            seconds["data" if n_micro else "first_batch"] += got - mark
             dropped_epoch.update(dropped)
             info = StepInfo(epoch_offset + epoch, engine.global_steps, total_steps,
                             samples_seen + local_rows * world)
@@ -226,7 +227,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # the step's time by phase
         parts_all = distributed.gather_objects(
             ({k: v / max(n_micro, 1) for k, v in sums.items()}, local_rows, repeated[0],
-             dict(dropped_epoch), {k: 1000 * v / max(n_micro, 1) for k, v in seconds.items()}))
+             dict(dropped_epoch), {k: 1000 * v / max(n_micro, 1) for k, v in seconds.items()
+                                   if k in STEP_PHASES} | {"first_batch_s": seconds["first_batch"]}))
         rows_epoch = sum(p[1] for p in parts_all)
         samples_seen += rows_epoch
         dropped_run.update(distributed.merge_counts(p[3] for p in parts_all))
@@ -241,6 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             repeated_batches=sum(p[2] for p in parts_all),
             **{f"step_ms_{k}": sum(p[4].get(k, 0.0) for p in parts_all) / world
                for k in STEP_PHASES},
+            first_batch_s=sum(p[4]["first_batch_s"] for p in parts_all) / world,
             dropped_records=sum(dropped_all.values()), worker_nodes=nodes,
             **{f"dropped_{r}": c for r, c in sorted(dropped_all.items())},
         )

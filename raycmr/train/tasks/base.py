@@ -93,7 +93,8 @@ class Task(ABC):
 
         return iter_worker_batches(shards["train"], self.cfg.train.batch_size,
                                    shuffle_buffer=self.cfg.data.shuffle_buffer,
-                                   seed=seed + epoch * 1000, drop_last=True)
+                                   seed=seed + epoch * 1000, drop_last=True,
+                                   prefetch_batches=self.cfg.data.prefetch_batches)
 
     @abstractmethod
     def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]: ...
