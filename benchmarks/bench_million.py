@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--skip", nargs="+", default=[], choices=["shards", "index", "bench"],
                    help="stages whose output from an earlier run is reused")
+    p.add_argument("--auto-recall", type=float, default=0.0,
+                   help="also run `raycmr index --kind auto --target-recall R` into OUT/index_auto "
+                   "and record its choice (0 = skip)")
     p.add_argument("--bench-args", default="",
                    help="extra arguments for bench_index.py (one string)")
     p.add_argument("--render", nargs="+", metavar="MILLION_JSON", default=[],
@@ -152,6 +155,18 @@ def main(argv: list[str] | None = None) -> int:
             "index", "--checkpoint", args.checkpoint, "--split", str(out / "shards" / "test"),
             "--out", str(out / "index"), "--kind", "flat", "--num-actors", str(args.num_actors),
             "--batch-size", str(args.batch_size)], out, n))
+    auto = None
+    if args.auto_recall > 0:
+        if (out / "index_auto").exists():
+            shutil.rmtree(out / "index_auto")
+        records.append(stage("index_auto", RAYCMR + [
+            "index", "--checkpoint", args.checkpoint, "--split", str(out / "shards" / "test"),
+            "--out", str(out / "index_auto"), "--kind", "auto", "--target-recall",
+            str(args.auto_recall), "--num-actors", str(args.num_actors),
+            "--batch-size", str(args.batch_size)], out, n))
+        auto = json.loads((out / "index_auto" / "meta.json").read_text())["auto"]
+        print(f"   --kind auto chose {auto['kind']} {auto['params']}: recall@10 "
+              f"{auto['recall']:.3f} at {auto['speedup']:.1f}x exact search", flush=True)
     disk = {"shards_mb": round(du(out / "shards") / 2**20, 1),
             "index_mb": round(du(out / "index") / 2**20, 1)}
     print(f"disk: shards {disk['shards_mb']:,} MB, index {disk['index_mb']:,} MB", flush=True)
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--out", f"bench_index_million_{n}", *args.bench_args.split()]
         print(f"== bench_index: {' '.join(bench)}", flush=True)
         subprocess.run(bench, check=True)
-    result = {"images": n, "stages": records, "disk": disk, "vectors": vectors,
+    result = {"images": n, "stages": records, "disk": disk, "vectors": vectors, "auto": auto,
               "cpus": os.cpu_count(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = out / f"million_{n}.json"
     path.write_text(json.dumps(result, indent=2))
@@ -187,6 +202,13 @@ def write_benchmarks_result(results: list[dict]) -> None:
         disk = result["disk"]
         summary.append(f"{n:,} images: shards {disk['shards_mb']:,} MB, index "
                        f"{disk['index_mb']:,} MB on disk")
+        if result.get("auto"):
+            a = result["auto"]
+            summary.append(
+                f"{n:,} images, `raycmr index --kind auto --target-recall {a['target_recall']}`: "
+                f"chose {a['kind']} {a['params']}, recall@10 {a['recall']:.3f} at "
+                f"{a['qps']:,.0f} queries/s = {a['speedup']:.1f}x exact search, measured on "
+                f"{a['queries']} of the gallery's own vectors")
         index_json = RESULTS_DIR / f"bench_index_million_{n}.json"
         if index_json.exists():
             extra.append({"title": f"bench_index on the {n:,} real image embeddings, 1,000 text "
