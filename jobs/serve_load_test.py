@@ -34,6 +34,7 @@ def build_service_files(root: Path, n_images: int) -> tuple[Path, Path, list[str
 
     from raycmr.artifacts import write_export
     from raycmr.config import load_config
+    from raycmr.configs.tiny import TINY_SLOW, TINY_TOWERS
     from raycmr.data.synthetic import write_synthetic_split
     from raycmr.index.gallery import build_gallery_index
     from raycmr.models.dual_encoder import DualEncoder
@@ -45,13 +46,8 @@ def build_service_files(root: Path, n_images: int) -> tuple[Path, Path, list[str
             f"data.max_text_len={MAX_LEN}"]
     fast_cfg = load_config("quickstart", data + [
         "model.embed_dim=16",
-        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
-        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
-         " max_position_embeddings: 32}")])
-    slow_cfg = load_config("quickstart_slow", data + ["slow.width=32", "slow.heads=2",
-                                                      "slow.decoder_layers=1"])
+        *TINY_TOWERS])
+    slow_cfg = load_config("quickstart_slow", data + TINY_SLOW)
     torch.manual_seed(0)
     for name, model, cfg in (
             ("fast", DualEncoder(fast_cfg.model), fast_cfg),

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import sys
@@ -47,3 +48,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(tmp: Path, token: str, args: dict):
+    """The raycmr Serve app built from ``args`` on a free local port, its bearer token in a file
+    under ``tmp``: yields ``(args, client, url, headers)`` (the app's full args and an httpx
+    client that sends the token); shuts Serve down afterwards."""
+    import httpx
+    from ray import serve
+
+    from raycmr.serve.app import APP_NAME, build_app
+
+    port = free_port()
+    (tmp / "token").write_text(token + "\n")
+    args = {**args, "token_env": "", "token_file": str(tmp / "token")}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    client = httpx.Client(base_url=url, timeout=120, headers=headers)
+    try:
+        yield args, client, url, headers
+    finally:
+        client.close()
+        serve.shutdown()

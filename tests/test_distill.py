@@ -208,10 +208,10 @@ def _slow_teacher_setup(tmp_path, batch: int = 6, **distill):
     distils from it (32 px images, 16 tokens)."""
     from raycmr.artifacts import write_export
     from raycmr.config import load_config
+    from raycmr.configs.tiny import TINY_SLOW, TINY_TOWERS
     from raycmr.models.slow import build_slow_model
 
-    common = ["data.image_size=32", "data.max_text_len=16", "slow.width=32", "slow.heads=2",
-              "slow.decoder_layers=1"]
+    common = ["data.image_size=32", "data.max_text_len=16", *TINY_SLOW]
     slow_cfg = load_config("quickstart_slow", common)
     torch.manual_seed(0)
     slow = build_slow_model(slow_cfg.slow, torch.arange(1000, 1100), 32, 16).eval()
@@ -220,11 +220,7 @@ def _slow_teacher_setup(tmp_path, batch: int = 6, **distill):
     over = {"hard_negatives": 2, **distill}
     cfg = load_config("quickstart", common + [
         "model.embed_dim=16", f"train.batch_size={batch}",
-        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
-        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
-         " max_position_embeddings: 32}"),
+        *TINY_TOWERS,
         "loss.distill.enabled=true", f"loss.distill.slow={tmp_path / 'slow'}",
         *(f"loss.distill.{k}={v}" for k, v in over.items())])
     return cfg, slow

@@ -9,6 +9,7 @@ import torch
 from raycmr.artifacts import write_export
 from raycmr.cli import main
 from raycmr.config import load_config
+from raycmr.configs.tiny import TINY_SLOW, TINY_TOWERS
 from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.models.dual_encoder import DualEncoder
 from raycmr.models.slow import build_slow_model
@@ -19,13 +20,8 @@ pytestmark = pytest.mark.ray
 def _cfg(shards, task: str):
     return load_config("quickstart_slow" if task == "slow" else "quickstart", [
         f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
-        "data.image_size=32", "data.max_text_len=16", "slow.width=32", "slow.heads=2",
-        "slow.decoder_layers=1", "model.embed_dim=16",
-        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
-        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
-         " max_position_embeddings: 32}"),
+        "data.image_size=32", "data.max_text_len=16", *TINY_SLOW, "model.embed_dim=16",
+        *TINY_TOWERS,
     ])
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from conftest import running_app
 
 from raycmr.artifacts import write_export
 from raycmr.config import ConfigError, ServeConfig, config_from_dict, with_overrides
@@ -358,11 +358,7 @@ def test_reranker_command_fits_the_feature_teacher(ray_cluster, tmp_path) -> Non
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
     """Checkpoint, gallery, index and a running app (fast stage only) on a free port."""
-    import httpx
-    from ray import serve
-
     from raycmr.index.gallery import build_gallery_index
-    from raycmr.serve.app import APP_NAME, build_app
 
     tmp = tmp_path_factory.mktemp("serve")
     names, image, queries = write_gallery(tmp / "gallery")
@@ -370,23 +366,12 @@ def served(ray_cluster, tmp_path_factory):
     record = build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", num_actors=1,
                                  batch_size=16)
 
-    port = free_port()
-    (tmp / "token").write_text(TOKEN + "\n")
     args = {"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"), "top_k": TOP_K,
-            "max_batch_size": 8, "batch_wait_timeout_s": 0.1,
-            "replicas": 1, "max_replicas": 1, "token_env": "", "token_file": str(tmp / "token"),
+            "max_batch_size": 8, "batch_wait_timeout_s": 0.1, "replicas": 1, "max_replicas": 1,
             "max_query_chars": 50, "max_body_bytes": 20_000}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=headers)
-    try:
+    with running_app(tmp, TOKEN, args) as (args, client, url, headers):
         yield {"tmp": tmp, "names": names, "image": image, "queries": queries, "model": model,
-               "record": record, "client": client, "url": f"http://127.0.0.1:{port}",
-               "headers": headers, "args": args}
-    finally:
-        client.close()
-        serve.shutdown()
+               "record": record, "client": client, "url": url, "headers": headers, "args": args}
 
 
 def _expected_retrieval(served, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import free_port
+from conftest import running_app
 
 from raycmr.artifacts import write_export
 from raycmr.config import ConfigError, load_config
+from raycmr.configs.tiny import TINY_SLOW, TINY_TOWERS
 from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.models.dual_encoder import DualEncoder
 from raycmr.models.slow import build_slow_model
@@ -40,13 +41,8 @@ def configs(shards: Path):
               f"data.test=[{shards}/test]", "data.image_size=32", "data.max_text_len=16"]
     fast = load_config("quickstart", common + [
         "model.embed_dim=16",
-        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
-        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
-         " max_position_embeddings: 32}")])
-    slow = load_config("quickstart_slow", common + ["slow.width=32", "slow.heads=2",
-                                                    "slow.decoder_layers=1"])
+        *TINY_TOWERS])
+    slow = load_config("quickstart_slow", common + TINY_SLOW)
     return fast, slow
 
 
@@ -81,11 +77,7 @@ def fit_slow(cfg, shard_dir: Path, steps: int = 30):
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
     """Shards, fast and slow checkpoints, an index with phi(x) and the app on a free port."""
-    import httpx
-    from ray import serve
-
     from raycmr.index.gallery import build_gallery_index
-    from raycmr.serve.app import APP_NAME, build_app
 
     tmp = tmp_path_factory.mktemp("slowserve")
     shards = tmp / "shards"
@@ -104,23 +96,13 @@ def served(ray_cluster, tmp_path_factory):
         record = build_gallery_index(str(tmp / "fast"), "test", index, slow=str(tmp / "slow"),
                                      num_actors=1, batch_size=10)
 
-    port = free_port()
-    (tmp / "token").write_text(TOKEN + "\n")
     args = {"checkpoint": str(tmp / "fast"), "index_path": index, "top_k": TOP_K,
             "rerank_k": RERANK_K, "max_rerank_k": MAX_RERANK_K, "beta": BETA,
-            "max_batch_size": 8, "batch_wait_timeout_s": 0.1, "replicas": 1, "max_replicas": 1,
-            "token_env": "", "token_file": str(tmp / "token")}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=headers)
-    try:
+            "max_batch_size": 8, "batch_wait_timeout_s": 0.1, "replicas": 1, "max_replicas": 1}
+    with running_app(tmp, TOKEN, args) as (args, client, url, headers):
         yield {"tmp": tmp, "fast": fast, "slow": slow, "slow_cfg": slow_cfg, "record": record,
-               "printed": printed.getvalue(), "client": client, "index": index,
-               "url": f"http://127.0.0.1:{port}", "headers": headers, "args": args}
-    finally:
-        client.close()
-        serve.shutdown()
+               "printed": printed.getvalue(), "client": client, "index": index, "url": url,
+               "headers": headers, "args": args}
 
 
 @pytest.fixture(scope="module")

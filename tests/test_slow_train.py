@@ -9,6 +9,7 @@ import torch
 
 from raycmr.artifacts import load_slow_exported, read_state
 from raycmr.config import load_config
+from raycmr.configs.tiny import TINY_SLOW
 from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
@@ -24,7 +25,7 @@ def _overrides(shards, storage, name):
     return [
         f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
         "data.image_size=32", "data.max_text_len=16", "data.shuffle_buffer=32",
-        "slow.width=32", "slow.heads=2", "slow.decoder_layers=1", "slow.bidirectional=true",
+        *TINY_SLOW, "slow.bidirectional=true",
         "slow.val_queries=1000",
         "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
         "train.warmup_steps=2", "train.log_every=2", "train.max_failures=0",

@@ -9,6 +9,7 @@ import pytest
 
 from raycmr.artifacts import load_exported, read_state
 from raycmr.config import load_config
+from raycmr.configs.tiny import TINY_TOWERS
 from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.train.loop import STEP_PHASES
 
@@ -23,11 +24,7 @@ def _tiny_overrides(shards, storage, name):
         f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
         "data.image_size=32", "data.max_text_len=16", "data.shuffle_buffer=32",
         "model.embed_dim=32",
-        ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}"),
-        ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32,"
-         " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,"
-         " max_position_embeddings: 32}"),
+        *TINY_TOWERS,
         "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
         "train.warmup_steps=2", "train.log_every=2", "train.zero_stage=1", "train.max_failures=0",
         f"train.storage_path={storage}", f"train.name={name}", "train.torch_threads=1",

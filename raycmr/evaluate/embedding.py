@@ -87,9 +87,8 @@ class DualEncoderEmbedder:
             tensors = {k: torch.from_numpy(np.ascontiguousarray(v[valid]))
                        for k, v in batch.items() if k in MODEL_INPUTS}
             if images_only:
-                img = model.encode_image(tensors)
-                if space == "retrieval":
-                    img = model.to_retrieval(img, "image")
+                img = model.retrieval_embed_image(tensors) if space == "retrieval" \
+                    else model.encode_image(tensors)
                 return {"img": img.float().numpy(), "group": batch["group"][valid]}
             img, txt, img_common = encode_pairs(model, tensors, space)
             out = {"img": img.float().numpy(), "txt": txt.float().numpy(),

@@ -77,11 +77,11 @@ def _hardest_negatives(batch: GlobalBatch
     caption's hardest image, among candidates outside the anchor's group (``s = -inf`` where
     there is none)."""
     a = batch.anchors
-    masked = (batch.img[a] @ batch.txt.t()).masked_fill_(same_group_mask(batch), float("-inf"))
+    same = same_group_mask(batch)
+    masked = (batch.img[a] @ batch.txt.t()).masked_fill_(same, float("-inf"))
     hard_c, col_c = masked.max(dim=1)
     if batch.anchor_count != batch.rows:
-        masked = (batch.txt[a] @ batch.img.t()).masked_fill_(same_group_mask(batch),
-                                                              float("-inf"))
+        masked = (batch.txt[a] @ batch.img.t()).masked_fill_(same, float("-inf"))
         hard_i, col_i = masked.max(dim=1)
         return hard_c, col_c, hard_i, col_i
     # all rows are anchors: the mask is symmetric and each caption's candidates are a column.
