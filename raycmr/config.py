@@ -99,13 +99,15 @@ class DistillConfig:
     """Slow -> fast distillation (raycmr/losses/distill.py). One teacher: ``reranker`` (feature
     shards: a one-vector reranker scores all B^2 pairs of the batch) or ``slow`` (image shards:
     the captioning model of a ``train.task=slow`` checkpoint scores each caption against its
-    image and its ``hard_negatives`` hardest in-batch images by the fast model's scores)."""
+    image and ``hard_negatives`` other in-batch images: the fast model's hardest ones
+    (``candidates: hardest``, section 2.2 of Miech et al.) or uniformly random ones (``random``))."""
 
     enabled: bool = False
     weight: float = 1.0
     reranker: str = ""  # feature shards: a directory written by `raycmr reranker` (save_reranker)
     slow: str = ""  # image shards: a checkpoint of `raycmr train --config quickstart_slow`
-    hard_negatives: int = 7  # slow teacher: m hardest in-batch images per caption (B*(m+1) pairs)
+    hard_negatives: int = 7  # slow teacher: m in-batch negative images per caption (B*(m+1) pairs)
+    candidates: Literal["hardest", "random"] = "hardest"  # how the slow teacher's m are chosen
     start: float = 0.0  # fraction of the run's optimizer steps before the distillation term starts
     temperature: float = 1.0  # softmax temperature of the teacher's scores
 

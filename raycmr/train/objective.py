@@ -155,7 +155,9 @@ class CrossModalObjective(nn.Module):
         group = batch["group"]
         same = group[:, None] == group[None, :]
         positive = torch.arange(b, device=fast.device)
-        candidates, valid = hardest_candidates(fast, positive, min(d.hard_negatives, b - 1),
+        # "random": the same choice made on random scores, uniform over the admissible columns
+        pick_by = fast if d.candidates == "hardest" else torch.rand_like(fast)
+        candidates, valid = hardest_candidates(pick_by, positive, min(d.hard_negatives, b - 1),
                                                same & ~torch.eye(b, dtype=torch.bool,
                                                                  device=fast.device))
         dtype = next(teacher.parameters()).dtype
