@@ -50,8 +50,13 @@ def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
 
 def load_teacher(cfg: Config) -> nn.Module:
     """The frozen teacher of ``loss.distill``: the reranker (``reranker``, checked against the
-    feature sizes) or the slow model (``slow``, checked against the image and text inputs)."""
-    teacher = load_slow_teacher(cfg) if cfg.loss.distill.slow else load_reranker_teacher(cfg)
+    feature sizes) or the slow model (``slow``, checked against the image and text inputs).
+
+    Built under a forked RNG: constructing it (random init before its weights load) must not
+    move the random streams of the run (dropout, ...), so that a distilled run is the
+    undistilled one until the distillation term starts (``loss.distill.start``)."""
+    with torch.random.fork_rng(devices=[]):
+        teacher = load_slow_teacher(cfg) if cfg.loss.distill.slow else load_reranker_teacher(cfg)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
@@ -156,7 +161,9 @@ class CrossModalObjective(nn.Module):
         same = group[:, None] == group[None, :]
         positive = torch.arange(b, device=fast.device)
         # "random": the same choice made on random scores, uniform over the admissible columns
-        pick_by = fast if d.candidates == "hardest" else torch.rand_like(fast)
+        # (its own generator: the run's random streams stay those of the undistilled run)
+        pick_by = fast if d.candidates == "hardest" else \
+            torch.rand(fast.shape, generator=self._candidate_rng(), device="cpu").to(fast.device)
         candidates, valid = hardest_candidates(pick_by, positive, min(d.hard_negatives, b - 1),
                                                same & ~torch.eye(b, dtype=torch.bool,
                                                                  device=fast.device))
@@ -167,6 +174,15 @@ class CrossModalObjective(nn.Module):
             slow = teacher.score_gallery(teacher.gallery(phi), candidates, batch["input_ids"],
                                          batch["attention_mask"])  # [B, m + 1]
         return restricted_distillation_loss(fast, slow, candidates, d.temperature, valid)
+
+    def _candidate_rng(self) -> torch.Generator:
+        """The generator of ``loss.distill.candidates=random``, seeded by the run's seed and
+        this worker's rank."""
+        if not hasattr(self, "_rng"):
+            from raycmr.distributed import rank
+
+            self._rng = torch.Generator().manual_seed(self.cfg.train.seed * 1009 + rank())
+        return self._rng
 
     def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0,
                 progress: float = 1.0):
