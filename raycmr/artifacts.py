@@ -27,6 +27,7 @@ import io
 import json
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -206,19 +207,21 @@ def load_slow_exported(checkpoint: str | Path):
 # --------------------------------------------------------------------------------- index folders
 
 
-def write_index_folder(directory: str | Path, index_bytes: bytes, ids: list[str],
+def write_index_folder(directory: str | Path, write_index: Callable[[str], None], ids: Any,
                        meta: dict[str, Any]) -> str:
-    """Write ``index.faiss`` (serialised index), ``ids.parquet`` and ``meta.json``."""
+    """Write ``index.faiss`` (``write_index(path)`` writes it), ``ids.parquet`` (``ids``: a
+    sequence, or a pyarrow string array kept as it is) and ``meta.json``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     directory = str(directory)
-    write_bytes(join(directory, INDEX_FILE), index_bytes)
-    table = pa.table({"row": pa.array(np.arange(len(ids), dtype=np.int64)),
-                      "id": pa.array([str(i) for i in ids], type=pa.string())})
+    write_index(join(directory, INDEX_FILE))
+    if not isinstance(ids, pa.Array):
+        ids = pa.array([str(i) for i in ids], type=pa.string())
+    table = pa.table({"row": pa.array(np.arange(len(ids), dtype=np.int64)), "id": ids})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_bytes(join(directory, IDS_FILE), sink.getvalue().to_pybytes())
+    write_bytes(join(directory, IDS_FILE), sink.getvalue())
     write_bytes(join(directory, META_FILE), json.dumps(meta, indent=2).encode())
     return directory
 

@@ -28,11 +28,13 @@ class _ModelActor:
 def run_batch_inference(ds: Any, model_factory: Callable[[], BatchFn], columns: tuple[str, ...],
                         *, num_actors: int = 2, batch_size: int = 256,
                         num_cpus: float | None = None,
-                        on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                        on_rows: Callable[[int], None] | None = None,
+                        count_column: str | None = None) -> dict[str, np.ndarray]:
     """Map the Ray Data dataset ``ds`` through ``num_actors`` actors, each holding
     ``model_factory()``, and gather ``columns`` of the outputs on the driver (concatenated in
     the order Ray Data returns them; an empty result has zero-length arrays). ``on_rows(n)``
-    is called with the row count of each output batch as it arrives (progress)."""
+    is called with the row count of each output batch as it arrives (progress), or with the sum
+    of its ``count_column`` (a model that returns one summary row per batch)."""
     import ray
 
     options = {} if num_cpus is None else {"num_cpus": num_cpus}
@@ -44,5 +46,5 @@ def run_batch_inference(ds: Any, model_factory: Callable[[], BatchFn], columns: 
         for k, chunks in parts.items():
             chunks.append(batch[k])
         if on_rows is not None:
-            on_rows(len(batch[columns[0]]))
+            on_rows(int(batch[count_column].sum()) if count_column else len(batch[columns[0]]))
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}

@@ -53,6 +53,38 @@ def clamp_nlist(nlist: int, n: int) -> int:
     return max(1, min(int(nlist), n // MIN_POINTS_PER_CENTROID))
 
 
+def new_index(kind: str, d: int, n: int, nlist: int = 1024, nprobe: int = 16,
+              hnsw_m: int = 32, ef_search: int = 64, ef_construction: int = 80) -> faiss.Index:
+    """An empty inner-product FAISS index of ``kind`` for ``n`` vectors of dim ``d`` (IVF still
+    to be trained): ``nlist`` is clamped with a warning to :func:`clamp_nlist` for small ``n``
+    and ``nprobe`` to ``nlist``; HNSW has ``hnsw_m`` links per node, ``ef_construction`` while
+    building and ``ef_search`` at query time."""
+    if kind not in KINDS:
+        raise ValueError(f"index kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
+    if kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if kind == "ivf":
+        if nlist <= 0 or nprobe <= 0:
+            raise ValueError(f"ivf needs nlist > 0 and nprobe > 0, got {nlist} and {nprobe}")
+        use_nlist = clamp_nlist(nlist, n)
+        if use_nlist != nlist:
+            warnings.warn(
+                f"ivf: nlist={nlist} is too many cells for {n} vectors (FAISS wants >= "
+                f"{MIN_POINTS_PER_CENTROID} per cell); using nlist={use_nlist}",
+                stacklevel=3,
+            )
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, use_nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(int(nprobe), use_nlist)
+        return index
+    if hnsw_m < 2:
+        raise ValueError(f"hnsw needs hnsw_m >= 2, got {hnsw_m}")
+    index = faiss.IndexHNSWFlat(d, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = int(ef_construction)
+    index.hnsw.efSearch = int(ef_search)
+    return index
+
+
 def build_index(
     emb: Any,
     kind: str = "flat",
@@ -62,38 +94,16 @@ def build_index(
     ef_search: int = 64,
     ef_construction: int = 80,
 ) -> faiss.Index:
-    """An inner-product FAISS index holding ``emb`` [N, d] (row i gets id i).
-
-    ``ivf`` trains its coarse quantizer on ``emb`` itself; ``nlist`` is clamped with a warning
-    to :func:`clamp_nlist` for small N and ``nprobe`` to ``nlist``. ``hnsw`` uses ``hnsw_m``
-    links per node, ``ef_construction`` while building and ``ef_search`` at query time.
-    """
+    """An inner-product FAISS index holding ``emb`` [N, d] (row i gets id i): :func:`new_index`
+    with these parameters; ``ivf`` trains its coarse quantizer on ``emb`` itself."""
     if kind not in KINDS:
         raise ValueError(f"index kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
     x = _as_float32(emb, "emb")
     n, d = x.shape
-    if kind == "flat":
-        index: faiss.Index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        if nlist <= 0 or nprobe <= 0:
-            raise ValueError(f"ivf needs nlist > 0 and nprobe > 0, got {nlist} and {nprobe}")
-        use_nlist = clamp_nlist(nlist, n)
-        if use_nlist != nlist:
-            warnings.warn(
-                f"ivf: nlist={nlist} is too many cells for {n} vectors (FAISS wants >= "
-                f"{MIN_POINTS_PER_CENTROID} per cell); using nlist={use_nlist}",
-                stacklevel=2,
-            )
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, use_nlist, faiss.METRIC_INNER_PRODUCT)
+    index = new_index(kind, d, n, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
+                      ef_search=ef_search, ef_construction=ef_construction)
+    if not index.is_trained:
         index.train(x)
-        index.nprobe = min(int(nprobe), use_nlist)
-    else:
-        if hnsw_m < 2:
-            raise ValueError(f"hnsw needs hnsw_m >= 2, got {hnsw_m}")
-        index = faiss.IndexHNSWFlat(d, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(ef_construction)
-        index.hnsw.efSearch = int(ef_search)
     index.add(x)
     return index
 
@@ -165,10 +175,10 @@ def save_index(index: faiss.Index, ids: list[str], directory: str | Path,
     """Write ``index.faiss``, ``ids.parquet`` and ``meta.json`` into ``directory`` (a local path,
     created, or an object-store URI) through :mod:`raycmr.artifacts`.
 
-    ``ids[i]`` is the external id (e.g. an image key) of the vector at row ``i``; ``extra_meta``
+    ``ids[i]`` is the external id (e.g. an image key) of the vector at row ``i`` (a sequence or
+    a pyarrow string array); ``extra_meta``
     adds keys to meta.json (e.g. ``auto``: the measurements behind ``--kind auto``).
     """
-    ids = [str(i) for i in ids]
     if len(ids) != index.ntotal:
         raise ValueError(
             f"got {len(ids)} ids for an index of {index.ntotal} vectors; give one id per row"
@@ -183,8 +193,16 @@ def save_index(index: faiss.Index, ids: list[str], directory: str | Path,
         "faiss_version": faiss.__version__,
         **(extra_meta or {}),
     }
-    return artifacts.write_index_folder(directory, faiss.serialize_index(cpu).tobytes(), ids,
-                                        meta)
+
+    def write(path: str) -> None:
+        if artifacts.is_remote(path):  # one serialised copy, written as it is (no .tobytes())
+            artifacts.write_bytes(path, faiss.serialize_index(cpu))
+        else:  # straight to the file: no copy of the index in memory
+            local = Path(path.removeprefix("file://")).expanduser()
+            local.parent.mkdir(parents=True, exist_ok=True)
+            faiss.write_index(cpu, str(local))
+
+    return artifacts.write_index_folder(directory, write, ids, meta)
 
 
 def load_index(directory: str | Path) -> tuple[faiss.Index, list[str]]:

@@ -2,9 +2,10 @@
 and with a slow checkpoint the slow model's ``phi(x)`` of every image next to it.
 
 The gallery is every unique image (``group``) of the shards: captions that share an
-``image_id`` are one entry. Images are embedded by the checkpoint's image tower on Ray Data actors
-(:func:`raycmr.evaluate.embedding.embed_split`), then indexed for inner-product search. The index
-directory holds:
+``image_id`` are one entry. Images are embedded by the checkpoint's image tower on Ray Data actors,
+which write the embeddings to files the driver adds to FAISS chunk by chunk
+(:mod:`raycmr.index.gallery_store`: the driver never holds the gallery's embeddings beyond the
+index itself). The index directory holds:
 
     index.faiss, ids.parquet, meta.json   the FAISS index and its id table (row -> id string;
                                           the shard ``image_id``, else the row ``id``), written
@@ -20,14 +21,26 @@ batches in.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from raycmr import artifacts
 from raycmr.config import Config, ConfigError
+from raycmr.index.gallery_store import (
+    EmbeddingBlockWriter,
+    GalleryRows,
+    assemble_embeddings,
+    build_index_from_file,
+    scan_gallery_rows,
+)
+
+SCRATCH_DIR = "_embedding_blocks"  # the actors' blocks while the index is built; then removed
 
 
 def _gallery_key(image_id: Any, row_id: Any) -> str:
@@ -145,8 +158,7 @@ def build_gallery_index(
     """
     from raycmr.config import apply_overrides
     from raycmr.data.schema import check_shards
-    from raycmr.evaluate.embedding import embed_split
-    from raycmr.index.faiss_index import build_index_from_config, save_index
+    from raycmr.index.faiss_index import save_index
     from raycmr.runtime import init_ray
 
     ckpt_dir = artifacts.find_checkpoint(checkpoint)
@@ -170,9 +182,71 @@ def build_gallery_index(
 
     t0 = time.perf_counter()
     say(f"index: scanning ids in {len(info.files)} shard file(s)")
-    keys = scan_gallery(info.files, info.format)
+    rows = scan_gallery_rows(info.files, info.format)
+    if len(rows) == 0:
+        raise ConfigError(f"no rows in the gallery shards {paths}; nothing to index")
     init_ray(min_cpus=num_actors + 1)
-    say(f"index: embedding {len(keys)} images with {num_actors} Ray Data actors")
+    say(f"index: embedding {len(rows)} images with {num_actors} Ray Data actors")
+    scratch = artifacts.join(out, SCRATCH_DIR)
+    fs, root = artifacts.split(scratch)
+    fs.delete_dir_contents(root, missing_dir_ok=True)  # blocks of an interrupted build
+    with tempfile.TemporaryDirectory(prefix="raycmr-index-") as tmp:
+        table = Path(tmp) / "embeddings.f32"
+        try:
+            pairs = _embed_to_blocks(paths, cfg, model, rows, scratch, num_actors, batch_size,
+                                     console)
+            dim, filled = assemble_embeddings(scratch, len(rows), table)
+        finally:  # the blocks are in the table file now (or the build failed)
+            if fs.get_file_info(root).type != pafs.FileType.NotFound:
+                fs.delete_dir(root)
+        if not filled.any():
+            raise ConfigError(f"no valid rows in the gallery shards {paths}; nothing to index")
+        extra: dict[str, Any] = {}
+        if auto:
+            from raycmr.index.autotune import choose_index
+
+            say(f"index: measuring flat, HNSW and IVF settings for recall@10 >= {target_recall}")
+            vectors = np.memmap(table, dtype=np.float32, mode="r", shape=(len(rows), dim))
+            index, choice = choose_index(vectors if filled.all() else vectors[filled],
+                                         target_recall, hnsw_m=cfg.index.hnsw_m)
+            del vectors
+            extra["auto"] = choice.meta()
+            say(f"index: chose {choice.summary()}")
+            kind_name = choice.kind
+        else:
+            index = build_index_from_file(table, dim, filled, cfg.index)
+            kind_name = cfg.index.kind
+    names = rows.names if filled.all() else rows.names.filter(pa.array(filled))
+    out = save_index(index, names, out, extra_meta=extra)
+    record = {
+        "checkpoint": ckpt_dir if artifacts.is_remote(ckpt_dir) else str(Path(ckpt_dir).resolve()),
+        "shards": [str(p) for p in paths],
+        "data_kind": cfg.data.kind,
+        "count": len(names),
+        "pairs": pairs,
+        "embed_dim": dim,
+        "index_kind": kind_name,
+    }
+    say(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
+        f"[{kind_name}, dim {dim}] in {time.perf_counter() - t0:.1f} s")
+    if slow_model is not None:
+        record["slow_checkpoint"] = slow
+        record["phi"] = _write_phi(paths, slow, slow_model, slow_cfg, rows.groups[filled], out,
+                                   num_actors, batch_size, say, console)
+    artifacts.write_gallery(out, record)
+    return record
+
+
+def _embed_to_blocks(paths: list[str], cfg: Config, model, rows: GalleryRows, scratch: str,
+                     num_actors: int, batch_size: int, console) -> int:
+    """Embed the gallery's images on Ray Data actors that write their blocks to ``scratch``
+    (:class:`~raycmr.index.gallery_store.EmbeddingBlockWriter`); returns the pairs read."""
+    import ray
+
+    from raycmr.data.inference import run_batch_inference
+    from raycmr.data.pipeline import build_dataset
+    from raycmr.evaluate.embedding import DualEncoderEmbedder
+
     bar, done = None, [0]
     if console is not None:
         from raycmr.data.pipeline import count_rows
@@ -184,53 +258,17 @@ def build_gallery_index(
         done[0] += n
         bar.update(done[0])
 
+    embedder = DualEncoderEmbedder(cfg.to_dict(), ray.put(model.state_dict()), images_only=True)
+    writer = EmbeddingBlockWriter(embedder, ray.put(rows), scratch)
+    ds = build_dataset(paths, cfg.data, training=False)
     try:
-        emb = embed_split(paths, cfg, model.state_dict(), num_actors=num_actors,
-                          batch_size=batch_size, images_only=True,
-                          on_rows=on_rows if bar else None)
+        got = run_batch_inference(ds, writer, ("pairs", "images"), num_actors=num_actors,
+                                  batch_size=batch_size, on_rows=on_rows if bar else None,
+                                  count_column="pairs")
     finally:
         if bar is not None:
             bar.close()
-    groups, first = np.unique(emb["group"], return_index=True)
-    if len(groups) == 0:
-        raise ConfigError(f"no valid rows in the gallery shards {paths}; nothing to index")
-    names = [keys[g][0] if g in keys else str(g) for g in groups.tolist()]
-    order = np.argsort(np.array(names, dtype=object), kind="stable")
-    rows = first[order]
-    names = [names[i] for i in order]
-    img = np.ascontiguousarray(emb["img"][rows], dtype=np.float32)
-    pairs = len(emb["group"])
-    del emb  # the unordered copy: at 1M images 0.5 GB the index build does not need
-    extra: dict[str, Any] = {}
-    if auto:
-        from raycmr.index.autotune import choose_index
-
-        say(f"index: measuring flat, HNSW and IVF settings for recall@10 >= {target_recall}")
-        index, choice = choose_index(img, target_recall, hnsw_m=cfg.index.hnsw_m)
-        extra["auto"] = choice.meta()
-        say(f"index: chose {choice.summary()}")
-        kind_name = choice.kind
-    else:
-        index = build_index_from_config(img, cfg.index)
-        kind_name = cfg.index.kind
-    out = save_index(index, names, out, extra_meta=extra)
-    record = {
-        "checkpoint": ckpt_dir if artifacts.is_remote(ckpt_dir) else str(Path(ckpt_dir).resolve()),
-        "shards": [str(p) for p in paths],
-        "data_kind": cfg.data.kind,
-        "count": len(names),
-        "pairs": pairs,
-        "embed_dim": int(img.shape[1]),
-        "index_kind": kind_name,
-    }
-    say(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
-        f"[{kind_name}, dim {img.shape[1]}] in {time.perf_counter() - t0:.1f} s")
-    if slow_model is not None:
-        record["slow_checkpoint"] = slow
-        record["phi"] = _write_phi(paths, slow, slow_model, slow_cfg, groups[order], out,
-                                   num_actors, batch_size, say, console)
-    artifacts.write_gallery(out, record)
-    return record
+    return int(got["pairs"].sum())
 
 
 def _load_slow(slow: str, cfg: Config):
