@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from raycmr.distributed import GlobalBatch, local_batch
-from raycmr.losses.contrastive import infonce_loss, vse_loss
+from raycmr.losses.contrastive import infonce_loss, mask_own_group_, same_group_mask, vse_loss
 
 
 def _emb(n, d, seed):
@@ -142,3 +142,17 @@ def test_mh_gradient_matches_hand_reference(shared_groups):
     assert ref_img.abs().sum() > 0
     torch.testing.assert_close(img.grad, ref_img, rtol=0, atol=1e-12)
     torch.testing.assert_close(txt.grad, ref_txt, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [None, "distinct", "shared"])
+@pytest.mark.parametrize("anchors", [(0, None), (3, 9)])
+def test_own_group_masking_equals_the_full_mask(groups, anchors):
+    """The diagonal fast path (every row its own group) and the general mask give the same
+    -inf cells, for every anchor slice."""
+    n = 12
+    ids = {None: None, "distinct": torch.randperm(n) * 7,
+           "shared": torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7])}[groups]
+    batch = GlobalBatch(torch.randn(n, 4), torch.randn(n, 4), ids, *anchors)
+    sims = torch.randn(batch.anchor_count, n)
+    want = sims.masked_fill(same_group_mask(batch), float("-inf"))
+    assert torch.equal(mask_own_group_(sims.clone(), batch), want)
