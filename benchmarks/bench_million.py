@@ -218,6 +218,7 @@ def write_benchmarks_result(results: list[dict]) -> None:
                           "formats": {"recall@10": ".3f", "score_recall@10": ".3f",
                                       "x_flat": ".2f", "qps": ",.0f", "build_s": ".2f",
                                       "search_s": ".3f"}})
+        summary += result.get("notes", [])  # what a person adds to a run's JSON (conditions)
     summary.append("*_uss_mb: a process's own memory (USS); *_mb without it: RSS, which also "
                    "counts the pages of Ray's shared-memory object store a process has touched "
                    "(benchmarks/memwatch.py); tree = the command, its local Ray cluster and "
