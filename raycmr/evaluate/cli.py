@@ -33,24 +33,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_verbose_flag(p)
 
 
+def _log_path(checkpoint: str):
+    """Where Ray's lines go: ``eval.log`` in the checkpoint's run folder (``raycmr-logs/``
+    for a remote checkpoint)."""
+    from pathlib import Path
+
+    from raycmr.artifacts import find_checkpoint, is_remote
+
+    checkpoint = find_checkpoint(checkpoint)
+    return Path("raycmr-logs", "eval.log") if is_remote(checkpoint) \
+        else Path(checkpoint).parent / "eval.log"
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``raycmr eval``: the metrics table (and plots); Ray's lines go to
     ``eval.log`` in the checkpoint's run folder. With ``--rerank``: the fast / fast+slow /
     slow-only table."""
     if args.rerank:
         return run_rerank(args)
-    from pathlib import Path
-
-    from raycmr.artifacts import find_checkpoint, is_remote, read_config
+    from raycmr.artifacts import read_config
     from raycmr.config import apply_overrides
     from raycmr.evaluate.checkpoint import evaluate_checkpoint
     from raycmr.reporting.console import console_session, metrics_table
 
     split = args.split or apply_overrides(read_config(args.checkpoint), args.overrides).eval.split
-    checkpoint = find_checkpoint(args.checkpoint)
-    log = Path("raycmr-logs", "eval.log") if is_remote(checkpoint) \
-        else Path(checkpoint).parent / "eval.log"
-    with console_session(log, args.verbose) as console:
+    with console_session(_log_path(args.checkpoint), args.verbose) as console:
         emb: dict = {}
         metrics = evaluate_checkpoint(args.checkpoint, split, args.overrides,
                                       embeddings_out=emb)
@@ -70,16 +77,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_rerank(args: argparse.Namespace) -> int:
-    """``raycmr eval --rerank SLOW``: the fast / fast+slow / slow-only table."""
+    """``raycmr eval --rerank SLOW``: the fast / fast+slow / slow-only table; Ray's lines go to
+    ``eval.log`` as for the plain table."""
     from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table
+    from raycmr.reporting.console import console_session
 
     split = args.split or "test"
-    rows, n_img = evaluate_fast_slow(args.checkpoint, args.rerank, split, args.rerank_k,
-                                     args.beta, args.slow_queries, args.overrides)
-    print(f"{split} text->image, {n_img} images (fast {args.checkpoint}, slow "
-          f"{args.rerank}, beta {args.beta}):")
-    print(markdown_table(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    with console_session(_log_path(args.checkpoint), args.verbose) as console:
+        rows, n_img = evaluate_fast_slow(args.checkpoint, args.rerank, split, args.rerank_k,
+                                         args.beta, args.slow_queries, args.overrides)
+        console.print(f"{split} text->image, {n_img} images (fast {args.checkpoint}, slow "
+                      f"{args.rerank}, beta {args.beta}):", markup=False)
+        console.print(markdown_table(rows), markup=False)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
     return 0
