@@ -290,6 +290,33 @@ def test_slow_teacher_scores_b_times_m_plus_1_pairs_and_gets_no_gradient(tmp_pat
     assert pairs == [(b, m + 1)]
 
 
+def test_a_distilled_run_is_the_undistilled_one_until_the_term_starts(tmp_path) -> None:
+    """Loading the teacher draws no random numbers from the run's streams (same seed: the same
+    initial weights and the same dropout as without a teacher), and random candidates draw
+    from their own generator."""
+    cfg, _ = _slow_teacher_setup(tmp_path, candidates="random", start=0.5)
+    plain_cfg = with_overrides(cfg, {"loss.distill.enabled": False})
+    batch = _image_batch(6)
+    runs = []
+    for c in (plain_cfg, cfg):
+        torch.manual_seed(3)
+        objective = CrossModalObjective(c).train()  # dropout on: it draws from the stream
+        runs.append((objective.state_dict(), objective(batch, progress=0.4)["loss"].detach(),
+                     torch.rand(4)))
+    (plain_state, plain_loss, plain_next), (state, loss, after) = runs
+    assert plain_state.keys() == state.keys()
+    assert all(torch.equal(plain_state[k], state[k]) for k in state)
+    assert torch.equal(plain_loss, loss) and torch.equal(plain_next, after)
+
+    draws = []
+    for c, progress in ((plain_cfg, 0.6), (cfg, 0.6)):  # the term on, candidates drawn
+        torch.manual_seed(3)
+        out = CrossModalObjective(c).eval()(batch, progress=progress)
+        draws.append(torch.rand(4))
+    assert float(out["distill"]) > 0
+    assert torch.equal(draws[0], draws[1])
+
+
 def test_slow_teacher_config_errors(tmp_path) -> None:
     from raycmr.config import load_config
 
