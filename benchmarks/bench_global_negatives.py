@@ -50,6 +50,7 @@ except ImportError:  # `python benchmarks/bench_global_negatives.py`
     from raybench import med, spread
 
 from raycmr.config import load_config
+from raycmr.distributed import end_spawned_process
 from raycmr.train.objective import CrossModalObjective
 
 NAME = "bench_global_negatives"
@@ -151,6 +152,7 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str
                 "on": collectives[True], "off": collectives[False]}}))
     finally:
         dist.destroy_process_group()
+    end_spawned_process()
 
 
 def count_collectives(fn) -> int:

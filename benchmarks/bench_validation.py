@@ -113,6 +113,7 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str
             Path(out_path).write_text(json.dumps({"records": records, "same_metrics": same}))
     finally:
         dist.destroy_process_group()
+    distributed.end_spawned_process()
 
 
 def _free_port() -> int:

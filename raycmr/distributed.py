@@ -23,14 +23,31 @@ gather must therefore only enter losses that every rank computes identically.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+def end_spawned_process(code: int = 0) -> NoReturn:
+    """End a process started by ``torch.multiprocessing`` (a test's or benchmark's gloo rank)
+    once its work is done and its process group destroyed, without the interpreter's teardown.
+
+    ``benchmarks/bench_global_negatives.py`` lost about one run in ten to a rank killed by
+    SIGABRT ("terminate called without an active exception": a joinable C++ thread destroyed)
+    *after* both ranks had returned from their work, ``destroy_process_group`` included: the
+    abort is in the teardown of torch's distributed stack at interpreter exit (pytorch/pytorch
+    PR 179291 describes one such path), not in a collective. Everything the parent reads has
+    been written by then; ``os._exit`` skips the teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_distributed() -> bool:

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from raycmr.config import load_config
+from raycmr.distributed import end_spawned_process
 
 OVERRIDES = [
     "data.kind=features", "model.image.kind=mlp", "model.image.input_dim=6",
@@ -112,6 +113,7 @@ def _worker(rank, world, port, result_path):
                     "state": state}, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
+    end_spawned_process()
 
 
 

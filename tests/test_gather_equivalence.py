@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from raycmr.config import load_config
+from raycmr.distributed import end_spawned_process
 from raycmr.train.objective import CrossModalObjective
 
 OVERRIDES = [
@@ -66,6 +67,7 @@ def _worker(rank, world, port, kind, global_negatives, splits, result_path):
             torch.save({"loss": loss / world, "grads": grads}, result_path)
     finally:
         dist.destroy_process_group()
+    end_spawned_process()
 
 
 
@@ -111,6 +113,7 @@ def _uneven_worker(rank, world, port, result_path):
         torch.save({"got": got, "after": after}, f"{result_path}.{rank}")
     finally:
         dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_while_all_have_stops_every_rank_when_one_runs_out(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raycmr.config import ConfigError, load_config
-from raycmr.distributed import GlobalBatch, local_batch
+from raycmr.distributed import GlobalBatch, end_spawned_process, local_batch
 from raycmr.losses.contrastive import MAX_LOGIT_SCALE, infonce_loss, vse_loss
 from raycmr.losses.handover import handover_weight, smooth_mh_loss, vse_mh_handover_loss
 from tests.test_contrastive import _emb, infonce_reference, vse_reference
@@ -202,6 +202,7 @@ def _handover_worker(rank, world, port, splits, result_path):
             torch.save({"loss": loss / world, "grads": grads}, result_path)
     finally:
         dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_handover_over_two_workers_equals_single_process(tmp_path):
