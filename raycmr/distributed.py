@@ -39,7 +39,7 @@ def end_spawned_process(code: int = 0) -> NoReturn:
     """End a process started by ``torch.multiprocessing`` (a test's or benchmark's gloo rank)
     once its work is done and its process group destroyed, without the interpreter's teardown.
 
-    ``benchmarks/bench_global_negatives.py`` lost about one run in eight to a rank killed by
+    ``benchmarks/bench_global_negatives.py`` lost 3 of 34 runs to a rank killed by
     SIGABRT ("terminate called without an active exception": a joinable C++ thread destroyed)
     *after* both ranks had returned from their work, ``destroy_process_group`` included: the
     abort is in the teardown of torch's distributed stack at interpreter exit (pytorch/pytorch
