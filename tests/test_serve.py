@@ -220,7 +220,7 @@ def test_scan_gallery_names_images_like_the_pipeline(tmp_path) -> None:
     import tarfile
 
     from raycmr.data.transforms import stable_hash63
-    from raycmr.index.gallery import scan_gallery
+    from raycmr.index.gallery_store import scan_gallery
 
     names, image, _ = write_gallery(tmp_path / "g")
     found = scan_gallery([str(tmp_path / "g" / "part-0.parquet")], "parquet",
