@@ -96,8 +96,6 @@ def build_index(
 ) -> faiss.Index:
     """An inner-product FAISS index holding ``emb`` [N, d] (row i gets id i): :func:`new_index`
     with these parameters; ``ivf`` trains its coarse quantizer on ``emb`` itself."""
-    if kind not in KINDS:
-        raise ValueError(f"index kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
     x = _as_float32(emb, "emb")
     n, d = x.shape
     index = new_index(kind, d, n, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,

@@ -184,7 +184,7 @@ def _embed_to_blocks(paths: list[str], cfg: Config, model, rows: GalleryRows, sc
         bar.update(done[0])
 
     embedder = DualEncoderEmbedder(cfg.to_dict(), ray.put(model.state_dict()), images_only=True)
-    writer = EmbeddingBlockWriter(embedder, ray.put(rows), scratch)
+    writer = EmbeddingBlockWriter(embedder, ray.put(rows.lookup), scratch)
     ds = build_dataset(paths, cfg.data, training=False)
     try:
         got = run_batch_inference(ds, writer, ("pairs", "images"), num_actors=num_actors,

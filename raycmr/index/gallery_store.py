@@ -110,26 +110,35 @@ def scan_gallery(files: list[str], fmt: str, *, image_dim: int = 0
     return out
 
 
-class GalleryRows:
-    """Index rows of a gallery: ``names`` (a pyarrow string array, sorted) and ``groups``
-    (int64: the ``group`` hash of each name, the key the Ray Data pipeline gives every row)."""
+class RowLookup:
+    """``group`` hash -> index row, vectorised: what each embedding actor needs of the gallery
+    (the ids themselves stay on the driver)."""
 
-    def __init__(self, names: Any, groups: np.ndarray):
-        self.names = names
-        self.groups = np.asarray(groups, dtype=np.int64)
-        self._order = np.argsort(self.groups, kind="stable")
-        self._sorted = self.groups[self._order]
+    def __init__(self, groups: np.ndarray):
+        self._order = np.argsort(groups, kind="stable")
+        self._sorted = groups[self._order]
 
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def lookup(self, groups: np.ndarray) -> np.ndarray:
+    def __call__(self, groups: np.ndarray) -> np.ndarray:
         """Index row of each ``group`` (-1 for a group not in the gallery)."""
         groups = np.asarray(groups, dtype=np.int64)
         if len(self._sorted) == 0:
             return np.full(len(groups), -1, dtype=np.int64)
         at = np.minimum(np.searchsorted(self._sorted, groups), len(self._sorted) - 1)
         return np.where(self._sorted[at] == groups, self._order[at], -1).astype(np.int64)
+
+
+class GalleryRows:
+    """Index rows of a gallery: ``names`` (a pyarrow string array, sorted), ``groups`` (int64:
+    the ``group`` hash of each name, the key the Ray Data pipeline gives every row) and
+    ``lookup`` (:class:`RowLookup`: groups -> rows)."""
+
+    def __init__(self, names: Any, groups: np.ndarray):
+        self.names = names
+        self.groups = np.asarray(groups, dtype=np.int64)
+        self.lookup = RowLookup(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
 
 
 def scan_gallery_rows(files: list[str], fmt: str) -> GalleryRows:
@@ -161,23 +170,24 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 class EmbeddingBlockWriter:
     """A picklable model factory for :func:`~raycmr.data.inference.run_batch_inference`: in an
     actor it builds ``embedder`` (a :class:`~raycmr.evaluate.embedding.DualEncoderEmbedder`
-    with ``images_only``) and returns a function from a decoded batch to ``pairs`` (the batch's
+    with ``images_only``), maps groups to index rows with ``lookup`` (a :class:`RowLookup` or
+    its object ref) and returns a function from a decoded batch to ``pairs`` (the batch's
     valid rows) and ``images`` (the gallery images it wrote), one output row per batch. The
     embeddings go to ``scratch/emb-<hex>.npz`` (``rows`` int64, ``vectors`` float32)."""
 
-    def __init__(self, embedder: Any, rows: Any, scratch: str):
-        self.embedder, self.rows, self.scratch = embedder, rows, str(scratch)
+    def __init__(self, embedder: Any, lookup: Any, scratch: str):
+        self.embedder, self.lookup, self.scratch = embedder, lookup, str(scratch)
 
     def __call__(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         import ray
 
         embed = self.embedder()
-        rows = ray.get(self.rows) if isinstance(self.rows, ray.ObjectRef) else self.rows
+        lookup = ray.get(self.lookup) if isinstance(self.lookup, ray.ObjectRef) else self.lookup
         scratch = self.scratch
 
         def write(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = embed(batch)
-            row = rows.lookup(out["group"])
+            row = lookup(out["group"])
             kept, first = np.unique(row, return_index=True)  # each image once per batch
             first = first[kept >= 0]
             if len(first):
@@ -244,9 +254,10 @@ def build_index_from_file(path: Path, dim: int, filled: np.ndarray, cfg: Any,
                       hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search)
     if not index.is_trained:
         cells = index.nlist
-        sample = rows[np.linspace(0, len(rows) - 1, min(len(rows), 256 * cells)).astype(np.int64)]
+        count = min(len(rows), 256 * cells)
+        sample = rows[np.arange(count) * len(rows) // count]  # evenly spaced, sorted, distinct
         table = np.memmap(path, dtype=np.float32, mode="r", shape=(len(filled), dim))
-        index.train(_as_float32(table[np.unique(sample)], "embeddings"))
+        index.train(_as_float32(table[sample], "embeddings"))
         del table
     for start in range(0, len(filled), chunk):
         stop = min(start + chunk, len(filled))

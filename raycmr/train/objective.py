@@ -125,6 +125,9 @@ class CrossModalObjective(nn.Module):
         # optimise or checkpoint the frozen teacher; the config names its directory.
         self._teacher: tuple[nn.Module, ...] = (load_teacher(cfg),) if cfg.loss.distill.enabled \
             else ()
+        # loss.distill.candidates=random draws from its own generator (seed and rank), so the
+        # run's random streams stay those of the undistilled run
+        self._candidate_rng = torch.Generator().manual_seed(cfg.train.seed * 1009 + distributed.rank())
 
     def distillation(self, img: torch.Tensor, txt: torch.Tensor,
                      batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -161,9 +164,8 @@ class CrossModalObjective(nn.Module):
         same = group[:, None] == group[None, :]
         positive = torch.arange(b, device=fast.device)
         # "random": the same choice made on random scores, uniform over the admissible columns
-        # (its own generator: the run's random streams stay those of the undistilled run)
         pick_by = fast if d.candidates == "hardest" else \
-            torch.rand(fast.shape, generator=self._candidate_rng(), device="cpu").to(fast.device)
+            torch.rand(fast.shape, generator=self._candidate_rng, device="cpu").to(fast.device)
         candidates, valid = hardest_candidates(pick_by, positive, min(d.hard_negatives, b - 1),
                                                same & ~torch.eye(b, dtype=torch.bool,
                                                                  device=fast.device))
@@ -174,15 +176,6 @@ class CrossModalObjective(nn.Module):
             slow = teacher.score_gallery(teacher.gallery(phi), candidates, batch["input_ids"],
                                          batch["attention_mask"])  # [B, m + 1]
         return restricted_distillation_loss(fast, slow, candidates, d.temperature, valid)
-
-    def _candidate_rng(self) -> torch.Generator:
-        """The generator of ``loss.distill.candidates=random``, seeded by the run's seed and
-        this worker's rank."""
-        if not hasattr(self, "_rng"):
-            from raycmr.distributed import rank
-
-            self._rng = torch.Generator().manual_seed(self.cfg.train.seed * 1009 + rank())
-        return self._rng
 
     def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0,
                 progress: float = 1.0):
