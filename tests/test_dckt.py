@@ -21,8 +21,8 @@ from raycmr.losses.contrastive import vse_loss
 from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
 from raycmr.losses.semantic import semantic_loss
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train.dckt_objective import DCKTObjective, source_model_config
-from raycmr.train.dckt_selection import pair_average_precision, selection_probabilities
+from raycmr.train.dckt.objective import DCKTObjective, source_model_config
+from raycmr.train.dckt.selection import pair_average_precision, selection_probabilities
 
 IMG_DIM, TXT_DIM = 12, 6
 OBJECTIVE_OVERRIDES = [
@@ -185,7 +185,7 @@ def _run_config(root, storage):
         f"model.image={{kind: mlp, input_dim: {IMG_DIM}, hidden_dims: [16]}}",
         f"model.text={{kind: mlp, input_dim: {TXT_DIM}, hidden_dims: [16]}}",
         "loss.kind=vse_mh", "loss.weight=0.5",
-        "dckt.enabled=true", "dckt.rounds=2", "dckt.epochs_per_round=1", f"dckt.alpha={ALPHA}",
+        "train.task=dckt", "dckt.rounds=2", "dckt.epochs_per_round=1", f"dckt.alpha={ALPHA}",
         "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
         "train.lr=0.01", "train.warmup_steps=1", "train.log_every=100", "train.zero_stage=1",
         "train.max_failures=0", "train.torch_threads=1", f"train.storage_path={storage}",
@@ -194,7 +194,7 @@ def _run_config(root, storage):
 
 @pytest.mark.ray
 def test_two_round_dckt_run(ray_cluster, two_domains, tmp_path) -> None:
-    from raycmr.train.dckt import load_source_model
+    from raycmr.train.dckt.rounds import load_source_model
     from raycmr.train.run import train
 
     root, target_rows = two_domains

@@ -6,13 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raycmr.artifacts import load_reranker, save_reranker
 from raycmr.config import ConfigError
-from raycmr.models.reranker import (
-    CrossAttentionReranker,
-    RerankerConfig,
-    load_reranker,
-    save_reranker,
-)
+from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
 from raycmr.rerank.fit import fit_reranker
 
 
