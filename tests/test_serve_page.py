@@ -241,4 +241,4 @@ def test_image_routes(page_app) -> None:
     assert got.content == row["image"]
     assert client.get("/image/nope").status_code == 404
     bad = client.post("/search/image", content=b"not an image")
-    assert bad.status_code == 400 and "not a decodable image" in bad.text
+    assert bad.status_code == 422 and "not a decodable image" in bad.text
