@@ -170,6 +170,15 @@ def _browser():
     return sync_playwright
 
 
+def _wait(page, done, timeout_s: float = 30) -> None:
+    """Poll ``done()`` (Python; CDP evaluation, which the page's CSP does not govern, unlike
+    Playwright's wait_for_function, which evaluates a string inside the page)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out waiting on the page"
+        page.wait_for_timeout(200)
+
+
 @pytest.mark.ray
 def test_search_page_in_chromium(page_app, tmp_path) -> None:
     sync_playwright = _browser()
@@ -191,6 +200,8 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         page = browser.new_page(viewport={"width": 1100, "height": 800})
         requests_out: list[str] = []
         page.on("request", lambda r: requests_out.append(r.url))
+        console: list[str] = []  # the page runs under its own Content-Security-Policy
+        page.on("console", lambda m: console.append(m.text))
         page.goto(page_app["url"] + "/")
         page.fill("#token", "wrong-token")
         page.click("#login-form button")
@@ -202,8 +213,8 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         page.fill("#k", "5")
         page.click("#search-form button")
         page.wait_for_selector(".card >> nth=4")
-        page.wait_for_function("Array.from(document.querySelectorAll('.card img'))"
-                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        _wait(page, lambda: page.eval_on_selector_all(
+            ".card img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"))
         cards = page.locator(".card")
         assert cards.count() == 5
         assert [cards.nth(i).get_attribute("data-id") for i in range(5)] == \
@@ -216,8 +227,8 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         assert "encode" in status and "rerank" in status and "5 results" in status
         page.uncheck("#rerank")  # the fast stage alone: the brute-force best first
         page.click("#search-form button")
-        page.wait_for_function("(t => t.includes('5 results') && !t.includes('rerank'))"
-                               "(document.querySelector('#status').innerText)", timeout=30_000)
+        _wait(page, lambda: "5 results" in (t := page.inner_text("#status")) and
+              "rerank" not in t)
         assert page.locator(".card").nth(0).get_attribute("data-id") == best
         assert page.inner_text(".card >> nth=0 >> .slow") == "not reranked"
         page.set_input_files("#file", str(upload))
@@ -228,6 +239,7 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         page.screenshot(path=str(tmp_path / "search_page.png"), full_page=True)
         browser.close()
     assert (tmp_path / "search_page.png").stat().st_size > 10_000
+    assert not [m for m in console if "Content Security Policy" in m], console
     # nothing was fetched from anywhere but the app itself
     assert all(u.startswith(page_app["url"]) for u in requests_out), requests_out
 
