@@ -144,9 +144,10 @@ def fire(url: str, attack, timeout: float = 120) -> tuple[int, str, dict[str, st
     return r.status_code, r.text, dict(r.headers), 1000 * (time.perf_counter() - t0)
 
 
-def build_files(tmp: Path) -> dict[str, str]:
-    """A random-init image/text dual encoder (tiny ViT + BERT, MiniLM tokenizer), a random-init
-    slow model and an indexed 8-image synthetic gallery: the app's args."""
+def write_tiny_image_app(tmp: Path, n_images: int, captions_per_image: int):
+    """A random-init image/text dual encoder (tiny ViT + BERT, MiniLM tokenizer) in
+    ``tmp/ckpt``, a random-init slow model in ``tmp/slow`` and a synthetic 32 px gallery of
+    ``n_images`` in ``tmp/gallery``, indexed with phi(x) in ``tmp/index``; returns the model."""
     import torch
 
     from raycmr.artifacts import write_export
@@ -156,8 +157,8 @@ def build_files(tmp: Path) -> dict[str, str]:
     from raycmr.models.dual_encoder import DualEncoder
     from raycmr.models.slow import build_slow_model
 
-    write_synthetic_split(tmp / "gallery", "test", N_IMAGES, seed=3, image_size=32,
-                          captions_per_image=1, progress=False)
+    write_synthetic_split(tmp / "gallery", "test", n_images, seed=3, image_size=32,
+                          captions_per_image=captions_per_image, progress=False)
     cfg = config_from_dict({
         "data": {"kind": "images", "test": [str(tmp / "gallery")], "image_size": 32,
                  "tokenizer": "minilm", "max_text_len": 16},
@@ -172,8 +173,9 @@ def build_files(tmp: Path) -> dict[str, str]:
                       "intermediate_size": 32, "max_position_embeddings": 32}}},
         "index": {"kind": "flat"}})
     torch.manual_seed(0)
+    model = DualEncoder(cfg.model).eval()
     (tmp / "ckpt").mkdir()
-    write_export(tmp / "ckpt", DualEncoder(cfg.model).state_dict(), cfg, {"epoch": 0})
+    write_export(tmp / "ckpt", model.state_dict(), cfg, {"epoch": 0})
     slow_cfg = load_config("quickstart_slow", [
         f"data.test=[{tmp / 'gallery'}]", "data.image_size=32", "data.max_text_len=16",
         "slow.width=16", "slow.heads=2", "slow.decoder_layers=1"])
@@ -182,6 +184,12 @@ def build_files(tmp: Path) -> dict[str, str]:
                                                 16).state_dict(), slow_cfg, {"epoch": 0})
     build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", slow=str(tmp / "slow"),
                         num_actors=1, batch_size=16)
+    return model
+
+
+def build_files(tmp: Path) -> dict[str, Any]:
+    """An indexed 8-image gallery of :func:`write_tiny_image_app`: the app's args."""
+    write_tiny_image_app(tmp, N_IMAGES, captions_per_image=1)
     return {"checkpoint": str(tmp / "ckpt"), "index_path": str(tmp / "index"), "top_k": 10,
             "rerank_k": 4, "replicas": 1, "max_replicas": 1, "max_body_bytes": 1_000_000}
 

@@ -11,9 +11,12 @@ naming what is missing and the setting that changes it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from raycmr.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Resources that every node reports and no raycmr actor asks for.
 _IGNORED = ("memory", "object_store_memory")
@@ -237,7 +240,12 @@ def check_cluster_fits(demand: Demand) -> None:
     """Raise :class:`ClusterTooSmall` (one line) if the connected cluster cannot run ``demand``
     beside what already runs on it."""
     nodes = _alive_nodes()
-    in_use = cluster_in_use(nodes, demand.replaces_serve_app)
+    try:
+        in_use = cluster_in_use(nodes, demand.replaces_serve_app)
+    except Exception as exc:  # noqa: BLE001 - no State API (dashboard off): check the totals
+        logger.warning("the cluster check counts node totals only: what runs now is unknown "
+                       "(%s: %s)", type(exc).__name__, exc)
+        in_use = None
     missing = missing_resources(demand, [total for _, total in nodes], autoscaler_node_types(),
                                 in_use)
     if missing:

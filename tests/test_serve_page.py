@@ -26,32 +26,13 @@ import pytest
 import torch
 from conftest import free_port
 
-from raycmr.artifacts import write_export
-from raycmr.config import config_from_dict, load_config
-from raycmr.models.dual_encoder import DualEncoder
-from raycmr.models.slow import build_slow_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_hostile_probe import write_tiny_image_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "page-test-token-0123456789"
 N_IMAGES = 16
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _image_model_config(gallery: str):
-    return config_from_dict({
-        "data": {"kind": "images", "test": [gallery], "image_size": 32, "tokenizer": "minilm",
-                 "max_text_len": 16},
-        "model": {"embed_dim": 16,
-                  "image": {"kind": "hf_config", "hf_config": {
-                      "model_type": "vit", "image_size": 32, "patch_size": 8,
-                      "num_channels": 3, "hidden_size": 16, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "intermediate_size": 32}},
-                  "text": {"kind": "hf_config", "hf_config": {
-                      "model_type": "bert", "vocab_size": 30522, "hidden_size": 16,
-                      "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "intermediate_size": 32, "max_position_embeddings": 32}}},
-        "index": {"kind": "flat"},
-    })
 
 
 @pytest.mark.ray
@@ -99,25 +80,8 @@ def test_serve_command_stops_cleanly_on_ctrl_c(page_files) -> None:
 @pytest.fixture(scope="module")
 def page_files(ray_cluster, tmp_path_factory):
     """An image gallery, a random-init checkpoint and its index; the model and the rows."""
-    from raycmr.data.synthetic import write_synthetic_split
-    from raycmr.index.gallery import build_gallery_index
-
     tmp = tmp_path_factory.mktemp("page")
-    write_synthetic_split(tmp / "gallery", "test", N_IMAGES, seed=3, image_size=32,
-                          captions_per_image=2, progress=False)
-    cfg = _image_model_config(str(tmp / "gallery"))
-    torch.manual_seed(0)
-    model = DualEncoder(cfg.model).eval()
-    (tmp / "ckpt").mkdir()
-    write_export(tmp / "ckpt", model.state_dict(), cfg, {"epoch": 0})
-    slow_cfg = load_config("quickstart_slow", [
-        f"data.test=[{tmp / 'gallery'}]", "data.image_size=32", "data.max_text_len=16",
-        "slow.width=16", "slow.heads=2", "slow.decoder_layers=1"])
-    (tmp / "slow").mkdir()
-    write_export(tmp / "slow", build_slow_model(slow_cfg.slow, torch.arange(1000, 3000), 32,
-                                                16).state_dict(), slow_cfg, {"epoch": 0})
-    build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", slow=str(tmp / "slow"),
-                        num_actors=1, batch_size=16)
+    model = write_tiny_image_app(tmp, N_IMAGES, captions_per_image=2)
     return {"tmp": tmp, "model": model, "rows": pq.read_table(tmp / "gallery").to_pylist()}
 
 

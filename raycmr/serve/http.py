@@ -128,15 +128,17 @@ def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JS
     return JSONResponse({"detail": " ".join(detail.split())}, status_code=status, headers=headers)
 
 
-def validation_message(errors: list[dict[str, Any]]) -> str:
-    """One line naming the first problem pydantic found in a request (and how many more)."""
+def validation_message(errors: list[dict[str, Any]], fields: list[str] | None = None) -> str:
+    """One line naming the first problem pydantic found in a request (and how many more);
+    ``fields``: the request body's known fields, named when an unknown one was sent."""
     first = errors[0] if errors else {}
     field = ".".join(str(p) for p in first.get("loc", ())[1:])
     kind, msg = first.get("type", ""), str(first.get("msg", "invalid request"))
     if kind == "json_invalid":
         line = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', msg)})"
     elif kind == "extra_forbidden":
-        line = f"unknown field '{field}': check its spelling against the API (GET /docs)"
+        known = f" (known: {', '.join(fields)})" if fields else ""
+        line = f"unknown field '{field}'{known}"
     elif field:
         line = f"'{field}': {msg}"
     else:
@@ -328,7 +330,10 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error(422, validation_message(list(exc.errors())))
+        route = getattr(request.scope.get("route"), "path", "")
+        model = {"/search": SearchRequest, "/login": LoginRequest}.get(route)
+        return error(422, validation_message(list(exc.errors()),
+                                             list(model.model_fields) if model else None))
 
     @api.post("/search")
     async def search(req: SearchRequest, response: Response) -> list[dict[str, Any]]:
