@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DeepSpeed's CPU shm op, JIT-built once into the environment (raycmr/ops.py), not by a first run.
+OPS := $(VENV)/.ops-built
 
 .PHONY: install quickstart test test-fast lint bench wikipedia clean
 
@@ -14,12 +16,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+$(OPS): $(STAMP)
+	@$(BIN)/python -c 'import raycmr.ops as o; o.main()'
+	@touch $(OPS)
 
-quickstart: $(STAMP)
+install: $(STAMP) $(OPS)
+
+quickstart: $(STAMP) $(OPS)
 	$(BIN)/python jobs/quickstart.py
 
-test: $(STAMP)
+test: $(STAMP) $(OPS)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 test-fast: $(STAMP)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if result.error:
             console.print(f"training failed: {result.error}   (details: {run_dir / LOG_FILE})")
             return 1
-        print_final(console, result, validation_metric(cfg))
+        print_final(console, result, validation_metric(cfg), slow=cfg.train.task == "slow")
         best = best_checkpoint(result)
         if args.eval_test and best is not None and cfg.train.task == "slow":
             from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table

@@ -46,14 +46,18 @@ def best_checkpoint(result):
     return result.best_checkpoints[-1][0] if result.best_checkpoints else result.checkpoint
 
 
-def print_final(console: Console, result, metric: str) -> None:
+# The slow task's validation: text->image after re-ranking (or slow-only), the fast stage beside.
+SLOW_ROWS = (("t2i", "text->image"), ("fast_t2i", "fast stage alone"))
+
+
+def print_final(console: Console, result, metric: str, slow: bool = False) -> None:
     """The last epoch's validation table, the run folder and the checkpoints (the best by
     ``metric`` with its value)."""
     metrics = result.metrics or {}
     if any(k.startswith("val_") for k in metrics):
         console.print()
         console.print(metrics_table(metrics, f"validation after epoch {metrics.get('epoch')}",
-                                    prefix="val_"))
+                                    prefix="val_", **({"rows": SLOW_ROWS} if slow else {})))
     console.print(f"run dir:    {result.path}")
     if result.checkpoint is not None:
         console.print(f"last:       {result.checkpoint.path}")
