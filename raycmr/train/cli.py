@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from raycmr.config import ConfigError, load_config
+from raycmr.config import ConfigError, env_overrides, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from raycmr.train.trainer import validation_metric
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, env_overrides() + args.overrides)
     if args.eval_test and not cfg.data.test:
         raise ConfigError("--eval-test needs data.test shards in the config")
     name, run_dir = run_paths(cfg)
