@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # DeepSpeed's CPU shm op, JIT-built once into the environment (raycmr/ops.py), not by a first run.
 OPS := $(VENV)/.ops-built
 
-.PHONY: install quickstart test test-fast lint bench wikipedia clean
+.PHONY: install quickstart test test-docs test-fast lint bench wikipedia clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -26,7 +26,11 @@ quickstart: $(STAMP) $(OPS)
 	$(BIN)/python jobs/quickstart.py
 
 test: $(STAMP) $(OPS)
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x --durations=15 -m "not docs" tests
+
+# The README's and docs' marked command blocks, run verbatim in a fresh folder (a few minutes).
+test-docs: $(STAMP) $(OPS)
+	$(BIN)/python -m pytest -q -x -m docs tests/test_docs.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray" tests
