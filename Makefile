@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 $(OPS): $(STAMP)
-	@$(BIN)/python -c 'import raycmr.ops as o; o.main()'
+	@$(BIN)/python -c 'import raycmr.train.ops as o; o.main()'
 	@touch $(OPS)
 
 install: $(STAMP) $(OPS)

@@ -15,14 +15,15 @@ worker alike (both import raycmr): points ``TORCH_EXTENSIONS_DIR`` at a folder i
 environment (``sys.prefix``) when the user has not set it, and puts the environment's ``bin``
 first on ``PATH`` when it holds a ``ninja``. ``make install`` builds the op there once:
 
-    python -c 'import raycmr.ops as o; o.main()'   # build (or confirm) the op; one line
+    python -c 'import raycmr.train.ops as o; o.main()'   # build (or confirm) the op; one line
+
+(the build itself is in :mod:`raycmr.train.ops`: only ``raycmr.train`` imports DeepSpeed).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 OP_NAME = "deepspeed_shm_comm"
@@ -45,33 +46,3 @@ def op_library() -> Path | None:
     """The built op's shared library, or None when it has not been built here."""
     found = sorted(extensions_dir().rglob(f"{OP_NAME}.so"))
     return found[0] if found else None
-
-
-def build_op() -> str:
-    """Build DeepSpeed's shm comm op into :func:`extensions_dir` (a no-op when it is built and
-    up to date); returns the line ``make install`` prints."""
-    extensions_dir()
-    before = op_library()
-    stamp = before.stat().st_mtime_ns if before else None
-    t0 = time.perf_counter()
-    from deepspeed.comm.torch import build_shm_op
-
-    if build_shm_op() is None:
-        return "DeepSpeed's CPU shared-memory op: not used on this platform (gloo instead)"
-    lib = op_library()
-    if lib is not None and lib.stat().st_mtime_ns == stamp:
-        return f"DeepSpeed's CPU shared-memory op: already built in {lib.parent}"
-    return (f"DeepSpeed's CPU shared-memory op: built once into {lib.parent if lib else '?'} "
-            f"in {time.perf_counter() - t0:.0f} s; training runs, tests and the quickstart "
-            "reuse it")
-
-
-def main() -> None:
-    """``make install``'s step: build the op, print one line (DeepSpeed's own prints hidden)."""
-    import contextlib
-    import io
-
-    chatter = io.StringIO()  # DeepSpeed's accelerator warning and "built successfully" print
-    with contextlib.redirect_stdout(chatter):
-        line = build_op()
-    print(line, flush=True)

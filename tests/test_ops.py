@@ -34,7 +34,7 @@ def test_the_op_lives_in_this_environment_and_install_says_so() -> None:
         found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                check=True, env={**env, "PATH": "/usr/bin:/bin"}).stdout.strip()
         assert found == str(venv_ninja)
-    out = subprocess.run([sys.executable, "-c", "import raycmr.ops as o; o.main()"],
+    out = subprocess.run([sys.executable, "-c", "import raycmr.train.ops as o; o.main()"],
                          capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == [f"DeepSpeed's CPU shared-memory op: already built in {lib.parent}"]
 

@@ -18,9 +18,7 @@ def train(cfg: Config, *, name: str | None = None, sinks: list | None = None):
     if cfg.dckt.enabled:
         from raycmr.train.dckt import run_dckt
 
-        for sink in sinks or []:  # DCKT rounds report through their own lines (in the log)
-            sink.close()
-        return run_dckt(cfg)
+        return run_dckt(cfg, name=name, sinks=sinks)
     from raycmr.train.trainer import build_trainer
 
     cluster_storage_path(cfg.train.storage_path, "train.storage_path")  # refuse before Ray starts

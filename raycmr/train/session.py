@@ -31,13 +31,11 @@ def train_on_console(cfg: Config, console: Console, name: str, run_dir: Path,
     console.print(f"run {name}: {cfg.train.num_workers} workers x {cfg.train.epochs} epochs")
     if not verbose:
         console.print(f"  log (Ray, workers): {run_dir / LOG_FILE}   (--verbose shows it here)")
+    console.print(f"  tensorboard --logdir {tensorboard}")
+    epochs = cfg.train.epochs  # DCKT: round 0's source passes, then every round's
     if cfg.dckt.enabled:
-        console.print(f"  DCKT rounds: progress lines in {run_dir / LOG_FILE} (no bars yet)")
-    else:
-        console.print(f"  tensorboard --logdir {tensorboard}")
-    sinks = [] if cfg.dckt.enabled else [
-        TrainConsole(console, validation_metric(cfg), cfg.train.epochs),
-        TensorBoardSink(tensorboard)]
+        epochs += cfg.dckt.epochs_per_round * cfg.dckt.rounds
+    sinks = [TrainConsole(console, validation_metric(cfg), epochs), TensorBoardSink(tensorboard)]
     return train(cfg, name=name, sinks=sinks)
 
 
