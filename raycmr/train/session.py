@@ -10,8 +10,9 @@ from rich.console import Console
 from raycmr.config import Config
 from raycmr.reporting.console import TrainConsole, metrics_table
 from raycmr.reporting.tensorboard import TensorBoardSink
+from raycmr.train.registry import validation_metric
 from raycmr.train.run import train
-from raycmr.train.trainer import local_run_dir, run_name, validation_metric
+from raycmr.train.trainer import local_run_dir, run_name
 
 LOG_FILE = "raycmr.log"
 TENSORBOARD_DIR = "tensorboard"
@@ -33,10 +34,10 @@ def train_on_console(cfg: Config, console: Console, name: str, run_dir: Path,
         console.print(f"  log (Ray, workers): {run_dir / LOG_FILE}   (--verbose shows it here)")
     console.print(f"  tensorboard --logdir {tensorboard}")
     epochs = cfg.train.epochs  # DCKT: round 0's source passes, then every round's
-    if cfg.dckt.enabled:
+    if cfg.train.task == "dckt":
         epochs += cfg.dckt.epochs_per_round * cfg.dckt.rounds
-    sinks = [TrainConsole(console, validation_metric(cfg), epochs), TensorBoardSink(tensorboard)]
-    return train(cfg, name=name, sinks=sinks)
+    return train(cfg, name=name, sinks=[
+        TrainConsole(console, validation_metric(cfg), epochs), TensorBoardSink(tensorboard)])
 
 
 def best_checkpoint(result):

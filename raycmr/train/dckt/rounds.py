@@ -2,7 +2,7 @@
 
 DCKT (Huang & Peng, "Deep Cross-media Knowledge Transfer", CVPR 2018) transfers from a large
 source domain to a small target domain (different label spaces allowed) with two-level transfer
-losses (:mod:`raycmr.train.dckt_objective`) and a progressive schedule:
+losses (:mod:`raycmr.train.dckt.objective`) and a progressive schedule:
 
 * round 0 - per-domain pretraining: both branches train on their own losses (VSE++, semantic,
   pairwise constraint) with the MMD links off, on every target pair, for ``train.epochs``
@@ -10,12 +10,12 @@ losses (:mod:`raycmr.train.dckt_objective`) and a progressive schedule:
 * rounds ``k = 1 .. dckt.rounds`` - the source model of the previous round's checkpoint embeds
   every target training pair (Ray Data actor pool, :func:`raycmr.evaluate.embedding.embed_pairs`); on
   the driver, pair ``q`` scores ``AP_q = (AP(img_q -> texts) + AP(txt_q -> images)) / 2`` among
-  the target pairs (:func:`~raycmr.train.dckt_selection.pair_average_precision`) and is selected
+  the target pairs (:func:`~raycmr.train.dckt.selection.pair_average_precision`) and is selected
   with probability::
 
       Pr_q = max(0, min(alpha, 1 - (max_p AP_p - AP_q) / (max_p AP_p * k)))
 
-  (:func:`~raycmr.train.dckt_selection.selection_probabilities`, independent Bernoulli draws
+  (:func:`~raycmr.train.dckt.selection.selection_probabilities`, independent Bernoulli draws
   with ``np.random.default_rng([train.seed, k])``); the round then trains on the source and the
   selected target pairs with the MMD links on, for ``dckt.epochs_per_round`` source passes.
   Easy pairs (high AP) enter first, and the selection drifts toward uniform (``alpha`` for
@@ -35,7 +35,6 @@ worker), the most probable unselected pairs are added and counted as ``topped_up
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from raycmr import artifacts
-from raycmr.config import Config, ConfigError, config_from_dict, with_overrides
+from raycmr.config import Config, ConfigError, with_overrides
 from raycmr.data.domains import (
     DomainSpec,
     build_domain_dataset,
@@ -59,13 +57,13 @@ from raycmr.data.domains import (
 from raycmr.data.paths import split_uri
 from raycmr.evaluate.embedding import embed_pairs
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train.dckt_objective import source_model_config
-from raycmr.train.dckt_selection import (
+from raycmr.train.dckt.objective import source_model_config
+from raycmr.train.dckt.selection import (
     pair_average_precision,
     select_pairs,
     selection_probabilities,
 )
-from raycmr.train.tasks.dckt import SOURCE_MODEL_FILE
+from raycmr.train.dckt.task import SOURCE_MODEL_FILE
 from raycmr.train.trainer import absolute_storage_path, build_trainer, run_name
 
 
@@ -207,12 +205,11 @@ def plan_dckt(cfg: Config) -> tuple[Config, DCKTPlan]:
 def load_source_model(path: str | Path) -> tuple[DualEncoder, Config]:
     """The source model of a DCKT checkpoint (a DualEncoder with the shared layers and the
     source classifier) and the run's config."""
-    directory = Path(artifacts.find_checkpoint(path))
-    cfg = config_from_dict(yaml.safe_load((directory / artifacts.CONFIG_FILE).read_text()))
+    directory = artifacts.find_checkpoint(path)
+    cfg = artifacts.read_config(directory)
     model = DualEncoder(source_model_config(cfg.model, cfg.dckt.source_classes),
                         temperature=cfg.loss.temperature)
-    model.load_state_dict(torch.load(directory / SOURCE_MODEL_FILE, map_location="cpu",
-                                     weights_only=True))
+    model.load_state_dict(artifacts.read_weights(directory, SOURCE_MODEL_FILE))
     model.eval()
     return model, cfg
 
@@ -220,9 +217,7 @@ def load_source_model(path: str | Path) -> tuple[DualEncoder, Config]:
 def _read_checkpoint(checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(source state dict, state.json)`` of a Ray Train checkpoint (local or remote)."""
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / SOURCE_MODEL_FILE, map_location="cpu",
-                           weights_only=True)
-        return state, artifacts.read_state(directory)
+        return artifacts.read_weights(directory, SOURCE_MODEL_FILE), artifacts.read_state(directory)
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -268,7 +263,7 @@ def _storage_root(cfg: Config, name: str) -> str:
 
 def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
                         keys: np.ndarray | None, resume_from: str, board=None):
-    """The TorchTrainer of one round (task ``dckt``, :mod:`raycmr.train.tasks.dckt`):
+    """The TorchTrainer of one round (task ``dckt``, :mod:`raycmr.train.dckt.task`):
     ``source`` and ``target`` (the selected ``keys``; None = all pairs) split across workers,
     ``val`` sharded for validation."""
     t = cfg.train
@@ -297,13 +292,11 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
                          keep_best=False, board=board)
 
 
-def run_dckt(cfg: Config, *, name: str | None = None, sinks: list | None = None) -> DCKTResult:
+def run_dckt(cfg: Config, *, name: str | None = None, board=None) -> DCKTResult:
     """Round 0 (MMD off) then ``dckt.rounds`` transfer rounds; returns every round's record.
-    Joins the Ray cluster of RAY_ADDRESS or starts a local one. ``sinks`` (console bars,
-    TensorBoard) receive every round's progress, epochs numbered across rounds, and the round
+    Joins the Ray cluster of RAY_ADDRESS or starts a local one. ``board`` (the console's bars,
+    TensorBoard) receives every round's progress, epochs numbered across rounds, and the round
     lines as notes."""
-    from raycmr.reporting.board import start_board
-    from raycmr.reporting.monitor import RunMonitor
     from raycmr.resources import check_cluster_fits, training_demand
     from raycmr.runtime import cluster_storage_path, init_ray
 
@@ -317,9 +310,7 @@ def run_dckt(cfg: Config, *, name: str | None = None, sinks: list | None = None)
         # Ray Train would silently continue those runs' checkpoints (same name, same storage)
         raise ConfigError(f"DCKT run directory {root} already holds rounds: choose another "
                           "train.name, or remove it")
-    board = start_board() if sinks else None
-    with RunMonitor(board, sinks) if sinks else contextlib.nullcontext():
-        return _run_rounds(cfg, plan, root, board)
+    return _run_rounds(cfg, plan, root, board)
 
 
 def _note(board, text: str) -> None:
