@@ -154,27 +154,47 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     return json.loads(read_text(uri)) if exists(uri) else {}
 
 
+def _checkpoints(fs, path: str) -> list:
+    """The ``checkpoint_*`` folders holding a model directly under ``path`` (file infos; Ray's
+    own files such as ``checkpoint_manager_snapshot.json`` are not folders and never match)."""
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return [i for i in fs.get_file_info(pafs.FileSelector(path))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+            and fs.get_file_info(i.path + "/" + MODEL_FILE).type == pafs.FileType.File]
+
+
+def _newest(infos: list):
+    return max(infos, key=lambda i: (i.mtime_ns or 0, i.base_name))
+
+
 def find_checkpoint(uri: str | Path) -> str:
-    """Accept a checkpoint dir, or a run dir (then its newest ``checkpoint_*`` holding a model);
-    local or remote. Returns the checkpoint dir (a local path or the URI)."""
+    """Accept a checkpoint dir, a run dir (its last ``checkpoint_*`` holding a model) or a
+    folder of runs such as ``out/quickstart/runs`` (the newest run's last checkpoint); local or
+    remote. Returns the checkpoint dir (a local path or the URI)."""
     uri = str(uri)
     if not is_remote(uri):
         uri = str(Path(uri.removeprefix("file://")).expanduser())
     if exists(join(uri, MODEL_FILE)):
         return uri
     fs, path = split(uri)
-    infos = []
+    found = _checkpoints(fs, path)
+    if found:
+        return join(uri, _newest(found).base_name)
+    runs = []
     if fs.get_file_info(path).type == pafs.FileType.Directory:
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(path))
-                 if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-                 and fs.get_file_info(i.path + "/" + MODEL_FILE).type == pafs.FileType.File]
-    if not infos:
+        for run in fs.get_file_info(pafs.FileSelector(path)):
+            if run.type == pafs.FileType.Directory:
+                last = _checkpoints(fs, run.path)
+                if last:
+                    runs.append((run.base_name, _newest(last)))
+    if not runs:
         raise ConfigError(
-            f"no raycmr checkpoint at '{uri}': give a checkpoint dir holding {MODEL_FILE} "
-            "or a run dir holding checkpoint_* dirs"
+            f"no raycmr checkpoint at '{uri}': give a checkpoint dir holding {MODEL_FILE}, "
+            "a run dir holding checkpoint_* dirs, or a folder of runs (e.g. out/quickstart/runs)"
         )
-    newest = max(infos, key=lambda i: (i.mtime_ns or 0, i.base_name))
-    return join(uri, newest.base_name)
+    run, last = max(runs, key=lambda r: ((r[1].mtime_ns or 0), r[1].base_name))
+    return join(join(uri, run), last.base_name)
 
 
 def read_config(checkpoint: str | Path) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -451,6 +452,18 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     cfg = _build(Config, values or {})
     validate(cfg)
     return cfg
+
+
+ENV_OVERRIDES = "RAYCMR_OVERRIDES"
+
+
+def env_overrides() -> list[str]:
+    """Dotted overrides from ``$RAYCMR_OVERRIDES`` (space-separated), applied by ``raycmr train``
+    before the command line's: e.g. ``RAYCMR_OVERRIDES="train.epochs=1"`` makes every documented
+    training command a short smoke run (the docs test runs them so)."""
+    import shlex
+
+    return shlex.split(os.environ.get(ENV_OVERRIDES, ""))
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:

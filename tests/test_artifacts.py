@@ -42,6 +42,30 @@ def test_export_round_trip_through_a_uri_and_a_run_dir(tmp_path) -> None:
         artifacts.find_checkpoint(tmp_path / "nothing")
 
 
+def test_a_folder_of_runs_gives_the_newest_runs_last_checkpoint(tmp_path) -> None:
+    """What the README's Serving flow passes: ``out/quickstart/runs`` with Ray's own
+    ``checkpoint_manager_snapshot.json`` beside the checkpoints (it sorts after them)."""
+    cfg = _features_config()
+    model = DualEncoder(cfg.model, temperature=cfg.loss.temperature)
+    runs = tmp_path / "runs"
+    stamp = time.time() - 1000
+    for run, epochs in (("raycmr-b-older", 3), ("raycmr-a-newer", 2)):
+        for i in range(epochs):
+            ckpt = runs / run / f"checkpoint_00000{i}"
+            artifacts.write_export(str(ckpt), model.state_dict(), cfg, {"epoch": i})
+            stamp += 10
+            os.utime(ckpt, (stamp, stamp))
+        (runs / run / "checkpoint_manager_snapshot.json").write_text("{}")
+    (runs / "raycmr-c-empty").mkdir()  # a run that wrote no checkpoint yet
+    newest = str(runs / "raycmr-a-newer" / "checkpoint_000001")
+    assert artifacts.find_checkpoint(runs) == newest
+    assert artifacts.find_checkpoint(runs / "raycmr-b-older") == str(
+        runs / "raycmr-b-older" / "checkpoint_000002")
+    assert artifacts.find_checkpoint(f"file://{runs}").removeprefix("file://") == newest
+    with pytest.raises(ConfigError, match="or a folder of runs"):
+        artifacts.find_checkpoint(runs / "raycmr-c-empty")
+
+
 def test_index_folder_round_trip_through_a_uri(tmp_path) -> None:
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((50, 8)).astype(np.float32)

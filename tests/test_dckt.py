@@ -195,7 +195,7 @@ def _run_config(root, storage):
         "loss.kind=vse_mh", "loss.weight=0.5",
         "train.task=dckt", "dckt.rounds=2", "dckt.epochs_per_round=1", f"dckt.alpha={ALPHA}",
         "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
-        "train.lr=0.01", "train.warmup_steps=1", "train.log_every=100", "train.zero_stage=1",
+        "train.lr=0.01", "train.warmup_steps=1", "train.log_every=1", "train.zero_stage=1",
         "train.max_failures=0", "train.torch_threads=1", f"train.storage_path={storage}",
     ])
 
@@ -206,10 +206,31 @@ def test_two_round_dckt_run(ray_cluster, two_domains, tmp_path) -> None:
     from raycmr.train.run import train
 
     root, target_rows = two_domains
-    result = train(_run_config(root, tmp_path / "runs"))
+
+    class Recorder:  # what the console and TensorBoard sinks receive
+        def __init__(self) -> None:
+            self.updates: list[dict] = []
+
+        def on_update(self, update: dict) -> None:
+            self.updates.append(update)
+
+        def close(self) -> None:
+            pass
+
+    seen = Recorder()
+    result = train(_run_config(root, tmp_path / "runs"), sinks=[seen])
     assert result.error is None
     assert [r.round for r in result.rounds] == [0, 1, 2]
     per_epoch = N_SOURCE // 2 // BATCH  # 3 optimizer steps per source pass
+
+    # every round's epochs reach the sinks (numbered across rounds), with steps and round notes
+    kinds = [u["kind"] for u in seen.updates]
+    assert [u["metrics"]["epoch"] for u in seen.updates if u["kind"] == "report"] == [1, 2, 3]
+    assert {u["epoch"] for u in seen.updates if u["kind"] == "step"} == {0, 1, 2}
+    notes = [u["text"] for u in seen.updates if u["kind"] == "note"]
+    assert notes[0].startswith("source ") and [
+        n.split(":")[0] for n in notes if n.startswith("round ")] == ["round 1", "round 2"], notes
+    assert kinds.index("note") < kinds.index("step")
 
     # every loss part is reported and finite; the MMD links are off in round 0 only
     for record in result.rounds:

@@ -93,6 +93,20 @@ def test_metrics_table_holds_recall_ranks_and_map():
     assert "R@1" not in only_map and "0.3000" in only_map
 
 
+def test_metrics_table_of_the_slow_task_has_its_figures():
+    """The slow task reports text->image only (and the fast stage beside it): no empty rows."""
+    from raycmr.train.session import SLOW_ROWS
+
+    metrics = {"val_t2i_r1": 76.4, "val_t2i_r5": 89.0, "val_t2i_r10": 91.8, "val_t2i_medr": 1.0,
+               "val_fast_t2i_r1": 23.2, "val_fast_t2i_r5": 58.0, "val_fast_t2i_r10": 80.0,
+               "val_fast_t2i_medr": 4.0, "val_fast_recall_at_k": 92.0}
+    text = _render(metrics_table(metrics, "val", prefix="val_", rows=SLOW_ROWS))
+    rows = [[c for c in line.split() if c != "│"] for line in text.splitlines()
+            if "text->image" in line or "fast stage" in line]
+    assert rows == [["text->image", "76.4", "89.0", "91.8", "1"],
+                    ["fast", "stage", "alone", "23.2", "58.0", "80.0", "4"]]
+
+
 def test_console_session_stopped_by_an_error_leaves_no_empty_folder(tmp_path):
     from raycmr.reporting.console import console_session
 

@@ -198,21 +198,23 @@ def epoch_line(metrics: dict[str, Any], checkpoint: str | None, metric: str, epo
     return "  ".join(parts)
 
 
-def metrics_table(metrics: dict[str, float], title: str, prefix: str = "") -> Table:
-    """R@1/5/10, medr, meanr both ways (and mAP when present) as a small table."""
+def metrics_table(metrics: dict[str, float], title: str, prefix: str = "",
+                  rows: tuple[tuple[str, str], ...] = (("i2t", "image->text"),
+                                                      ("t2i", "text->image"))) -> Table:
+    """R@1/5/10, medr, meanr (and mAP when present) as a small table: one row per
+    ``(key, label)`` of ``rows`` that has figures (``{prefix}{key}_r1``, ...), one column per
+    figure some row has."""
+    rows = tuple((key, label) for key, label in rows
+                 if any(k.startswith(f"{prefix}{key}_") for k in metrics))
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    has_recall = f"{prefix}i2t_r1" in metrics
-    has_map = f"{prefix}i2t_map" in metrics
     table.add_column("direction")
-    columns: list[tuple[str, str, str]] = []
-    if has_recall:
-        columns += [("R@1", "r1", ".1f"), ("R@5", "r5", ".1f"), ("R@10", "r10", ".1f"),
-                    ("medr", "medr", ".0f"), ("meanr", "meanr", ".1f")]
-    if has_map:
-        columns.append(("mAP", "map", ".4f"))
+    columns = [(name, key, spec) for name, key, spec in (
+        ("R@1", "r1", ".1f"), ("R@5", "r5", ".1f"), ("R@10", "r10", ".1f"),
+        ("medr", "medr", ".0f"), ("meanr", "meanr", ".1f"), ("mAP", "map", ".4f"))
+        if any(f"{prefix}{direction}_{key}" in metrics for direction, _ in rows)]
     for name, _, _ in columns:
         table.add_column(name, justify="right")
-    for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+    for direction, label in rows:
         row = [label]
         for _, key, spec in columns:
             value = metrics.get(f"{prefix}{direction}_{key}")

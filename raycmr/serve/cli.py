@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import time
+from pathlib import Path
 
 from raycmr.config import ServeConfig
 
@@ -55,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-auth", action="store_true", help="no token check (trusted networks)")
     p.add_argument("--docs", action="store_true", help="serve FastAPI's /docs")
     p.add_argument("--use-gpu", action="store_true", help="encoder and slow model on a GPU")
+    p.add_argument("--status-every", type=float, default=10.0, metavar="S",
+                   help="seconds between status lines (requests/s, p50/p95 ms, errors)")
+    from raycmr.reporting.console import add_verbose_flag
+
+    add_verbose_flag(p)
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -70,22 +77,48 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         auth="none" if args.no_auth else "token", docs=args.docs, use_gpu=args.use_gpu)
 
 
+def _log_path(checkpoint: str) -> Path:
+    """``serve.log`` in the checkpoint's run folder (``raycmr-logs/`` for a remote one)."""
+    from raycmr.artifacts import find_checkpoint, is_remote
+
+    checkpoint = find_checkpoint(checkpoint)
+    return Path("raycmr-logs", "serve.log") if is_remote(checkpoint) \
+        else Path(checkpoint).parent / "serve.log"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, Kubernetes, ``kill``) stops the server as Ctrl-C does. Installed after
+    Ray starts: Ray's core worker puts its own handler there, which dumps a C++ stack."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``raycmr serve``: build, deploy and block until Ctrl-C (exit status 0)."""
+    """Entry point of ``raycmr serve``: build, deploy, print one status line at a time until
+    Ctrl-C or SIGTERM (then "stopped", exit status 0). Ray Serve's and the replicas' lines go to
+    ``serve.log`` in the checkpoint's run folder (``--verbose`` keeps them on the terminal)."""
+    from raycmr.reporting.console import console_session
+
     cfg = serve_config(args)
     token = None  # read by the plan from the environment / token file
     generated = (cfg.auth == "token" and not cfg.token_file
                  and not os.environ.get(cfg.token_env, "").strip())
     if generated:
         token = secrets.token_urlsafe(24)
-    try:
-        return _serve(cfg, token, generated)
-    except KeyboardInterrupt:
-        print("\nstopped", flush=True)
-        return 0
+    log = _log_path(cfg.checkpoint)
+    with console_session(log, args.verbose) as console:
+        try:
+            _serve(cfg, token, generated, console, log, args)
+        except KeyboardInterrupt:
+            pass
+        console.print("stopped")
+    return 0
 
 
-def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
+def _serve(cfg: ServeConfig, token: str | None, generated: bool, console, log: Path,
+           args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
@@ -93,41 +126,76 @@ def _serve(cfg: ServeConfig, token: str | None, generated: bool) -> int:
     from raycmr.runtime import init_ray
     from raycmr.serve.app import APP_NAME, build_from_plan, cpus_needed, serving_demand
     from raycmr.serve.plan import plan_app
+    from raycmr.serve.traffic import start_board
+
+    def say(line: str) -> None:
+        console.print(line, markup=False)
 
     plan = plan_app(cfg, token)  # checks the paths before starting anything
-    print(f"index: {plan.index_note}", flush=True)
-    if plan.gallery_note:
-        print(f"note: {plan.gallery_note}", flush=True)
-    if plan.slow_note:
-        print(f"note: {plan.slow_note}", flush=True)
-    elif plan.slow_checkpoint:
-        print(f"slow stage: {plan.slow_checkpoint} re-ranks the fast top {plan.rerank_k} by "
-              f"h + {plan.beta:g} * fast (requests: rerank_k <= {plan.max_rerank_k}, beta)",
-              flush=True)
+    if not args.verbose:
+        say(f"serve: Ray Serve's and the replicas' lines go to {log} (--verbose shows them here)")
     app = build_from_plan(plan)
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     init_ray(min_cpus=cpus_needed(plan) + 1)
+    _stop_on_sigterm()
     check_cluster_fits(serving_demand(plan))  # one line, not an app DEPLOYING forever
     try:
+        board = start_board()
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         prefix = "/" + cfg.route_prefix.strip("/")
         url = f"http://{cfg.host}:{cfg.port}{prefix.rstrip('/')}"
         serve.run(app, name=APP_NAME, route_prefix=prefix, blocking=False)
-        print(f"serving {cfg.index_path} at {url}/ (search page), {url}/search (POST), "
-              f"{url}/healthz; Ctrl-C stops", flush=True)
+        say(f"serving at {url}/ (search page), {url}/search (POST), {url}/healthz; "
+            "Ctrl-C stops")
         if generated:
-            print(f"token (send 'Authorization: Bearer TOKEN'; set {cfg.token_env} to choose "
-                  f"your own): {token}", flush=True)
+            say(f"token (send 'Authorization: Bearer TOKEN'; set {cfg.token_env} to choose "
+                f"your own): {token}")
         elif cfg.auth == "token":
-            print(f"token: from {'$' + cfg.token_env if not cfg.token_file else cfg.token_file}",
-                  flush=True)
+            say(f"token: from {'$' + cfg.token_env if not cfg.token_file else cfg.token_file}")
+        say(f"index: {plan.index_note}")
+        for note in (plan.gallery_note, plan.slow_note):
+            if note:
+                say(f"note: {note}")
+        if not plan.slow_note and plan.slow_checkpoint:
+            say(f"slow stage: {plan.slow_checkpoint} re-ranks the fast top {plan.rerank_k} by "
+                f"h + {plan.beta:g} * fast (requests: rerank_k <= {plan.max_rerank_k}, beta)")
+        _status_lines(board, console, args.status_every)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM: let the stop finish
+        if ray.is_initialized():
+            serve.delete(APP_NAME)
+            if started_ray:
+                serve.shutdown()  # console_session then shuts the local Ray cluster down
+
+
+def _status_lines(board, console, every: float) -> None:
+    """One line per ``every`` seconds that saw requests (silent while idle); on a terminal one
+    line rewritten in place."""
+    import ray
+    from rich.live import Live
+    from rich.text import Text
+
+    from raycmr.serve.traffic import status_line
+
+    total = errors = 0
+    live = Live(Text("waiting for requests"), console=console, transient=True,
+                auto_refresh=False) if console.is_terminal else None
+    if live is not None:
+        live.start()
+    try:
+        last = time.monotonic()
         while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nstopping the service…", flush=True)
-        serve.delete(APP_NAME)
-        if started_ray:
-            serve.shutdown()
-            ray.shutdown()
-        print("stopped", flush=True)
-        return 0
+            time.sleep(every)
+            requests = ray.get(board.drain.remote())
+            now = time.monotonic()
+            seconds, last = now - last, now
+            total += len(requests)
+            errors += sum(1 for status, _ in requests if status >= 500)
+            line = status_line(requests, seconds, total, errors)
+            if live is not None:
+                live.update(Text(line), refresh=True)
+            elif requests:
+                console.print(line, markup=False)
+    finally:
+        if live is not None:
+            live.stop()

@@ -213,8 +213,11 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         from raycmr.serve.http import make_api
+        from raycmr.serve.traffic import TrafficRecorder
 
-        return make_api(self, self.plan)
+        api = make_api(self, self.plan)
+        api.add_middleware(TrafficRecorder)  # outermost: raycmr serve's status line
+        return api
 
     async def search(self, query: dict[str, Any], k: int, rerank_k: int, beta: float
                      ) -> tuple[list[dict[str, Any]], dict[str, float]]:

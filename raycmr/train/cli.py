@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from raycmr.config import ConfigError, load_config
+from raycmr.config import ConfigError, env_overrides, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         train_on_console,
     )
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, env_overrides() + args.overrides)
     if args.eval_test and not cfg.data.test:
         raise ConfigError("--eval-test needs data.test shards in the config")
     name, run_dir = run_paths(cfg)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if result.error:
             console.print(f"training failed: {result.error}   (details: {run_dir / LOG_FILE})")
             return 1
-        print_final(console, result, validation_metric(cfg))
+        print_final(console, result, validation_metric(cfg), slow=cfg.train.task == "slow")
         best = best_checkpoint(result)
         test_eval = method(cfg.train.task).test_eval
         if args.eval_test and best is not None and test_eval:

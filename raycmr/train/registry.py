@@ -21,15 +21,13 @@ class Method:
     task: str  # the Task class every worker builds
     driver: str  # run(cfg, *, name, board) -> Result-like (error, metrics, checkpoint, path)
     metric: str = ""  # the validation metric ranking checkpoints ("" = eval.metric's)
-    live_progress: bool = True  # rank 0's bars and TensorBoard (DCKT rounds: log lines only)
     test_eval: str = ""  # evaluate(cfg, checkpoint, console) for --eval-test ("" = retrieval)
 
 
 METHODS: dict[str, Method] = {
     "dual_encoder": Method("raycmr.train.dual_encoder.task:DualEncoderTask",
                            "raycmr.train.dual_encoder.driver:run"),
-    "dckt": Method("raycmr.train.dckt.task:DCKTTask", "raycmr.train.dckt.rounds:run_dckt",
-                   live_progress=False),
+    "dckt": Method("raycmr.train.dckt.task:DCKTTask", "raycmr.train.dckt.rounds:run_dckt"),
     "slow": Method("raycmr.train.slow.task:SlowTask", "raycmr.train.slow.driver:run",
                    metric="val_t2i_r1", test_eval="raycmr.train.slow.driver:evaluate_test"),
 }

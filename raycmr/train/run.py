@@ -11,7 +11,7 @@ def train(cfg: Config, *, name: str | None = None, sinks: list | None = None):
 
     ``sinks`` (console, TensorBoard; see :mod:`raycmr.reporting`) receive rank 0's progress
     and every epoch's report while the run trains."""
-    from raycmr.runtime import cluster_storage_path
+    from raycmr.runtime import cluster_storage_path, init_ray
     from raycmr.train.registry import load, method
 
     run = load(method(cfg.train.task).driver)
@@ -21,6 +21,9 @@ def train(cfg: Config, *, name: str | None = None, sinks: list | None = None):
     from raycmr.reporting.board import start_board
     from raycmr.reporting.monitor import RunMonitor
 
+    # Ray at the run's size first: the board is an actor, and an actor started before init_ray
+    # would start a local cluster at Ray's default size (os.cpu_count(): 2 CPUs here, too few).
+    init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
     board = start_board()
     with RunMonitor(board, sinks):
         return run(cfg, name=name, board=board)

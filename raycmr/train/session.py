@@ -10,7 +10,7 @@ from rich.console import Console
 from raycmr.config import Config
 from raycmr.reporting.console import TrainConsole, metrics_table
 from raycmr.reporting.tensorboard import TensorBoardSink
-from raycmr.train.registry import method, validation_metric
+from raycmr.train.registry import validation_metric
 from raycmr.train.run import train
 from raycmr.train.trainer import local_run_dir, run_name
 
@@ -32,13 +32,12 @@ def train_on_console(cfg: Config, console: Console, name: str, run_dir: Path,
     console.print(f"run {name}: {cfg.train.num_workers} workers x {cfg.train.epochs} epochs")
     if not verbose:
         console.print(f"  log (Ray, workers): {run_dir / LOG_FILE}   (--verbose shows it here)")
-    if not method(cfg.train.task).live_progress:
-        console.print(f"  progress lines in {run_dir / LOG_FILE} (no bars for {cfg.train.task})")
-        return train(cfg, name=name)
     console.print(f"  tensorboard --logdir {tensorboard}")
+    epochs = cfg.train.epochs  # DCKT: round 0's source passes, then every round's
+    if cfg.train.task == "dckt":
+        epochs += cfg.dckt.epochs_per_round * cfg.dckt.rounds
     return train(cfg, name=name, sinks=[
-        TrainConsole(console, validation_metric(cfg), cfg.train.epochs),
-        TensorBoardSink(tensorboard)])
+        TrainConsole(console, validation_metric(cfg), epochs), TensorBoardSink(tensorboard)])
 
 
 def best_checkpoint(result):
@@ -46,14 +45,18 @@ def best_checkpoint(result):
     return result.best_checkpoints[-1][0] if result.best_checkpoints else result.checkpoint
 
 
-def print_final(console: Console, result, metric: str) -> None:
+# The slow task's validation: text->image after re-ranking (or slow-only), the fast stage beside.
+SLOW_ROWS = (("t2i", "text->image"), ("fast_t2i", "fast stage alone"))
+
+
+def print_final(console: Console, result, metric: str, slow: bool = False) -> None:
     """The last epoch's validation table, the run folder and the checkpoints (the best by
     ``metric`` with its value)."""
     metrics = result.metrics or {}
     if any(k.startswith("val_") for k in metrics):
         console.print()
         console.print(metrics_table(metrics, f"validation after epoch {metrics.get('epoch')}",
-                                    prefix="val_"))
+                                    prefix="val_", **({"rows": SLOW_ROWS} if slow else {})))
     console.print(f"run dir:    {result.path}")
     if result.checkpoint is not None:
         console.print(f"last:       {result.checkpoint.path}")

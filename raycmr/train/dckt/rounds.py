@@ -262,7 +262,7 @@ def _storage_root(cfg: Config, name: str) -> str:
 
 
 def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
-                        keys: np.ndarray | None, resume_from: str):
+                        keys: np.ndarray | None, resume_from: str, board=None):
     """The TorchTrainer of one round (task ``dckt``, :mod:`raycmr.train.dckt.task`):
     ``source`` and ``target`` (the selected ``keys``; None = all pairs) split across workers,
     ``val`` sharded for validation."""
@@ -289,13 +289,14 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
     # keep the newest: the next round starts from this round's last checkpoint
     return build_trainer(round_cfg, name=f"round{round_idx}", storage_path=root, task="dckt",
                          task_params=task_params, datasets=datasets, loop=loop,
-                         keep_best=False)
+                         keep_best=False, board=board)
 
 
 def run_dckt(cfg: Config, *, name: str | None = None, board=None) -> DCKTResult:
     """Round 0 (MMD off) then ``dckt.rounds`` transfer rounds; returns every round's record.
-    Joins the Ray cluster of RAY_ADDRESS or starts a local one. The rounds report through log
-    lines (``board`` is not used)."""
+    Joins the Ray cluster of RAY_ADDRESS or starts a local one. ``board`` (the console's bars,
+    TensorBoard) receives every round's progress, epochs numbered across rounds, and the round
+    lines as notes."""
     from raycmr.resources import check_cluster_fits, training_demand
     from raycmr.runtime import cluster_storage_path, init_ray
 
@@ -309,11 +310,23 @@ def run_dckt(cfg: Config, *, name: str | None = None, board=None) -> DCKTResult:
         # Ray Train would silently continue those runs' checkpoints (same name, same storage)
         raise ConfigError(f"DCKT run directory {root} already holds rounds: choose another "
                           "train.name, or remove it")
+    return _run_rounds(cfg, plan, root, board)
+
+
+def _note(board, text: str) -> None:
+    """A round's line: to the console through the board (a note), else printed (the log)."""
+    if board is not None:
+        board.push.remote({"kind": "note", "text": text})
+    else:
+        print(f"[raycmr dckt] {text}", flush=True)
+
+
+def _run_rounds(cfg: Config, plan: DCKTPlan, root: str, board) -> DCKTResult:
     result = DCKTResult(path=root)
-    print(f"[raycmr dckt] source {plan.source_rows} pairs ({plan.source_classes} classes), "
+    _note(board, f"source {plan.source_rows} pairs ({plan.source_classes} classes), "
           f"target {plan.target_rows} pairs ({plan.target_classes} classes); "
           f"{plan.per_epoch} steps per source pass, rounds 0..{cfg.dckt.rounds} x "
-          f"{plan.round_epochs} passes = {plan.total_steps} steps; runs in {root}", flush=True)
+          f"{plan.round_epochs} passes = {plan.total_steps} steps; runs in {root}")
     resume_from = cfg.train.resume_from
     source_state: dict | None = None
     for round_idx in range(cfg.dckt.rounds + 1):
@@ -323,11 +336,11 @@ def run_dckt(cfg: Config, *, name: str | None = None, board=None) -> DCKTResult:
                                      num_actors=cfg.train.num_workers)
             keys = selection.pair_key[selection.selected]
             _write_selection(selection, root)
-            print(f"[raycmr dckt] round {round_idx}: selected {selection.count} of "
+            _note(board, f"round {round_idx}: selected {selection.count} of "
                   f"{selection.selected.size} target pairs (expected {selection.expected:.1f}, "
                   f"topped up {selection.topped_up}; mean AP {selection.ap.mean():.4f}, "
-                  f"max AP {selection.ap.max():.4f})", flush=True)
-        fit = build_round_trainer(cfg, plan, round_idx, root, keys, resume_from).fit()
+                  f"max AP {selection.ap.max():.4f})")
+        fit = build_round_trainer(cfg, plan, round_idx, root, keys, resume_from, board).fit()
         if fit.error is not None or fit.checkpoint is None:
             result.error = fit.error or RuntimeError(f"DCKT round {round_idx} saved no checkpoint")
             return result
