@@ -10,9 +10,9 @@ shards; every (text, image) pair of the batch) or the captioning slow model of
 ``loss.distill.hard_negatives`` hardest in-batch images by the fast scores, section 2.2).
 
 The contrastive part sees every worker's embeddings (one packed gather,
-:func:`raycmr.distributed.gather_global_batch`) unless ``loss.global_negatives`` is off; the
-other parts are per-worker means (their gradients are averaged over workers by the optimizer,
-like any data-parallel loss).
+:func:`raycmr.losses.batch.global_batch`, anchors by ``loss.anchors``) unless
+``loss.global_negatives`` is off; the other parts are per-worker means (their gradients are
+averaged over workers by the optimizer, like any data-parallel loss).
 
 Plain PyTorch (DeepSpeed wraps it in :mod:`raycmr.train.loop`); the task that trains it is
 :class:`raycmr.train.tasks.dual_encoder.DualEncoderTask`.
@@ -25,6 +25,7 @@ from torch import nn
 
 from raycmr import distributed
 from raycmr.config import Config, LossConfig
+from raycmr.losses.batch import global_batch, local_batch, resolve_anchors
 from raycmr.losses.contrastive import ContrastiveOutput, clamped_logit_scale, contrastive_loss
 from raycmr.losses.handover import handover_weight, vse_mh_handover_loss
 from raycmr.models.dual_encoder import DualEncoder
@@ -34,12 +35,14 @@ def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
                 groups: torch.Tensor, logit_scale: torch.Tensor, pad_rows: int,
                 progress: float = 1.0) -> ContrastiveOutput:
     """``loss.kind`` over the global batch of every worker (``loss.global_negatives``, one
-    packed gather padded to ``pad_rows``) or over this worker's batch. ``progress`` (optimizer
-    steps done / total) drives MH's warm-up hand-over (``loss.mh_warmup``)."""
-    if loss_cfg.global_negatives and distributed.world_size() > 1:
-        batch = distributed.gather_global_batch(img, txt, groups, pad_rows)
+    packed gather padded to ``pad_rows``, anchors by ``loss.anchors``) or over this worker's
+    batch. ``progress`` (optimizer steps done / total) drives MH's warm-up hand-over
+    (``loss.mh_warmup``)."""
+    if loss_cfg.global_negatives:
+        anchors = resolve_anchors(loss_cfg.anchors, distributed.world_size())
+        batch = global_batch(img, txt, groups, pad_rows, anchors)
     else:
-        batch = distributed.local_batch(img, txt, groups)
+        batch = local_batch(img, txt, groups)
     warm = loss_cfg.mh_warmup
     if loss_cfg.kind == "vse_mh" and warm.loss != "none":
         return vse_mh_handover_loss(
