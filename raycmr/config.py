@@ -185,9 +185,6 @@ class TrainConfig:
     max_failures: int = 1  # automatic restarts after a worker failure
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
-    # GradCache (Gao et al. 2021): embed the batch in chunks of this many rows without graph,
-    # take the loss's gradient w.r.t. the embeddings once, re-encode each chunk with it; 0 = off
-    embed_chunk: int = 0
 
 
 @dataclass
@@ -508,9 +505,8 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"serve.port must be in 0..65535, got {s.port}")
 
 
-def _validate_anchors_and_chunks(cfg: Config) -> None:
-    """``loss.anchors=local`` needs a gathered contrastive loss; ``train.embed_chunk``
-    (GradCache) a chunk size within the batch and a model whose chunks are independent."""
+def _validate_anchors(cfg: Config) -> None:
+    """``loss.anchors=local`` needs a gathered contrastive loss."""
     if cfg.loss.anchors == "local":
         if cfg.train.task != "dual_encoder" or cfg.loss.kind == "none":
             raise ConfigError("loss.anchors=local splits a contrastive loss's anchors over the "
@@ -521,28 +517,6 @@ def _validate_anchors_and_chunks(cfg: Config) -> None:
             raise ConfigError("loss.anchors=local scores each worker's anchors against the "
                               "gathered batch: set loss.global_negatives=true or leave "
                               "loss.anchors=auto")
-    chunk, batch = cfg.train.embed_chunk, cfg.train.batch_size
-    if chunk == 0:
-        return
-    if not 0 < chunk <= batch:
-        raise ConfigError(f"train.embed_chunk is {chunk}: it must be 0 (off) or a positive row "
-                          f"count up to the per-worker batch train.batch_size={batch}")
-    if cfg.train.task != "dual_encoder" or cfg.dckt.enabled:
-        raise ConfigError("train.embed_chunk (GradCache) chunks the dual encoder's batch: it "
-                          "needs train.task=dual_encoder and dckt.enabled=false; set "
-                          "train.embed_chunk=0")
-    if cfg.train.zero_stage >= 2:
-        raise ConfigError(f"train.embed_chunk needs train.zero_stage 0 or 1 (stage "
-                          f"{cfg.train.zero_stage} reduces gradients during each backward, "
-                          "once per chunk); set train.zero_stage=1 or train.embed_chunk=0")
-    if cfg.train.precision == "fp16":
-        raise ConfigError("train.embed_chunk with train.precision=fp16: the loss scale would "
-                          "apply twice; use bf16 or fp32, or train.embed_chunk=0")
-    for tower in ("image", "text"):
-        if cfg.get(f"model.{tower}.input_norm") == "batchnorm":
-            raise ConfigError(f"train.embed_chunk with model.{tower}.input_norm=batchnorm: "
-                              "batch statistics would be a chunk's, not the batch's; use "
-                              "layernorm or train.embed_chunk=0")
 
 
 def validate(cfg: Config) -> None:
@@ -609,6 +583,6 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= distill.start < 1.0:
             raise ConfigError(f"loss.distill.start is a fraction of the run's optimizer steps: "
                               f"0 <= start < 1, got {distill.start}")
-    _validate_anchors_and_chunks(cfg)
+    _validate_anchors(cfg)
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

@@ -27,9 +27,6 @@ def test_shipped_config_and_overrides():
     (["loss.anchors=local", "loss.kind=none"], "loss.anchors=local splits a contrastive loss"),
     (["loss.anchors=local", "train.task=slow"], "train.task=slow"),
     (["loss.anchors=local", "loss.global_negatives=false"], "set loss.global_negatives=true"),
-    (["train.embed_chunk=-1"], "train.embed_chunk is -1"),
-    (["train.embed_chunk=65", "train.batch_size=64"], "up to the per-worker batch"),
-    (["train.embed_chunk=8", "train.zero_stage=3"], "train.embed_chunk needs train.zero_stage"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as exc:
