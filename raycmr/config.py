@@ -142,7 +142,6 @@ class LossConfig:
 
 @dataclass
 class DCKTConfig:
-    enabled: bool = False
     source: list[str] = field(default_factory=list)
     target: list[str] = field(default_factory=list)
     mmd_weight: float = 1.0
@@ -157,7 +156,9 @@ class DCKTConfig:
 
 @dataclass
 class TrainConfig:
-    task: Literal["dual_encoder", "slow"] = "dual_encoder"  # "dual_encoder" or "slow" (the captioning re-ranker, slow.*)
+    # the method (raycmr.train.registry): the dual encoder, DCKT's rounds (dckt.*) or the
+    # slow captioning model (slow.*)
+    task: Literal["dual_encoder", "dckt", "slow"] = "dual_encoder"
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -181,7 +182,9 @@ class TrainConfig:
     # absolute path every node shares or a URI (a relative one is refused)
     storage_path: str = "runs"
     name: str = ""  # run name; empty = generated
-    resume_from: str = ""  # a checkpoint dir to continue from
+    # a checkpoint dir to continue from; DeepSpeed unpickles it (not weights_only): trusted
+    # storage only
+    resume_from: str = ""
     max_failures: int = 1  # automatic restarts after a worker failure
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
@@ -216,6 +219,9 @@ class IndexConfig:
     nprobe: int = 64  # 16 gave recall@10 0.55-0.60 on low-rank data (benchmarks/bench_index.py)
     hnsw_m: int = 32
     ef_search: int = 64
+
+
+MAX_BETA = 1000.0  # |serve.beta| and a request's beta: h + beta * fast stays finite
 
 
 @dataclass
@@ -253,6 +259,13 @@ class ServeConfig:
     max_body_bytes: int = 4_000_000  # larger request bodies get 413 (image uploads included)
     max_query_chars: int = 1000  # longer text queries get 422
     docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json
+    # The page's sign-in (raycmr/serve/sessions.py): /login sets a session cookie (never the
+    # token) that lasts session_hours; it is Secure when public_https (clients reach the service
+    # through a TLS proxy) or a trusted proxy's X-Forwarded-Proto says https.
+    public_https: bool = False
+    trusted_proxies: list[str] = field(default_factory=list)  # proxy IPs whose X-Forwarded-* count
+    session_hours: float = 12.0
+    login_failures_per_minute: int = 5  # failed /login attempts per client before 429
 
 
 @dataclass
@@ -433,6 +446,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
+    dckt = (values or {}).get("dckt")
+    if isinstance(dckt, dict) and "enabled" in dckt:
+        if dckt["enabled"] not in (False, "false", "False", 0):
+            raise ConfigError("dckt.enabled was replaced by train.task=dckt: set train.task=dckt "
+                              "and remove dckt.enabled")
+        values = {**values, "dckt": {k: v for k, v in dckt.items() if k != "enabled"}}
     cfg = _build(Config, values or {})
     validate(cfg)
     return cfg
@@ -491,9 +510,11 @@ def _validate_serve(s: ServeConfig) -> None:
     if not s.rerank_k <= s.max_rerank_k:
         raise ConfigError(f"serve.rerank_k ({s.rerank_k}) must be <= serve.max_rerank_k "
                           f"({s.max_rerank_k})")
-    if not math.isfinite(s.beta):
-        raise ConfigError(f"serve.beta must be a finite number, got {s.beta}")
-    for key in ("max_batch_size", "replicas", "max_body_bytes", "max_query_chars"):
+    if not math.isfinite(s.beta) or abs(s.beta) > MAX_BETA:
+        raise ConfigError(f"serve.beta must be a number in [-{MAX_BETA:g}, {MAX_BETA:g}], "
+                          f"got {s.beta}")
+    for key in ("max_batch_size", "replicas", "max_body_bytes", "max_query_chars",
+                "session_hours", "login_failures_per_minute"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"serve.{key} must be positive, got {getattr(s, key)}")
     if s.batch_wait_timeout_s < 0 or s.retries < 0:
@@ -569,9 +590,9 @@ def validate(cfg: Config) -> None:
             if cfg.data.kind != "images":
                 raise ConfigError("loss.distill.slow computes the slow model's phi(x) from the "
                                   "batch's pixels: it needs data.kind=images")
-            if cfg.train.task != "dual_encoder" or cfg.dckt.enabled:
+            if cfg.train.task != "dual_encoder":
                 raise ConfigError("loss.distill.slow distils into the dual encoder: it needs "
-                                  "train.task=dual_encoder and dckt.enabled=false")
+                                  "train.task=dual_encoder")
             m, b = distill.hard_negatives, cfg.train.batch_size
             if not 1 <= m < b:
                 raise ConfigError(

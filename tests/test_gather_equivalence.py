@@ -19,7 +19,7 @@ from raycmr.config import load_config
 from raycmr.distributed import end_spawned_process
 from raycmr.losses.batch import global_batch, local_batch
 from raycmr.losses.contrastive import infonce_loss, vse_loss
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 OVERRIDES = [
     "data.kind=features", "model.image.kind=mlp", "model.image.input_dim=6",

@@ -100,8 +100,11 @@ def run_trial(config: dict[str, Any], base: dict[str, Any] | None = None,
 
         board = start_board()
         monitor = RunMonitor(board, [TensorBoardSink(Path(runs_dir, trial_id, "tensorboard"))])
+    from raycmr.tune.placement import RecordPlacementGroup
+
     trainer = build_trainer(cfg, name=trial_id, storage_path=runs_dir,
-                            callbacks=[TuneReportCallback()], board=board)
+                            callbacks=[TuneReportCallback(), RecordPlacementGroup(trial_id)],
+                            board=board)
     reported = compat.trial_reports_so_far()
     if board is None:
         result = trainer.fit()
@@ -147,11 +150,9 @@ def check_tune_settings(cfg: Config) -> dict[str, ParamSpec]:
                           "(e.g. data.train=[out/shards/train])")
     if not cfg.data.val:
         raise ConfigError("tune ranks trials on validation metrics: set data.val=[PATH]")
-    if cfg.dckt.enabled:
-        # DCKT runs several trainers in sequence (raycmr.train.dckt.run_dckt), which cannot
-        # stream their reports to Tune yet.
-        raise ConfigError("raycmr tune does not search DCKT runs yet: set dckt.enabled=false, "
-                          "or tune the base model and use the result in a DCKT config")
+    if cfg.train.task != "dual_encoder":
+        raise ConfigError(f"raycmr tune searches dual encoder runs, not train.task="
+                          f"{cfg.train.task}: tune train.task=dual_encoder and reuse its settings")
     specs = parse_space(cfg)
     check_search(specs, t.search)
     return specs
@@ -175,7 +176,8 @@ def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec], callbacks: 
     table, :class:`raycmr.tune.live.TrialTable`) replace Tune's own progress printing."""
     from ray import tune
 
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
+    from raycmr.tune.placement import FreeStoppedTrialGroups
     from raycmr.tune.search import build_scheduler, build_search_alg
 
     storage, name = path.rstrip("/").rsplit("/", 1)
@@ -195,7 +197,8 @@ def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec], callbacks: 
         # with raise_on_failed_trial=False); worker failures inside a trial are retried by Ray
         # Train itself (train.max_failures), from the trial's latest checkpoint.
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        callbacks=callbacks, verbose=0 if callbacks else None,
+        # A stopped trial's worker placement group is removed here too (raycmr.tune.placement)
+        callbacks=[*(callbacks or []), FreeStoppedTrialGroups()], verbose=0 if callbacks else None,
     )
     return tune.Tuner(_trainable(cfg, path), param_space=param_space(cfg, specs),
                       tune_config=tune_config, run_config=run_config)
@@ -215,7 +218,7 @@ def start(cfg: Config, *, path: str | None = None, on_start=None,
     from ray import tune
 
     from raycmr.data.paths import with_absolute_paths
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
 
     cfg = with_absolute_paths(cfg)  # each trial runs in its own working directory
     path = path or experiment_path(cfg)
@@ -250,7 +253,7 @@ def resume(path: str, *, retry_errored: bool = False) -> Experiment:
     continue from their latest Ray Train checkpoint; errored ones too with ``retry_errored``."""
     from ray import tune
 
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
 
     path = absolute(path).rstrip("/")
     cfg = load_experiment_config(path)
@@ -268,7 +271,7 @@ def load(path: str) -> Experiment:
     """The results of an experiment at ``path`` without running anything."""
     from ray import tune
 
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
 
     path = absolute(path).rstrip("/")
     cfg = load_experiment_config(path)

@@ -1,0 +1,33 @@
+"""The contrastive term both the dual encoder and DCKT train: ``loss.kind`` over the global
+batch of every worker (one packed gather, anchors by ``loss.anchors``) or over this worker's
+batch."""
+
+from __future__ import annotations
+
+import torch
+
+from raycmr import distributed
+from raycmr.config import LossConfig
+from raycmr.losses.batch import global_batch, local_batch, resolve_anchors
+from raycmr.losses.contrastive import ContrastiveOutput, contrastive_loss
+from raycmr.losses.handover import handover_weight, vse_mh_handover_loss
+
+
+def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
+                groups: torch.Tensor, logit_scale: torch.Tensor, pad_rows: int,
+                progress: float = 1.0) -> ContrastiveOutput:
+    """``loss.kind`` over the global batch of every worker (``loss.global_negatives``, one
+    packed gather padded to ``pad_rows``, anchors by ``loss.anchors``) or over this worker's
+    batch. ``progress`` (optimizer steps done / total) drives MH's warm-up hand-over
+    (``loss.mh_warmup``)."""
+    if loss_cfg.global_negatives:
+        anchors = resolve_anchors(loss_cfg.anchors, distributed.world_size())
+        batch = global_batch(img, txt, groups, pad_rows, anchors)
+    else:
+        batch = local_batch(img, txt, groups)
+    warm = loss_cfg.mh_warmup
+    if loss_cfg.kind == "vse_mh" and warm.loss != "none":
+        return vse_mh_handover_loss(
+            batch, warmup=warm.loss, weight=handover_weight(progress, warm.start, warm.end),
+            margin=loss_cfg.margin, logit_scale=logit_scale, tau=warm.tau)
+    return contrastive_loss(loss_cfg.kind, batch, margin=loss_cfg.margin, logit_scale=logit_scale)
