@@ -7,7 +7,7 @@ captions, an untrained ViT/BERT dual encoder and an untrained slow captioning mo
 flat index with the slow model's phi(x) stored next to it) on a local Ray cluster of 12
 logical CPUs, deploys it with 2 replicas of every deployment, then runs ``--clients``
 concurrent clients (caption queries) for ``--duration`` seconds while one replica of each
-deployment (Ingress, QueryEncoder, Retriever, Reranker, Gallery) is killed in turn with
+deployment (Ingress, QueryEncoder, Retriever, SlowScorer, Gallery) is killed in turn with
 ``ray.kill``. Prints the requests, failures, p50/p99 latency and what was killed; exits 1 when
 1% or more of the requests failed.
 """
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEPLOYMENTS = ("Ingress", "QueryEncoder", "Retriever", "Reranker", "Gallery")
+DEPLOYMENTS = ("Ingress", "QueryEncoder", "Retriever", "SlowScorer", "Gallery")
 IMAGE_SIZE, MAX_LEN = 32, 16
 
 

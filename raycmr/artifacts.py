@@ -6,7 +6,7 @@ through here, never through the trainer.
 
 A checkpoint directory (one per report, written by every worker and merged by Ray Train)::
 
-    ds/            DeepSpeed engine state (train/checkpoint.py; only training reads it)
+    ds/            DeepSpeed engine state (train/loop.py; only training reads it)
     model.pt       the dual encoder's full state dict, loadable without DeepSpeed (rank 0)
     config.yaml    the config the run used (rank 0)
     state.json     epoch, global step, samples seen, metrics at save time (rank 0)

@@ -36,14 +36,9 @@ T = TypeVar("T")
 
 def end_spawned_process(code: int = 0) -> NoReturn:
     """End a process started by ``torch.multiprocessing`` (a test's or benchmark's gloo rank)
-    once its work is done and its process group destroyed, without the interpreter's teardown.
-
-    ``benchmarks/bench_global_negatives.py`` lost 3 of 34 runs to a rank killed by
-    SIGABRT ("terminate called without an active exception": a joinable C++ thread destroyed)
-    *after* both ranks had returned from their work, ``destroy_process_group`` included: the
-    abort is in the teardown of torch's distributed stack at interpreter exit (pytorch/pytorch
-    PR 179291 describes one such path), not in a collective. Everything the parent reads has
-    been written by then; ``os._exit`` skips the teardown."""
+    once its work is done and its process group destroyed, without the interpreter's teardown:
+    torch's distributed stack can abort (SIGABRT) while tearing down at exit, after the work
+    the parent reads has been written."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -154,11 +149,6 @@ def gather_objects(obj: T) -> list[T]:
     return gathered
 
 
-def all_reduce_mean(value: float) -> float:
-    """Mean of a Python number over all ranks (the value itself in a world of 1)."""
-    return all_reduce_sum(value) / world_size()
-
-
 def all_reduce_sum(value: float) -> float:
     """Sum of a Python number over all ranks."""
     if world_size() == 1:
@@ -173,7 +163,7 @@ def while_all_have(items: Iterable[T]) -> Iterator[T]:
 
     Before each item the ranks agree (all-reduce MIN of "I have one"): one collective per item.
     The training loop does not use it (it runs a step count fixed on the driver, see
-    :func:`raycmr.train.loop.fixed_steps`); it stays for loops whose length is not known.
+    :class:`raycmr.train.loop.FixedSteps`); it stays for loops whose length is not known.
     """
     iterator = iter(items)
     while True:
@@ -189,11 +179,6 @@ def while_all_have(items: Iterable[T]) -> Iterator[T]:
 
 
 _END = object()
-
-
-def sum_counters(counter: dict[str, int]) -> dict[str, int]:
-    """Key-wise sum of a ``{name: count}`` dict over all ranks (keys may differ by rank)."""
-    return merge_counts(gather_objects(dict(counter)))
 
 
 def merge_counts(parts: Iterable[dict[str, Any]]) -> dict[str, int]:

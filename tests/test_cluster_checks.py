@@ -113,7 +113,7 @@ def test_serving_needs_every_replica_of_every_deployment():
 
     full = serving_demand(_serve_plan(2, reranker=True, images=True))
     # 2 x (encoder, retriever, reranker, gallery: 1 CPU each; ingress 0.1 CPU) = 8.2 CPUs
-    assert sorted(full.labels) == sorted(["QueryEncoder", "Retriever", "Reranker", "Gallery",
+    assert sorted(full.labels) == sorted(["QueryEncoder", "Retriever", "SlowScorer", "Gallery",
                                           "Ingress"] * 2)
     assert missing_resources(full, [{"CPU": 8.0}]) == "8.2 CPU in total (the cluster has 8)"
     assert missing_resources(full, [{"CPU": 9.0}]) is None

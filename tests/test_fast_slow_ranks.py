@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycmr.evaluate import rerank as rr
+from raycmr.evaluate import slow as slow_eval
 
 
 class TableScorer:
@@ -31,7 +31,7 @@ def _split(q: int, n: int, seed: int = 0):
     fast_img = torch.randn(n, 8, generator=gen)
     fast_txt = torch.randn(q, 8, generator=gen)
     table = torch.randn(q, n, generator=gen) * 3
-    split = rr.RerankSplit(
+    split = slow_eval.RerankSplit(
         phi=torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 2, 4).clone(),
         input_ids=torch.arange(q)[:, None].expand(q, 5).clone(),
         attention_mask=torch.ones(q, 5, dtype=torch.long),
@@ -54,33 +54,33 @@ def test_rerank_ranks_match_explicit_reordering(k: int, beta: float) -> None:
     fast = (split.fast_txt @ split.fast_img.t()).tolist()
     expected = [_reference_rank(fast[i], scorer.table[i].tolist(), int(split.target[i]), k, beta)
                 for i in range(9)]
-    got = rr.rerank_ranks(scorer, split, k, beta, queries_per_call=4)
+    got = slow_eval.rerank_ranks(scorer, split, k, beta, queries_per_call=4)
     assert got.tolist() == expected
 
 
 def test_fast_and_slow_only_ranks() -> None:
     split, scorer = _split(q=7, n=10, seed=3)
     fast = split.fast_txt @ split.fast_img.t()
-    for name, scores, got in (("fast", fast, rr.fast_ranks(split)),
-                              ("slow", scorer.table, rr.slow_only_ranks(scorer, split, 3))):
+    for name, scores, got in (("fast", fast, slow_eval.fast_ranks(split)),
+                              ("slow", scorer.table, slow_eval.slow_only_ranks(scorer, split, 3))):
         expected = [sorted(range(10), key=lambda n, r=row: -float(r[n])).index(int(t)) + 1
                     for row, t in zip(scores, split.target)]
         assert got.tolist() == expected, name
     # re-ranking every image with beta 0 is slow-only
-    assert rr.rerank_ranks(scorer, split, 10).tolist() == \
-        rr.slow_only_ranks(scorer, split).tolist()
+    assert slow_eval.rerank_ranks(scorer, split, 10).tolist() == \
+        slow_eval.slow_only_ranks(scorer, split).tolist()
 
 
 def test_ties_count_against_the_target() -> None:
     scores = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 1.0]])
-    assert rr.target_ranks(scores, torch.tensor([0, 2])).tolist() == [3, 2]
+    assert slow_eval.target_ranks(scores, torch.tensor([0, 2])).tolist() == [3, 2]
 
 
 def test_summary_by_hand() -> None:
     ranks = np.array([1, 2, 7, 11, 1])
-    assert rr.summary(ranks, "t2i") == {"t2i_r1": 40.0, "t2i_r5": 60.0, "t2i_r10": 80.0,
+    assert slow_eval.summary(ranks, "t2i") == {"t2i_r1": 40.0, "t2i_r5": 60.0, "t2i_r10": 80.0,
                                         "t2i_medr": 2.0}
-    assert rr.recall_at(ranks, 7) == 80.0
+    assert slow_eval.recall_at(ranks, 7) == 80.0
 
 
 @pytest.mark.parametrize("k,beta,n", [(3, 0.0, 6), (5, 0.5, 12), (12, 2.0, 4)])
@@ -89,7 +89,7 @@ def test_reranked_rows_are_the_explicit_reordering(k: int, beta: float, n: int) 
     ``h + beta * fast``, then the rest in fast order."""
     split, scorer = _split(q=5, n=12, seed=7)
     fast = (split.fast_txt @ split.fast_img.t()).tolist()
-    got = rr.reranked_rows(scorer, split, slice(0, 5), k, beta, n)
+    got = slow_eval.reranked_rows(scorer, split, slice(0, 5), k, beta, n)
     for i in range(5):
         order = sorted(range(12), key=lambda m, f=fast[i]: -f[m])
         top = sorted(order[:k], key=lambda m, f=fast[i]: -(float(scorer.table[i, m])
@@ -99,11 +99,11 @@ def test_reranked_rows_are_the_explicit_reordering(k: int, beta: float, n: int) 
 
 def test_combine_and_rerank_order() -> None:
     h, fast = torch.tensor([[-3.0, -1.0, -2.0, -1.0]]), torch.tensor([[0.9, 0.1, 0.5, 0.1]])
-    assert rr.combine(h, fast, 2.0).tolist() == [[-1.2000000476837158, -0.800000011920929,
+    assert slow_eval.combine(h, fast, 2.0).tolist() == [[-1.2000000476837158, -0.800000011920929,
                                                   -1.0, -0.800000011920929]]
-    assert rr.rerank_order(rr.combine(h, fast, 0.0)).tolist() == [[1, 3, 2, 0]]  # ties: stable
-    assert rr.rerank_order(rr.combine(h, fast, 2.0)).tolist() == [[1, 3, 2, 0]]
-    assert rr.rerank_order(rr.combine(h, fast, 10.0)).tolist() == [[0, 2, 1, 3]]
+    assert slow_eval.rerank_order(slow_eval.combine(h, fast, 0.0)).tolist() == [[1, 3, 2, 0]]  # ties: stable
+    assert slow_eval.rerank_order(slow_eval.combine(h, fast, 2.0)).tolist() == [[1, 3, 2, 0]]
+    assert slow_eval.rerank_order(slow_eval.combine(h, fast, 10.0)).tolist() == [[0, 2, 1, 3]]
 
 
 class TableFast:
@@ -124,15 +124,15 @@ def test_compare_taking_turns_by_chunk_equals_whole_split_ranks() -> None:
                    fast=TableFast(split.fast_txt), chunk=4)
     by = {(r["method"], r["k"]): r for r in rows}
     assert set(by) == {("fast", ""), ("fast+slow", 3), ("fast+slow", 12), ("slow-only", 12)}
-    fast = rr.fast_ranks(split)
-    assert by[("fast", "")]["t2i_r1"] == rr.summary(fast, "t2i")["t2i_r1"]
+    fast = slow_eval.fast_ranks(split)
+    assert by[("fast", "")]["t2i_r1"] == slow_eval.summary(fast, "t2i")["t2i_r1"]
     for k in (3, 12):
-        want = rr.summary(rr.rerank_ranks(scorer, split, k, 0.5), "t2i")
+        want = slow_eval.summary(slow_eval.rerank_ranks(scorer, split, k, 0.5), "t2i")
         assert {m: by[("fast+slow", k)][m] for m in want} == want
-        assert by[("fast+slow", k)]["fast_recall_at_k"] == rr.recall_at(fast, k)
+        assert by[("fast+slow", k)]["fast_recall_at_k"] == slow_eval.recall_at(fast, k)
         assert by[("fast+slow", k)]["queries"] == 11
     # slow-only on the first 7 queries only (chunks 0-3 and 4-6)
-    want = rr.summary(rr.slow_only_ranks(scorer, split.head(7)), "t2i")
+    want = slow_eval.summary(slow_eval.slow_only_ranks(scorer, split.head(7)), "t2i")
     assert {m: by[("slow-only", 12)][m] for m in want} == want
     assert by[("slow-only", 12)]["queries"] == 7
     assert all(r["ms_per_query"] > 0 for r in rows)

@@ -7,6 +7,7 @@ lazy import inside a function counts as much as one at the top of a file.
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -17,16 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "raycmr"
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports() -> dict[str, set[str]]:
+def _imports(root: Path = ROOT) -> dict[str, set[str]]:
     """``module -> every module it imports`` (absolute names, raycmr and third-party)."""
     graph: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = _module_name(path)
+    for path in sorted((root / "raycmr").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -34,12 +30,12 @@ def _imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 found.add(node.module)
                 found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[name] = found
+        graph[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = found
     return graph
 
 
-def _internal_graph() -> dict[str, set[str]]:
-    graph = _imports()
+def _internal_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    graph = _imports(root)
     return {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
 
 
@@ -186,3 +182,30 @@ def test_the_engine_reaches_methods_only_through_the_registry() -> None:
     imports = [f"{m} imports {t}" for m, targets in engine.items() for t in sorted(targets)
                if any(_in(t, f"{TRAIN}.{f}") for f in METHOD_FOLDERS)]
     assert not imports, imports
+
+
+def import_depth(graph: dict[str, set[str]], within: str) -> list[str]:
+    """The longest chain ``a -> b -> ...`` of modules under ``within`` each importing the next
+    (the graph has no cycles)."""
+    inside = {m: {t for t in ts if _in(t, within)} for m, ts in graph.items() if _in(m, within)}
+
+    @functools.cache
+    def chain(m: str) -> tuple[str, ...]:
+        return (m, *max((chain(t) for t in inside[m]), key=len, default=()))
+
+    return list(max((chain(m) for m in inside), key=len))
+
+
+def test_train_stays_shallow() -> None:
+    """train/'s longest internal import chain: cli -> session -> trainer -> loop -> registry
+    -> task (8 modules deep before the one-folder-per-method layout)."""
+    assert len(import_depth(_internal_graph(), TRAIN)) <= 6
+
+
+if __name__ == "__main__":  # python tests/test_layout.py [REPO_ROOT]: train/'s size and depth
+    root = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT
+    graph = _internal_graph(root)
+    chain = import_depth(graph, TRAIN)
+    print(f"raycmr modules: {len(graph)}; train/ modules: "
+          f"{sum(1 for m in graph if _in(m, TRAIN))}")
+    print(f"train/ import depth: {len(chain)} modules: {' -> '.join(chain)}")

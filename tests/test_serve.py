@@ -255,7 +255,7 @@ def test_serve_config_file_matches_the_builder() -> None:
     assert {"index_path", "checkpoint"} <= set(app.args)
     assert set(app.args) <= set(ServeConfig.__dataclass_fields__)
     names = {d.name for d in app.deployments}
-    assert names <= {"Ingress", "QueryEncoder", "Retriever", "Reranker", "Gallery"}
+    assert names <= {"Ingress", "QueryEncoder", "Retriever", "SlowScorer", "Gallery"}
     # safe by default: local only, token on, no /docs; replica loss survived
     from raycmr.serve.plan import serve_config
 

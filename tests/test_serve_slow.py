@@ -7,7 +7,7 @@ gallery's own captions (so that its scores differ by nats, not by float noise, a
 visibly finds the captioned image). The index goes through a
 ``file://`` URI (read and written through pyarrow.fs, as object stores are). The offline side is
 the function the CLI runs (:func:`raycmr.evaluate.fast_slow.encode_split` + the re-ranking of
-:mod:`raycmr.evaluate.rerank`), on the same captions, K and beta.
+:mod:`raycmr.evaluate.slow`), on the same captions, K and beta.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def test_index_stores_phi_of_every_image_in_index_row_order(served) -> None:
 def test_served_top10_equals_offline_eval_rerank(served, offline, rerank_k, beta) -> None:
     """The service's top 10 (defaults, then per-request K and beta) are the offline fast+slow
     ranking of the same captions; every hit's fast, slow and final scores are the offline ones."""
-    from raycmr.evaluate import rerank as rr
+    from raycmr.evaluate import slow as slow_eval
 
     k = RERANK_K if rerank_k is None else rerank_k
     b = BETA if beta is None else beta
@@ -189,10 +189,10 @@ def test_served_top10_equals_offline_eval_rerank(served, offline, rerank_k, beta
     answers = _search(served, [{"text": t, "k": 10, **extra} for t in offline["texts"]])
     for q, got in zip(offline["rows"], answers):
         queries = slice(q, q + 1)
-        want = offline["names"][rr.reranked_rows(served["slow"], split, queries, k, b, 10)[0]]
+        want = offline["names"][slow_eval.reranked_rows(served["slow"], split, queries, k, b, 10)[0]]
         assert [hit["id"] for hit in got] == want.tolist()
-        fast, top, h, final = rr.rerank_head(served["slow"], split, queries, k, b)
-        order = rr.rerank_order(final)[0][:10]
+        fast, top, h, final = slow_eval.rerank_head(served["slow"], split, queries, k, b)
+        order = slow_eval.rerank_order(final)[0][:10]
         head = got[:k]
         np.testing.assert_allclose([x["slow_score"] for x in head], h[0][order], atol=1e-3)
         np.testing.assert_allclose([x["fast_score"] for x in head],
@@ -203,7 +203,7 @@ def test_served_top10_equals_offline_eval_rerank(served, offline, rerank_k, beta
         assert all(x["stage"] == "retrieve" and x["slow_score"] is None for x in got[k:])
         # the target's place in this list is the rank `raycmr eval --rerank` reports
         target = offline["names"][split.target[q]]
-        rank = int(rr.rerank_ranks(served["slow"], split.head(q + 1), k, b)[q])
+        rank = int(slow_eval.rerank_ranks(served["slow"], split.head(q + 1), k, b)[q])
         assert rank > 10 or [x["id"] for x in got].index(target) + 1 == rank
 
 

@@ -13,7 +13,7 @@ from raycmr.configs.tiny import TINY_SLOW
 from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
-from raycmr.evaluate import rerank as rr
+from raycmr.evaluate import slow as slow_eval
 from raycmr.evaluate.metrics import group_pairs
 
 pytestmark = pytest.mark.ray
@@ -56,10 +56,10 @@ def _slow_only_from_export(ckpt, shards) -> dict[str, float]:
     data = preprocess_images(table, image_size=32, max_text_len=16,
                              encode=load_text_encoder("minilm"), augment=False, seed=0, epoch=0)
     image_rows, target = group_pairs(data["group"])
-    split = rr.RerankSplit(model.encode_image(torch.from_numpy(data["pixel_values"][image_rows])),
+    split = slow_eval.RerankSplit(model.encode_image(torch.from_numpy(data["pixel_values"][image_rows])),
                            torch.from_numpy(data["input_ids"]),
                            torch.from_numpy(data["attention_mask"]), target)
-    return rr.summary(rr.slow_only_ranks(model, split), "t2i")
+    return slow_eval.summary(slow_eval.slow_only_ranks(model, split), "t2i")
 
 
 def test_two_worker_slow_run_validates_and_resumes(ray_cluster, shards, tmp_path):

@@ -1,5 +1,5 @@
 """`raycmr eval --checkpoint FAST --rerank SLOW`: fast, fast+slow and slow-only text->image
-retrieval of a split, with time per query (the methods: :mod:`raycmr.evaluate.rerank`).
+retrieval of a split, with time per query (the methods: :mod:`raycmr.evaluate.slow`).
 
 The split is decoded by Ray Data and read on the driver (a quickstart split is 500 images);
 the gallery side (fast image embeddings, the slow model's ``phi(x)`` rounded to float16 as an
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from raycmr.config import Config, ConfigError
-from raycmr.evaluate import rerank as rr
+from raycmr.evaluate import slow as slow_eval
 from raycmr.evaluate.metrics import group_pairs
 from raycmr.models.slow import stored_phi
 
@@ -37,7 +37,7 @@ def split_paths(cfg: Config, split: str) -> list[str]:
 
 
 @torch.no_grad()
-def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> rr.RerankSplit:
+def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> slow_eval.RerankSplit:
     """Decode ``split`` (the slow checkpoint's data config) and lay it out for retrieval."""
     from raycmr.data.pipeline import build_dataset, iter_worker_batches
 
@@ -60,7 +60,7 @@ def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> 
     image_rows, target = group_pairs(groups)
     rows = torch.as_tensor(image_rows)
     phi = torch.cat(cols["phi"])[rows]
-    out = rr.RerankSplit(phi, torch.cat(cols["ids"]), torch.cat(cols["mask"]), target,
+    out = slow_eval.RerankSplit(phi, torch.cat(cols["ids"]), torch.cat(cols["mask"]), target,
                          groups=groups[image_rows],
                          gallery=slow.gallery(phi) if hasattr(slow, "gallery") else None)
     if fast is not None:
@@ -69,7 +69,7 @@ def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> 
     return out
 
 
-def fast_text_seconds(fast, split: rr.RerankSplit, batch_size: int = 64) -> float:
+def fast_text_seconds(fast, split: slow_eval.RerankSplit, batch_size: int = 64) -> float:
     """Seconds per query of the fast stage's search side: encode the caption, score the
     gallery, take the top 100."""
     start = time.perf_counter()
@@ -82,7 +82,7 @@ def fast_text_seconds(fast, split: rr.RerankSplit, batch_size: int = 64) -> floa
     return (time.perf_counter() - start) / max(len(split.target), 1)
 
 
-def compare(slow, split: rr.RerankSplit, ks: list[int], beta: float, slow_queries: int,
+def compare(slow, split: slow_eval.RerankSplit, ks: list[int], beta: float, slow_queries: int,
             fast=None, chunk: int = 64) -> list[dict[str, Any]]:
     """One row per method: ``method``, ``k``, R@1/5/10, medr, ``ms_per_query`` (and for
     fast+slow, ``fast_recall_at_k``: the share of queries whose image is in the top K).
@@ -92,14 +92,14 @@ def compare(slow, split: rr.RerankSplit, ks: list[int], beta: float, slow_querie
     methods: list[tuple[str, Any, Any]] = []  # (method, k, ranks of a sub-split)
     with_fast = fast is not None and split.fast_img is not None
     if with_fast:
-        methods.append(("fast", "", rr.fast_ranks))
+        methods.append(("fast", "", slow_eval.fast_ranks))
         for k in ks:
             kk = min(k, n_img) if k > 0 else n_img
             methods.append(("fast+slow", kk,
-                            lambda sub, kk=kk: rr.rerank_ranks(slow, sub, kk, beta)))
+                            lambda sub, kk=kk: slow_eval.rerank_ranks(slow, sub, kk, beta)))
     slow_only = bool(slow_queries) and n_img <= SLOW_ONLY_MAX_IMAGES
     if slow_only:
-        methods.append(("slow-only", n_img, lambda sub: rr.slow_only_ranks(slow, sub)))
+        methods.append(("slow-only", n_img, lambda sub: slow_eval.slow_only_ranks(slow, sub)))
     ranks: list[list[np.ndarray]] = [[] for _ in methods]
     seconds = [0.0 for _ in methods]
     fast_s = 0.0
@@ -114,19 +114,19 @@ def compare(slow, split: rr.RerankSplit, ks: list[int], beta: float, slow_querie
                 sub_i = sub.head(min(len(sub.target), slow_queries - s))
             else:
                 sub_i = sub
-            got, sec = rr.timed(fn, sub_i)
+            got, sec = slow_eval.timed(fn, sub_i)
             ranks[i].append(got)
             seconds[i] += sec
     rows: list[dict[str, Any]] = []
     fast_r = np.concatenate(ranks[0]) if with_fast else None
     for i, (method, k, _) in enumerate(methods):
         r = np.concatenate(ranks[i])
-        row = {"method": method, "k": k, **rr.summary(r, "t2i"), "queries": len(r)}
+        row = {"method": method, "k": k, **slow_eval.summary(r, "t2i"), "queries": len(r)}
         if method == "fast":
             row["ms_per_query"] = 1000 * fast_s / n_q
         elif method == "fast+slow":
             row["ms_per_query"] = 1000 * (fast_s + seconds[i]) / n_q
-            row["fast_recall_at_k"] = rr.recall_at(fast_r, k)
+            row["fast_recall_at_k"] = slow_eval.recall_at(fast_r, k)
         else:
             row["ms_per_query"] = 1000 * seconds[i] / len(r)
         rows.append(row)

@@ -20,14 +20,3 @@ def evaluate_embeddings(emb: dict[str, np.ndarray]) -> dict[str, float]:
     metrics["num_images"] = float(len(image_rows))
     metrics["num_captions"] = float(len(txt_to_img))
     return {k: float(v) for k, v in metrics.items()}
-
-
-def print_metrics(title: str, metrics: dict) -> None:
-    """``title`` then one aligned ``key value`` line per metric (floats to 4 decimals)."""
-    print(title)
-    for key in sorted(metrics):
-        value = metrics[key]
-        if isinstance(value, float):
-            print(f"  {key:28s} {value:.4f}")
-        else:
-            print(f"  {key:28s} {value}")

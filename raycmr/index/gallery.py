@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,32 @@ def resolve_split(cfg: Config, split: str | list[str]) -> list[str]:
     return paths
 
 
+@dataclass
+class GalleryJob:
+    """What one index build reads: the fast model, its config, the gallery shards and the
+    optional slow model."""
+
+    checkpoint: str
+    model: Any
+    cfg: Config
+    paths: list[str]
+    files: list[str]
+    fmt: str
+    slow: str | None = None
+    slow_model: Any = None
+    slow_cfg: Config | None = None
+
+
+@dataclass
+class BuiltIndex:
+    index: Any
+    kind: str
+    dim: int
+    filled: np.ndarray  # bool per gallery row: embedded (a valid row)
+    pairs: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 def build_gallery_index(
     checkpoint: str,
     split: str | list[str],
@@ -81,10 +108,46 @@ def build_gallery_index(
     Returns the ``gallery.json`` record. Needs Ray (a local cluster is started if none).
     ``console`` (a rich Console): progress lines and a rows/s bar go there (else plain prints).
     """
-    from raycmr.config import apply_overrides
-    from raycmr.data.schema import check_shards
     from raycmr.index.faiss_index import save_index
     from raycmr.runtime import init_ray
+
+    job = _open_job(checkpoint, split, kind, target_recall, overrides, slow)
+    say, t0 = _printer(console), time.perf_counter()
+    say(f"index: scanning ids in {len(job.files)} shard file(s)")
+    rows = _scan_rows(job)
+    init_ray(min_cpus=num_actors + 1)
+    say(f"index: embedding {len(rows)} images with {num_actors} Ray Data actors")
+    built = _embed_and_build(job, rows, out, kind == "auto", target_recall, num_actors,
+                             batch_size, console, say)
+    names = rows.names if built.filled.all() else rows.names.filter(pa.array(built.filled))
+    out = save_index(built.index, names, out, extra_meta=built.meta)
+    record = _gallery_record(job, len(names), built)
+    say(f"index: {len(names)} images ({built.pairs} pairs) -> {out} "
+        f"[{built.kind}, dim {built.dim}] in {time.perf_counter() - t0:.1f} s")
+    if job.slow_model is not None:
+        record["slow_checkpoint"] = job.slow
+        record["phi"] = _write_phi(job.paths, job.slow, job.slow_model, job.slow_cfg,
+                                   rows.groups[built.filled], out, num_actors, batch_size, say,
+                                   console)
+    artifacts.write_gallery(out, record)
+    return record
+
+
+def _printer(console: Any):
+    def say(line: str) -> None:
+        if console is not None:
+            console.print(line, markup=False)  # "[flat, dim 128]" is text, not rich markup
+        else:
+            print(line, flush=True)
+
+    return say
+
+
+def _open_job(checkpoint: str, split: str | list[str], kind: str | None, target_recall: float,
+              overrides: list[str] | None, slow: str | None) -> GalleryJob:
+    """Load the checkpoint (and the slow one), apply the overrides, check the shards."""
+    from raycmr.config import apply_overrides
+    from raycmr.data.schema import check_shards
 
     ckpt_dir = artifacts.find_checkpoint(checkpoint)
     model, cfg = artifacts.load_exported(ckpt_dir)
@@ -95,71 +158,65 @@ def build_gallery_index(
                           ([f"index.kind={kind}"] if kind and not auto else []))
     paths = resolve_split(cfg, split)
     info = check_shards(paths, cfg.data.kind, cfg.data.format)
-    slow_model = slow_cfg = None
+    job = GalleryJob(ckpt_dir, model, cfg, paths, info.files, info.format)
     if slow:
-        slow, slow_model, slow_cfg = _load_slow(slow, cfg)
+        job.slow, job.slow_model, job.slow_cfg = _load_slow(slow, cfg)
+    return job
 
-    def say(line: str) -> None:
-        if console is not None:
-            console.print(line, markup=False)  # "[flat, dim 128]" is text, not rich markup
-        else:
-            print(line, flush=True)
 
-    t0 = time.perf_counter()
-    say(f"index: scanning ids in {len(info.files)} shard file(s)")
-    rows = scan_gallery_rows(info.files, info.format)
+def _scan_rows(job: GalleryJob) -> GalleryRows:
+    rows = scan_gallery_rows(job.files, job.fmt)
     if len(rows) == 0:
-        raise ConfigError(f"no rows in the gallery shards {paths}; nothing to index")
-    init_ray(min_cpus=num_actors + 1)
-    say(f"index: embedding {len(rows)} images with {num_actors} Ray Data actors")
+        raise ConfigError(f"no rows in the gallery shards {job.paths}; nothing to index")
+    return rows
+
+
+def _embed_and_build(job: GalleryJob, rows: GalleryRows, out: str | Path, auto: bool,
+                     target_recall: float, num_actors: int, batch_size: int, console,
+                     say) -> BuiltIndex:
+    """Embed into a local float32 table (through the actors' scratch blocks), then build the
+    FAISS index from it: ``index.kind``'s, or with ``auto`` the measured choice."""
     scratch = artifacts.join(out, SCRATCH_DIR)
     fs, root = artifacts.split(scratch)
     fs.delete_dir_contents(root, missing_dir_ok=True)  # blocks of an interrupted build
     with tempfile.TemporaryDirectory(prefix="raycmr-index-") as tmp:
         table = Path(tmp) / "embeddings.f32"
         try:
-            pairs = _embed_to_blocks(paths, cfg, model, rows, scratch, num_actors, batch_size,
-                                     console)
+            pairs = _embed_to_blocks(job.paths, job.cfg, job.model, rows, scratch, num_actors,
+                                     batch_size, console)
             dim, filled = assemble_embeddings(scratch, len(rows), table)
         finally:  # the blocks are in the table file now (or the build failed)
             if fs.get_file_info(root).type != pafs.FileType.NotFound:
                 fs.delete_dir(root)
         if not filled.any():
-            raise ConfigError(f"no valid rows in the gallery shards {paths}; nothing to index")
-        extra: dict[str, Any] = {}
-        if auto:
-            from raycmr.index.autotune import choose_index
+            raise ConfigError(f"no valid rows in the gallery shards {job.paths}; nothing to "
+                              "index")
+        if not auto:
+            index = build_index_from_file(table, dim, filled, job.cfg.index)
+            return BuiltIndex(index, job.cfg.index.kind, dim, filled, pairs)
+        from raycmr.index.autotune import choose_index
 
-            say(f"index: measuring flat, HNSW and IVF settings for recall@10 >= {target_recall}")
-            vectors = np.memmap(table, dtype=np.float32, mode="r", shape=(len(rows), dim))
-            index, choice = choose_index(vectors if filled.all() else vectors[filled],
-                                         target_recall, hnsw_m=cfg.index.hnsw_m)
-            del vectors
-            extra["auto"] = choice.meta()
-            say(f"index: chose {choice.summary()}")
-            kind_name = choice.kind
-        else:
-            index = build_index_from_file(table, dim, filled, cfg.index)
-            kind_name = cfg.index.kind
-    names = rows.names if filled.all() else rows.names.filter(pa.array(filled))
-    out = save_index(index, names, out, extra_meta=extra)
-    record = {
-        "checkpoint": ckpt_dir if artifacts.is_remote(ckpt_dir) else str(Path(ckpt_dir).resolve()),
-        "shards": [str(p) for p in paths],
-        "data_kind": cfg.data.kind,
-        "count": len(names),
-        "pairs": pairs,
-        "embed_dim": dim,
-        "index_kind": kind_name,
+        say(f"index: measuring flat, HNSW and IVF settings for recall@10 >= {target_recall}")
+        vectors = np.memmap(table, dtype=np.float32, mode="r", shape=(len(rows), dim))
+        index, choice = choose_index(vectors if filled.all() else vectors[filled],
+                                     target_recall, hnsw_m=job.cfg.index.hnsw_m)
+        del vectors
+        say(f"index: chose {choice.summary()}")
+        return BuiltIndex(index, choice.kind, dim, filled, pairs, {"auto": choice.meta()})
+
+
+def _gallery_record(job: GalleryJob, count: int, built: BuiltIndex) -> dict[str, Any]:
+    """``gallery.json``: what the index was built from."""
+    ckpt = job.checkpoint
+    return {
+        "checkpoint": ckpt if artifacts.is_remote(ckpt) else str(Path(ckpt).resolve()),
+        "shards": [str(p) for p in job.paths],
+        "data_kind": job.cfg.data.kind,
+        "count": count,
+        "pairs": built.pairs,
+        "embed_dim": built.dim,
+        "index_kind": built.kind,
     }
-    say(f"index: {len(names)} images ({record['pairs']} pairs) -> {out} "
-        f"[{kind_name}, dim {dim}] in {time.perf_counter() - t0:.1f} s")
-    if slow_model is not None:
-        record["slow_checkpoint"] = slow
-        record["phi"] = _write_phi(paths, slow, slow_model, slow_cfg, rows.groups[filled], out,
-                                   num_actors, batch_size, say, console)
-    artifacts.write_gallery(out, record)
-    return record
 
 
 def _embed_to_blocks(paths: list[str], cfg: Config, model, rows: GalleryRows, scratch: str,

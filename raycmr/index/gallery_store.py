@@ -1,9 +1,7 @@
 """A gallery's embeddings on their way into FAISS without passing through the driver's memory.
 
-`raycmr index` at a million images used to gather every embedding on the driver, then build an
-id-ordered copy and hand that to FAISS, which copies it again: about 3 KB of driver memory per
-image, six times the index. Here the driver holds only the FAISS index it builds, the id table
-(compact Arrow strings) and fixed-size chunks:
+The driver holds only the FAISS index it builds, the id table (compact Arrow strings) and
+fixed-size chunks, never every embedding:
 
 1. :func:`scan_gallery_rows` reads the shards' ids (no pixels; :func:`scan_gallery` per file)
    into :class:`GalleryRows`: index

@@ -2,7 +2,7 @@
 
     HTTP -> Ingress (FastAPI) -> QueryEncoder (batched: tokenizer + text tower)
                               -> Retriever    (batched: FAISS top_k over the gallery)
-                              -> Reranker     (batched: the slow model's h(x, y) over the fast
+                              -> SlowScorer     (batched: the slow model's h(x, y) over the fast
                                                top rerank_k, phi(x) read from the index)
                               -> Gallery      (image galleries: thumbnails, image -> text)
 
@@ -27,7 +27,7 @@ from ray.serve import Application
 
 from raycmr.config import ServeConfig
 from raycmr.resources import Demand, check_cluster_fits
-from raycmr.serve.deployments import Gallery, Ingress, QueryEncoder, Reranker, Retriever
+from raycmr.serve.deployments import Gallery, Ingress, QueryEncoder, Retriever, SlowScorer
 from raycmr.serve.plan import ServePlan, plan_app
 
 APP_NAME = "raycmr"
@@ -58,7 +58,7 @@ def serving_demand(plan: ServePlan) -> Demand:
     gpu = {"GPU": 1.0} if cfg.use_gpu else {}
     models = {"QueryEncoder": {"CPU": 1.0, **gpu}, "Retriever": {"CPU": 1.0}}
     if plan.slow_checkpoint:
-        models["Reranker"] = {"CPU": 1.0, **gpu}
+        models["SlowScorer"] = {"CPU": 1.0, **gpu}
     if plan.has_images:
         models["Gallery"] = {"CPU": 1.0, **gpu}
     models["Ingress"] = {"CPU": INGRESS_CPUS}
@@ -92,11 +92,11 @@ def build_from_plan(plan: ServePlan) -> Application:
     batched = {"max_ongoing_requests": max(2 * cfg.max_batch_size, 8), **scaling(cfg)}
     encoder = QueryEncoder.options(ray_actor_options=model_opts, **batched).bind(plan)
     retriever = Retriever.options(ray_actor_options={"num_cpus": 1}, **batched).bind(plan)
-    reranker = gallery = None
+    slow = gallery = None
     if plan.slow_checkpoint:
-        reranker = Reranker.options(ray_actor_options=dict(model_opts), **batched).bind(plan)
+        slow = SlowScorer.options(ray_actor_options=dict(model_opts), **batched).bind(plan)
     if plan.has_images:
         gallery = Gallery.options(ray_actor_options=dict(model_opts), **batched).bind(plan)
     return Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS},
                            max_ongoing_requests=64, **scaling(cfg)).bind(
-        encoder, retriever, reranker, gallery, plan)
+        encoder, retriever, slow, gallery, plan)

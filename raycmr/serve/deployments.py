@@ -2,7 +2,7 @@
 
     HTTP -> Ingress (FastAPI: auth, limits, the page) -> QueryEncoder (batched text tower)
                                                       -> Retriever    (batched FAISS top_k)
-                                                      -> Reranker     (batched (query, candidates)
+                                                      -> SlowScorer     (batched (query, candidates)
                                                                        -> slow scores h(x, y))
                                                       -> Gallery      (thumbnails, image -> text)
 
@@ -108,7 +108,7 @@ class Retriever:
 
 
 @serve.deployment
-class Reranker:
+class SlowScorer:
     """The slow stage: ``(text query, candidate gallery rows) -> h(x, y) per row`` (batched
     across requests). The slow model (Miech et al. 2021) reads each candidate's phi(x) from the
     index's phi store (memory-mapped, computed at index time), never the image itself."""
@@ -201,13 +201,13 @@ async def with_retries(call, retries: int, what: str):
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    """HTTP front: auth, limits, request checks; chains encoder -> retriever -> reranker."""
+    """HTTP front: auth, limits, request checks; chains encoder -> retriever -> slow scorer."""
 
     def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle,
-                 reranker: DeploymentHandle | None, gallery: DeploymentHandle | None,
+                 slow: DeploymentHandle | None, gallery: DeploymentHandle | None,
                  plan: ServePlan):
         self.encoder, self.retriever = encoder, retriever
-        self.reranker, self.gallery = reranker, gallery
+        self.slow, self.gallery = slow, gallery
         self.plan = plan
         self.times = StageTimes()
 
@@ -231,9 +231,9 @@ class Ingress:
             t2 = time.perf_counter()
             times.update(encode=t1 - t0, retrieve=t2 - t1)
             scores = None
-            if rerank_k and self.reranker is not None and hits:
+            if rerank_k and self.slow is not None and hits:
                 head = [h[0] for h in hits[:rerank_k]]
-                scores = await self.reranker.score.remote(query, head)
+                scores = await self.slow.score.remote(query, head)
                 times["rerank"] = time.perf_counter() - t2
             return hits, scores
 
@@ -249,6 +249,6 @@ class Ingress:
         out = {"stages": self.times.summary(),
                "encoder": await self.encoder.get_stats.remote(),
                "retriever": await self.retriever.get_stats.remote()}
-        if self.reranker is not None:
-            out["reranker"] = await self.reranker.get_stats.remote()
+        if self.slow is not None:
+            out["reranker"] = await self.slow.get_stats.remote()
         return out

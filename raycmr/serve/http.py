@@ -352,7 +352,7 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
                 "query_input": plan.query_input, "top_k": plan.top_k,
                 "rerank_k": plan.rerank_k, "max_rerank_k": plan.max_rerank_k,
                 "beta": plan.beta if plan.slow_checkpoint else 0.0,
-                "reranker": ingress.reranker is not None}
+                "reranker": ingress.slow is not None}
 
     @api.get("/stats")
     async def stats() -> dict[str, Any]:

@@ -6,7 +6,7 @@ Fast and slow stages as in Miech et al., "Thinking Fast and Slow" (CVPR 2021): t
 dot product ``f(x)^T g(y)`` ranks the whole gallery, the slow model's caption log-likelihood
 ``h(x, y)`` (:class:`raycmr.models.slow.SlowModel`, over the candidates' stored phi(x)) reorders
 the best ``rerank_k`` by ``h + beta * f^T g``, exactly as ``raycmr eval --rerank`` ranks
-(:func:`raycmr.evaluate.rerank.combine`, :func:`~raycmr.evaluate.rerank.rerank_order`).
+(:func:`raycmr.evaluate.slow.combine`, :func:`~raycmr.evaluate.slow.rerank_order`).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def merge_stages(hits: list[tuple[int, str, float]], slow: list[float] | None,
     """
     import torch
 
-    from raycmr.evaluate.rerank import combine, rerank_order
+    from raycmr.evaluate.slow import combine, rerank_order
 
     n = len(slow) if slow is not None else 0
     out = []

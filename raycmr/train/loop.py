@@ -1,18 +1,11 @@
 """The one per-worker training loop run by Ray Train's TorchTrainer, for every task.
 
-A DeepSpeed engine over the task's module, fed by this worker's Ray Data streams; each epoch:
-exactly ``steps_per_epoch * grad_accum`` micro-steps, then one reduction of the epoch's metrics,
-sharded validation and ``ray.train.report`` (with a checkpoint when due). What varies by model is
-the task (:mod:`raycmr.train.task`, one folder per method).
-
-Collectives. A micro-step makes only the task's own (the dual encoder: one packed gather of the
-global batch) and DeepSpeed's gradient all-reduce. The step count of an epoch is fixed on the
-driver: Ray Data's equal streaming split gives every worker ``rows // W`` rows, hence the same
-number of full batches; bad rows are dropped inside a batch (a shorter batch, which the packed
-gather handles), so a worker can only fall short when a whole batch was bad, and then it
-repeats its last batch (counted in ``repeated_batches``) instead of every worker agreeing before
-every step. ``samples_seen`` between reports is this worker's rows times ``W`` (what the GRL's
-``dynamic`` schedule reads); the exact count over workers is summed once per epoch.
+A DeepSpeed engine over the task's module (:mod:`raycmr.train.task`), fed by this worker's Ray
+Data streams. Each epoch runs exactly ``steps_per_epoch * grad_accum`` micro-steps, a count
+fixed on the driver so that workers never agree per step (Ray Data's equal split gives every
+worker the same number of full batches; one whose stream runs short repeats its last batch,
+counted), then one reduction of the epoch's metrics, sharded validation and
+``ray.train.report`` (with a checkpoint when due).
 """
 
 from __future__ import annotations
@@ -23,8 +16,9 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import ray.data
@@ -35,13 +29,22 @@ from raycmr import artifacts, distributed
 from raycmr.config import Config, config_from_dict
 from raycmr.data.pipeline import iter_worker_batches
 from raycmr.reporting.board import WorkerProgress
-from raycmr.train import checkpoint as ckpt
 from raycmr.train.deepspeed_config import deepspeed_config
 from raycmr.train.placement import worker_nodes
 from raycmr.train.registry import make_task
 from raycmr.train.task import StepInfo, Task
 
 T = TypeVar("T")
+
+#: the DeepSpeed part of a checkpoint directory (engine state of every rank); the rest is the
+#: DeepSpeed-free export of :mod:`raycmr.artifacts`
+DS_DIR, DS_TAG = "ds", "ds"
+
+#: where a training step's time goes (``step_ms_<phase>`` epoch metrics, per micro-step): the
+#: wait for the next batch, its copy to the device, the task's forward (with the cross-worker
+#: gather), DeepSpeed's backward and optimizer step, and the loop's bookkeeping. An epoch's
+#: first batch (Ray Data starts a new execution) is ``first_batch_s`` instead of ``data``.
+STEP_PHASES = ("data", "to_device", "forward", "backward", "optimizer", "bookkeeping")
 
 
 def steps_per_epoch(cfg: Config, train_rows: int) -> int:
@@ -51,23 +54,91 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     return max(micro // cfg.train.grad_accum, 0)
 
 
-def fixed_steps(items: Iterable[T], count: int, repeated: list[int]) -> Iterator[T]:
-    """Exactly ``count`` items of ``items``; if it runs short, its last item again (each repeat
-    adds 1 to ``repeated[0]``). Raises ValueError when ``items`` is empty but ``count`` is not."""
-    last = _NONE
-    iterator = iter(items)
-    for _ in range(count):
-        item = next(iterator, _NONE)
-        if item is _NONE:
-            if last is _NONE:
-                raise ValueError("this worker's training stream has no valid batch at all")
-            repeated[0] += 1
-            item = last
-        last = item
-        yield item
+class FixedSteps(Generic[T]):
+    """Exactly ``count`` items of ``items``; when it runs short, its last item again (counted
+    in ``repeated``). Raises ValueError when ``items`` is empty but ``count`` is not."""
+
+    def __init__(self, items: Iterable[T], count: int):
+        self.items, self.count, self.repeated = items, count, 0
+
+    def __iter__(self) -> Iterator[T]:
+        iterator, last = iter(self.items), _NONE
+        for _ in range(self.count):
+            item = next(iterator, _NONE)
+            if item is _NONE:
+                if last is _NONE:
+                    raise ValueError("this worker's training stream has no valid batch at all")
+                self.repeated += 1
+                item = last
+            last = item
+            yield item
 
 
 _NONE: Any = object()
+
+
+class StepTimer:
+    """A small profiler: ``lap(phase)`` adds the time since the previous lap to ``phase``."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._mark
+        self._mark = now
+
+
+@dataclass
+class WorkerEpoch:
+    """What one worker reports of an epoch; gathered once, at its end."""
+
+    parts: dict[str, float] = field(default_factory=dict)  # metric part sums over micro-steps
+    micro_steps: int = 0
+    rows: int = 0
+    repeated: int = 0
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    seconds: dict[str, float] = field(default_factory=dict)  # by phase (StepTimer)
+
+    def add(self, parts: dict[str, float], rows: int) -> None:
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + v
+        self.micro_steps += 1
+        self.rows += rows
+
+
+def epoch_metrics(workers: list[WorkerEpoch]) -> dict[str, Any]:
+    """The epoch's training metrics from every worker's: per-micro-step means of the metric
+    parts and phase times averaged over workers; rows and repeated batches summed."""
+    world = len(workers)
+
+    def mean(get) -> float:
+        return sum(get(w) / max(w.micro_steps, 1) for w in workers) / world
+
+    keys = sorted({k for w in workers for k in w.parts})
+    return {**{f"train_{k}": mean(lambda w, k=k: w.parts.get(k, 0.0)) for k in keys},
+            "repeated_batches": sum(w.repeated for w in workers),
+            **{f"step_ms_{k}": 1000 * mean(lambda w, k=k: w.seconds.get(k, 0.0))
+               for k in STEP_PHASES},
+            "first_batch_s": sum(w.seconds.get("first_batch", 0.0) for w in workers) / world}
+
+
+@dataclass
+class LoopPlan:
+    """The run's shape, fixed on the driver (``loop_config``)."""
+
+    steps_per_epoch: int
+    total_steps: int  # the LR schedule's length; training stops there
+    epochs: int  # of this run
+    epoch_offset: int = 0  # epochs of earlier runs (DCKT rounds)
+    seed_offset: int = 0
+
+    @classmethod
+    def of(cls, loop_config: dict[str, Any]) -> LoopPlan:
+        return cls(int(loop_config["steps_per_epoch"]), int(loop_config["total_steps"]),
+                   int(loop_config["epochs"]), int(loop_config.get("epoch_offset", 0)),
+                   int(loop_config.get("seed_offset", 0)))
 
 
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -88,7 +159,7 @@ def _restore(engine, cfg: Config) -> dict[str, Any]:
         return {}
     with checkpoint.as_directory() as directory:
         _, client_state = engine.load_checkpoint(
-            os.path.join(directory, ckpt.DS_DIR), tag=ckpt.DS_TAG,
+            os.path.join(directory, DS_DIR), tag=DS_TAG,
             load_optimizer_states=True, load_lr_scheduler_states=True,
         )
     return client_state or {}
@@ -115,148 +186,108 @@ def build_engine(task: Task, cfg: Config, total_steps: int):
 
 
 def train_step(engine, task: Task, batch: Any, info: StepInfo,
-               seconds: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+               timer: StepTimer | None = None) -> dict[str, torch.Tensor]:
     """One micro-step: the task's forward, DeepSpeed's backward and step (which steps the
-    optimizer every ``grad_accum`` micro-steps). ``seconds``: each phase's time is added to
-    ``forward``, ``backward``, ``optimizer``."""
-    t0 = time.perf_counter()
+    optimizer every ``grad_accum`` micro-steps); ``timer`` laps each phase."""
+    timer = timer or StepTimer()
     out = task.forward(engine, batch, info)
-    t1 = time.perf_counter()
+    timer.lap("forward")
     engine.backward(out["loss"])
-    t2 = time.perf_counter()
+    timer.lap("backward")
     engine.step()
-    if seconds is not None:
-        t3 = time.perf_counter()
-        seconds["forward"] += t1 - t0
-        seconds["backward"] += t2 - t1
-        seconds["optimizer"] += t3 - t2
+    timer.lap("optimizer")
     return out
 
 
-#: where a training step's time goes (``step_ms_<phase>`` epoch metrics, per micro-step): the
-#: wait for the next batch from Ray Data, its copy to the device, the task's forward (with the
-#: cross-worker gather), DeepSpeed's backward and optimizer step, and the loop's bookkeeping
-#: (reading the loss parts, progress reports). The wait for an epoch's first batch (Ray Data
-#: starts a new execution each epoch) is not in ``data`` but in ``first_batch_s``.
-STEP_PHASES = ("data", "to_device", "forward", "backward", "optimizer", "bookkeeping")
+def run_epoch(engine, task: Task, cfg: Config, plan: LoopPlan, shards: dict[str, Any],
+              epoch: int, seed: int, samples_seen: int, reporter: WorkerProgress,
+              inject_failure: dict[str, Any] | None) -> WorkerEpoch:
+    """This worker's micro-steps of one epoch (stopping at ``plan.total_steps``)."""
+    world, accum = distributed.world_size(), cfg.train.grad_accum
+    dtype = next(engine.module.parameters()).dtype
+    mine, timer = WorkerEpoch(), StepTimer()
+    window_rows, window_start = 0, time.perf_counter()
+    steps = FixedSteps(task.batches(shards, epoch, seed), plan.steps_per_epoch * accum)
+    for batch, dropped in steps:
+        timer.lap("data" if mine.micro_steps else "first_batch")
+        mine.dropped.update(dropped)
+        info = StepInfo(plan.epoch_offset + epoch, engine.global_steps, plan.total_steps,
+                        samples_seen + mine.rows * world)
+        on_device = to_device(batch, engine.device, dtype)
+        timer.lap("to_device")
+        parts = {k: float(v.detach()) for k, v in
+                 train_step(engine, task, on_device, info, timer).items()}
+        rows = task.rows(batch)
+        mine.add(parts, rows)
+        window_rows += rows
+        if mine.micro_steps % accum == 0 and engine.global_steps % cfg.train.log_every == 0:
+            elapsed = time.perf_counter() - window_start
+            reporter.step(
+                epoch=plan.epoch_offset + epoch, epochs=plan.epoch_offset + plan.epochs,
+                step=engine.global_steps, total_steps=plan.total_steps,
+                epoch_steps=plan.steps_per_epoch, epoch_step=mine.micro_steps // accum,
+                samples_per_s=window_rows * world / max(elapsed, 1e-9),
+                values={**parts, "lr": float(engine.get_lr()[0]),
+                        "grl_lambda": parts.get("grl_lambda", 0.0)})
+            window_rows, window_start = 0, time.perf_counter()
+        _maybe_inject_failure(inject_failure, engine.global_steps)
+        timer.lap("bookkeeping")
+        if engine.global_steps >= plan.total_steps:
+            break
+    mine.repeated, mine.seconds = steps.repeated, dict(timer.seconds)
+    return mine
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """``loop_config``: ``cfg`` (dict), ``task`` + ``task_params``, ``steps_per_epoch``,
-    ``epochs`` (of this run), ``epoch_offset`` (epochs of earlier runs, DCKT rounds),
-    ``total_steps`` (the LR schedule's length; training stops there), ``inject_failure``."""
-    cfg = config_from_dict(loop_config["cfg"])
+    """``loop_config``: ``cfg`` (dict), ``task`` + ``task_params``, the :class:`LoopPlan`
+    fields, ``board`` (progress) and ``inject_failure`` (tests)."""
+    cfg, plan = config_from_dict(loop_config["cfg"]), LoopPlan.of(loop_config)
     ray.data.DataContext.get_current().enable_progress_bars = False
     task = make_task(loop_config["task"], cfg, loop_config.get("task_params"))
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
-    world, rank = distributed.world_size(), distributed.rank()
-    seed = cfg.train.seed + int(loop_config.get("seed_offset", 0)) + rank
+    seed = cfg.train.seed + plan.seed_offset + distributed.rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
-    per_epoch, total_steps = int(loop_config["steps_per_epoch"]), int(loop_config["total_steps"])
-    epochs, epoch_offset = int(loop_config["epochs"]), int(loop_config.get("epoch_offset", 0))
-    micro_per_epoch = per_epoch * cfg.train.grad_accum
-
-    engine = build_engine(task, cfg, total_steps)
-    device = engine.device
-    dtype = next(engine.module.parameters()).dtype
+    engine = build_engine(task, cfg, plan.total_steps)
     state = _restore(engine, cfg)
-    start_epoch = task.first_epoch(state)
-    samples_seen = int(state.get("samples_seen", 0))
-    history: list[dict[str, Any]] = list(state.get("history", []))
+    samples_seen, history = int(state.get("samples_seen", 0)), list(state.get("history", []))
     # dropped-record counts: global totals of earlier runs (saved by rank 0) + this run's
-    dropped_before: collections.Counter[str] = collections.Counter(state.get("dropped", {}))
-    dropped_run: collections.Counter[str] = collections.Counter()
-    reporter = WorkerProgress(loop_config.get("board"), rank)
+    dropped: collections.Counter[str] = collections.Counter(state.get("dropped", {}))
+    reporter = WorkerProgress(loop_config.get("board"), distributed.rank())
     if state:
-        reporter.note(f"resumed at epoch {epoch_offset + start_epoch}, step "
+        reporter.note(f"resumed at epoch {plan.epoch_offset + task.first_epoch(state)}, step "
                       f"{engine.global_steps}")
-
     nodes = worker_nodes()
     shards = {name: ray.train.get_dataset_shard(name) for name in task.train_splits}
     val_shard = _dataset_shard("val")
     task.setup(shards, seed)
-
-    for epoch in range(start_epoch, epochs):
-        if engine.global_steps >= total_steps:
+    for epoch in range(task.first_epoch(state), plan.epochs):
+        if engine.global_steps >= plan.total_steps:
             break
         engine.train()
-        sums: collections.defaultdict[str, float] = collections.defaultdict(float)
-        n_micro, local_rows, window_rows = 0, 0, 0
-        window_start, epoch_start = time.perf_counter(), time.time()
-        dropped_epoch: collections.Counter[str] = collections.Counter()
-        repeated = [0]
-        seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
-        mark = time.perf_counter()
-        for batch, dropped in fixed_steps(task.batches(shards, epoch, seed), micro_per_epoch,
-                                          repeated):
-            got = time.perf_counter()
-            seconds["data" if n_micro else "first_batch"] += got - mark
-            dropped_epoch.update(dropped)
-            info = StepInfo(epoch_offset + epoch, engine.global_steps, total_steps,
-                            samples_seen + local_rows * world)
-            on_device = to_device(batch, device, dtype)
-            seconds["to_device"] += time.perf_counter() - got
-            out = train_step(engine, task, on_device, info, seconds)
-            done = time.perf_counter()
-            rows = task.rows(batch)
-            local_rows += rows
-            window_rows += rows
-            parts = {k: float(v.detach()) for k, v in out.items()}
-            for k, v in parts.items():
-                sums[k] += v
-            n_micro += 1
-            if n_micro % cfg.train.grad_accum == 0 and engine.global_steps % cfg.train.log_every == 0:
-                elapsed = time.perf_counter() - window_start
-                reporter.step(
-                    epoch=epoch_offset + epoch, epochs=epoch_offset + epochs,
-                    step=engine.global_steps, total_steps=total_steps, epoch_steps=per_epoch,
-                    epoch_step=n_micro // cfg.train.grad_accum,
-                    samples_per_s=window_rows * world / max(elapsed, 1e-9),
-                    values={**parts, "lr": float(engine.get_lr()[0]),
-                            "grl_lambda": parts.get("grl_lambda", 0.0)})
-                window_rows, window_start = 0, time.perf_counter()
-            _maybe_inject_failure(loop_config.get("inject_failure"), engine.global_steps)
-            mark = time.perf_counter()
-            seconds["bookkeeping"] += mark - done
-            if engine.global_steps >= total_steps:
-                break
-
-        epoch_time = time.time() - epoch_start
-        # the epoch's one reduction: metric parts, rows, repeats, dropped records by reason and
-        # the step's time by phase
-        parts_all = distributed.gather_objects(
-            ({k: v / max(n_micro, 1) for k, v in sums.items()}, local_rows, repeated[0],
-             dict(dropped_epoch), {k: 1000 * v / max(n_micro, 1) for k, v in seconds.items()
-                                   if k in STEP_PHASES} | {"first_batch_s": seconds["first_batch"]}))
-        rows_epoch = sum(p[1] for p in parts_all)
-        samples_seen += rows_epoch
-        dropped_run.update(distributed.merge_counts(p[3] for p in parts_all))
-        dropped_all = dropped_run + dropped_before
+        start = time.time()
+        workers = distributed.gather_objects(run_epoch(
+            engine, task, cfg, plan, shards, epoch, seed, samples_seen, reporter,
+            loop_config.get("inject_failure")))
+        epoch_time, rows = time.time() - start, sum(w.rows for w in workers)
+        samples_seen += rows
+        dropped += collections.Counter(distributed.merge_counts(w.dropped for w in workers))
         metrics: dict[str, Any] = {
-            f"train_{k}": sum(p[0].get(k, 0.0) for p in parts_all) / world
-            for k in sorted(sums)}
-        metrics.update(
-            epoch=epoch_offset + epoch + 1, step=engine.global_steps, samples_seen=samples_seen,
-            lr=float(engine.get_lr()[0]), epoch_time_s=epoch_time,
-            samples_per_s=rows_epoch / max(epoch_time, 1e-9),
-            repeated_batches=sum(p[2] for p in parts_all),
-            **{f"step_ms_{k}": sum(p[4].get(k, 0.0) for p in parts_all) / world
-               for k in STEP_PHASES},
-            first_batch_s=sum(p[4]["first_batch_s"] for p in parts_all) / world,
-            dropped_records=sum(dropped_all.values()), worker_nodes=nodes,
-            **{f"dropped_{r}": c for r, c in sorted(dropped_all.items())},
-        )
-        metrics.update(task.epoch_metrics(epoch + 1))
-        metrics.update(validate(engine, task, val_shard, cfg, device, dtype))
+            **epoch_metrics(workers), "epoch": plan.epoch_offset + epoch + 1,
+            "step": engine.global_steps, "samples_seen": samples_seen,
+            "lr": float(engine.get_lr()[0]), "epoch_time_s": epoch_time,
+            "samples_per_s": rows / max(epoch_time, 1e-9),
+            "dropped_records": sum(dropped.values()), "worker_nodes": nodes,
+            **{f"dropped_{r}": c for r, c in sorted(dropped.items())},
+            **task.epoch_metrics(epoch + 1),
+            **validate(engine, task, val_shard, cfg)}
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        client_state = {"epoch": epoch_offset + epoch + 1, "samples_seen": samples_seen,
-                        "dropped": dict(dropped_all), "history": history,
+        client_state = {"epoch": plan.epoch_offset + epoch + 1, "samples_seen": samples_seen,
+                        "dropped": dict(dropped), "history": history,
                         **task.client_state(epoch + 1)}
-        save_now = (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or \
-            epoch + 1 == epochs or engine.global_steps >= total_steps
-        if save_now:
+        if ((epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == plan.epochs
+                or engine.global_steps >= plan.total_steps):
             report_with_checkpoint(engine, task, cfg, metrics, client_state)
             _maybe_inject_failure(loop_config.get("inject_failure"), engine.global_steps,
                                   after_checkpoint=True)
@@ -302,7 +333,7 @@ def report_with_checkpoint(engine, task: Task, cfg: Config, metrics: dict[str, A
     the task's extra files) in one checkpoint, reported to Ray Train."""
     model_state, extra = _export(engine, task, cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(os.path.join(tmp, ckpt.DS_DIR), tag=ckpt.DS_TAG,
+        engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG,
                                client_state=client_state)
         if model_state is not None:
             artifacts.write_export(tmp, model_state, cfg,
@@ -312,12 +343,13 @@ def report_with_checkpoint(engine, task: Task, cfg: Config, metrics: dict[str, A
 
 
 @torch.no_grad()
-def validate(engine, task: Task, val_shard, cfg: Config, device, dtype) -> dict[str, float]:
+def validate(engine, task: Task, val_shard, cfg: Config) -> dict[str, float]:
     """The task's validation metrics; each rank runs its share of the validation batches
     (:func:`raycmr.distributed.sharded_map`; under ZeRO-3 with equal forward counts)."""
     if val_shard is None:
         return {}
     engine.eval()
+    device, dtype = engine.device, next(engine.module.parameters()).dtype
 
     def shard_map(fn):
         batches = (b for b, _ in iter_worker_batches(

@@ -26,14 +26,7 @@ from torch import nn
 from raycmr import distributed
 from raycmr.data.pipeline import iter_worker_batches
 from raycmr.train.dckt.objective import DCKTObjective
-from raycmr.train.task import (
-    Batch,
-    ShardMap,
-    StepInfo,
-    Task,
-    state_dict_fp32,
-    validate_retrieval,
-)
+from raycmr.train.task import Batch, ShardMap, StepInfo, Task, state_dict_fp32, validate_retrieval
 
 SOURCE_MODEL_FILE = "source_model.pt"
 

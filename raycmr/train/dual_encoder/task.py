@@ -11,14 +11,7 @@ import torch
 from torch import nn
 
 from raycmr.train.dual_encoder.objective import CrossModalObjective
-from raycmr.train.task import (
-    Batch,
-    ShardMap,
-    StepInfo,
-    Task,
-    state_dict_fp32,
-    validate_retrieval,
-)
+from raycmr.train.task import Batch, ShardMap, StepInfo, Task, state_dict_fp32, validate_retrieval
 
 
 def grl_lambda_now(cfg, step: StepInfo) -> float:

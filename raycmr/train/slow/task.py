@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raycmr.evaluate import rerank as rr
+from raycmr.evaluate import slow as slow_eval
 from raycmr.evaluate.metrics import group_pairs
 from raycmr.losses.captioning import captioning_loss
 from raycmr.models.slow import SlowModel, build_slow_model
@@ -91,19 +91,19 @@ class SlowTask(Task):
         image_rows, target = group_pairs(cat["group"].numpy())
         rows = torch.as_tensor(image_rows)
         phi = cat["phi"][rows].to(device)
-        split = rr.RerankSplit(phi, cat["ids"].to(device), cat["mask"].to(device), target,
+        split = slow_eval.RerankSplit(phi, cat["ids"].to(device), cat["mask"].to(device), target,
                                gallery=slow.gallery(phi))
         slow_cfg = self.cfg.slow
         if fast is None:
-            ranks = rr.slow_only_ranks(slow, split.head(slow_cfg.val_queries))
-            return {f"val_{k}": v for k, v in rr.summary(ranks, "t2i").items()}
+            ranks = slow_eval.slow_only_ranks(slow, split.head(slow_cfg.val_queries))
+            return {f"val_{k}": v for k, v in slow_eval.summary(ranks, "t2i").items()}
         split.fast_img, split.fast_txt = cat["fimg"][rows].to(device), cat["ftxt"].to(device)
         k = min(slow_cfg.rerank_k, len(image_rows))
-        metrics = {f"val_{m}": v for m, v in rr.summary(
-            rr.rerank_ranks(slow, split, k, slow_cfg.beta), "t2i").items()}
-        fast_ranks = rr.fast_ranks(split)
-        metrics.update({f"val_fast_{m}": v for m, v in rr.summary(fast_ranks, "t2i").items()})
-        metrics["val_fast_recall_at_k"] = rr.recall_at(fast_ranks, k)
+        metrics = {f"val_{m}": v for m, v in slow_eval.summary(
+            slow_eval.rerank_ranks(slow, split, k, slow_cfg.beta), "t2i").items()}
+        fast_ranks = slow_eval.fast_ranks(split)
+        metrics.update({f"val_fast_{m}": v for m, v in slow_eval.summary(fast_ranks, "t2i").items()})
+        metrics["val_fast_recall_at_k"] = slow_eval.recall_at(fast_ranks, k)
         return metrics
 
     def export(self, module: nn.Module):
