@@ -131,6 +131,10 @@ class LossConfig:
     margin: float = 0.2
     temperature: float = 0.07  # InfoNCE initial temperature (learnable)
     global_negatives: bool = True  # gather embeddings across workers before the loss
+    # who scores what over the gathered batch (raycmr/losses/batch.py): "global" = every worker
+    # all N x N pairs, "local" = its own B anchors x all N candidates, "auto" = global up to 2
+    # workers, local beyond
+    anchors: Literal["auto", "global", "local"] = "auto"
     mh_warmup: MHWarmupConfig = field(default_factory=MHWarmupConfig)  # kind vse_mh only
     grl: GRLConfig = field(default_factory=GRLConfig)
     dscmr: DSCMRConfig = field(default_factory=DSCMRConfig)
@@ -535,6 +539,20 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"serve.port must be in 0..65535, got {s.port}")
 
 
+def _validate_anchors(cfg: Config) -> None:
+    """``loss.anchors=local`` needs a gathered contrastive loss."""
+    if cfg.loss.anchors == "local":
+        if cfg.train.task != "dual_encoder" or cfg.loss.kind == "none":
+            raise ConfigError("loss.anchors=local splits a contrastive loss's anchors over the "
+                              "workers; this run has none (train.task="
+                              f"{cfg.train.task}, loss.kind={cfg.loss.kind}): leave "
+                              "loss.anchors=auto")
+        if not cfg.loss.global_negatives:
+            raise ConfigError("loss.anchors=local scores each worker's anchors against the "
+                              "gathered batch: set loss.global_negatives=true or leave "
+                              "loss.anchors=auto")
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys and of ranges (choices are checked by their Literal types)."""
     _validate_serve(cfg.serve)
@@ -599,5 +617,6 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= distill.start < 1.0:
             raise ConfigError(f"loss.distill.start is a fraction of the run's optimizer steps: "
                               f"0 <= start < 1, got {distill.start}")
+    _validate_anchors(cfg)
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

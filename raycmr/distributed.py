@@ -1,24 +1,24 @@
-"""Rank/world helpers, the global batch of a contrastive loss and the one collective behind it.
+"""Rank/world helpers and the one collective of a global contrastive loss.
 
 Global in-batch negatives need every worker's embeddings in the loss, with gradients flowing back
-to the worker that produced them (open_clip's ``gather_with_grad``). :func:`gather_global_batch`
-packs this worker's image and text embeddings, group ids and row count into ONE buffer, padded to
-a fixed per-worker size (``train.batch_size``: no batch is larger), and all-gathers it: one
-collective per loss call, no size exchange.
+to the worker that produced them (open_clip's ``gather_with_grad``). :func:`gather_rows` packs
+this worker's rows (embeddings as float columns, group ids as int64 bits inside them, and the
+row count) into ONE buffer padded to a fixed per-worker size (``train.batch_size``: no batch is
+larger) and all-gathers it: one collective forward, no size exchange.
 
-Gradient without a backward collective. Every rank computes the SAME loss ``L`` of the gathered
-batch (all ``N`` anchors of the global batch, not only its own): ``L`` is the single-process loss
-of the concatenated batch. Rank ``r`` holds the autograd graph of its own rows only, so
-``dL/d(local rows)`` is simply the local slice of ``dL/d(gathered)``, which every rank already
-has. The optimizer (DDP / DeepSpeed) averages parameter gradients over ``W`` ranks, so the
-backward multiplies the slice by ``W``; the update is then exactly ``dL/d(theta)`` of the
-single-process run (``tests/test_gather_equivalence.py``). This equals what the former backward
-all-reduce computed (``sum_r dL_r/d(gathered)`` sliced at rank ``r``) in the case where every
-``L_r`` is the same ``L``, without the all-reduce. The price is that each rank scores ``N x N``
-pairs instead of ``B x N`` (``W`` times the similarity work of a local-anchor loss): negligible
-next to the encoders at the batch sizes here (a 1024 x 1024 matrix at 2 x 512 rows), and it
-removes a collective the size of the gather from every step. A tensor that comes out of the
-gather must therefore only enter losses that every rank computes identically.
+Backward, by what the ranks' losses are (:mod:`raycmr.losses.batch` builds both):
+
+- ``same_loss`` (``loss.anchors=global``): every rank computes the SAME loss ``L`` of all ``N``
+  rows, so ``sum_r dL_r/d(gathered) = W dL/d(gathered)`` and each rank already holds it: the
+  backward is ``W x`` the local slice, no collective.
+- otherwise (``loss.anchors=local``): rank ``r``'s loss ``L_r`` scores its own anchors; the
+  backward sums the ranks' gradients of the gathered rows and returns each rank its slice
+  (``reduce_scatter_tensor`` under NCCL; gloo has no reduce-scatter, so an all-reduce and the
+  slice): one collective backward. The sum is taken in float32 (at least) for bf16 embeddings.
+
+In both, with ``sum_r L_r = W L``, DeepSpeed's average of the parameter gradients over ``W``
+ranks is exactly ``dL/d(theta)`` of one process on the concatenated batch
+(``tests/test_gather_equivalence.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -65,109 +64,80 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class GlobalBatch:
-    """The matched pairs a contrastive loss scores, and which of them are its anchors.
-
-    ``img``, ``txt`` [N, d]: every worker's pairs in rank order (candidates of every anchor);
-    ``groups`` [N] (or None: every pair its own group): pairs of one group are never negatives
-    of each other. The anchors are rows ``start .. stop`` (default: all N); a loss returns the
-    SUM over its anchors divided by ``denominator`` (default: the number of anchors, a mean).
-    ``sizes``: rows contributed by each worker, in rank order (``(N,)`` in one process).
-    """
-
-    img: torch.Tensor
-    txt: torch.Tensor
-    groups: torch.Tensor | None = None
-    start: int = 0
-    stop: int | None = None
-    denominator: float | None = None
-    sizes: tuple[int, ...] = ()
-
-    @property
-    def rows(self) -> int:
-        return int(self.img.shape[0])
-
-    @property
-    def anchors(self) -> slice:
-        return slice(self.start, self.rows if self.stop is None else self.stop)
-
-    @property
-    def anchor_count(self) -> int:
-        s = self.anchors
-        return s.stop - s.start
-
-    def scale(self) -> float:
-        return float(self.anchor_count if self.denominator is None else self.denominator)
-
-
-# int64 group ids travel bit-for-bit inside the float buffer: one id = 8 bytes of columns
+# int64 ids travel bit-for-bit inside the float buffer: one id = 8 bytes of columns
 def _id_columns(dtype: torch.dtype) -> int:
     return 64 // torch.finfo(dtype).bits
 
 
-class _PackedGather(torch.autograd.Function):
-    """all_gather of one [pad_rows, cols] buffer per rank; backward: ``W x`` the local slice of
-    the incoming gradient, no collective (module docstring)."""
+class _GatherRows(torch.autograd.Function):
+    """all_gather of one [pad_rows, cols] buffer per rank (module docstring for the backward);
+    only the first ``grad_cols`` columns carry gradient."""
 
     @staticmethod
-    def forward(ctx: Any, packed: torch.Tensor, pad_rows: int) -> torch.Tensor:
+    def forward(ctx: Any, packed: torch.Tensor, pad_rows: int, grad_cols: int,
+                same_loss: bool) -> torch.Tensor:
         world, me = world_size(), rank()
         rows = packed.shape[0]
-        padded = packed.new_zeros((pad_rows, packed.shape[1]))
+        padded = packed.new_zeros((pad_rows, packed.shape[1]), device=comm_device())
         padded[:rows] = packed
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
-        ctx.rows, ctx.start, ctx.world = rows, me * pad_rows, world
-        return torch.cat(parts)
+        ctx.rows, ctx.pad_rows, ctx.world, ctx.me = rows, pad_rows, world, me
+        ctx.grad_cols, ctx.same_loss, ctx.device = grad_cols, same_loss, packed.device
+        return torch.cat(parts).to(packed.device)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad[ctx.start:ctx.start + ctx.rows] * ctx.world, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        start, rows, cols = ctx.me * ctx.pad_rows, ctx.rows, ctx.grad_cols
+        out = grad.new_zeros((rows, grad.shape[1]))
+        if ctx.same_loss:
+            out[:, :cols] = grad[start:start + rows, :cols] * ctx.world
+            return out, None, None, None
+        wide = torch.promote_types(grad.dtype, torch.float32)  # bf16 gradients summed in fp32
+        summed = grad[:, :cols].to(device=comm_device(), dtype=wide).contiguous()
+        if dist.get_backend() == "nccl":
+            mine = summed.new_empty((ctx.pad_rows, cols))
+            dist.reduce_scatter_tensor(mine, summed)
+        else:
+            dist.all_reduce(summed)
+            mine = summed[start:start + ctx.pad_rows]
+        out[:, :cols] = mine[:rows].to(device=ctx.device, dtype=grad.dtype)
+        return out, None, None, None
 
 
-def gather_global_batch(img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor | None,
-                        pad_rows: int) -> GlobalBatch:
-    """Every worker's ``(img, txt, groups)`` in rank order, from ONE all_gather; the anchors are
-    all ``N`` rows (each rank computes the full global loss) and the denominator is ``N``.
+def gather_rows(floats: torch.Tensor, ids: torch.Tensor | None, pad_rows: int, *,
+                same_loss: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Every rank's rows in rank order, from ONE all_gather with gradient.
 
-    ``pad_rows``: the same on every rank, at least any rank's row count (``train.batch_size``).
-    Row counts may differ by rank (bad rows dropped). In a world of 1: the tensors themselves.
+    ``floats`` [rows, c] (with grad), ``ids`` [rows, k] integers (or None) of this rank; the
+    ranks' row counts may differ (down to 0) but never exceed ``pad_rows`` (the same on every
+    rank). Returns ``(floats [N, c], ids [N, k] int64, sizes)``, ``sizes`` the row count of
+    each rank. ``same_loss``: every rank computes the same loss of all rows (module
+    docstring). In a world of 1: the tensors themselves.
     """
-    rows = int(img.shape[0])
+    rows, c = int(floats.shape[0]), int(floats.shape[1])
+    k = 0 if ids is None else int(ids.shape[1])
     if world_size() == 1:
-        return GlobalBatch(img, txt, groups, sizes=(rows,))
+        got = ids.to(torch.int64) if ids is not None else floats.new_zeros((rows, 0), dtype=torch.int64)
+        return floats, got, (rows,)
     if rows > pad_rows:
         raise ValueError(f"a worker's batch has {rows} rows, more than the {pad_rows} rows every "
                          "worker reserves in the embedding gather (train.batch_size)")
-    dim, dtype, device = img.shape[1], img.dtype, img.device
+    dtype, device = floats.dtype, floats.device
     id_cols = _id_columns(dtype)
-    # columns: img | txt | group id (int64 bits) | row count of this rank (int64 bits)
-    ints = torch.zeros(rows, 2, dtype=torch.int64, device=device)
-    if groups is not None:
-        ints[:, 0] = groups.to(device=device, dtype=torch.int64)
-    ints[:, 1] = rows
-    packed = torch.cat([img, txt.to(dtype), ints.view(dtype).reshape(rows, 2 * id_cols)], dim=1)
-    if rows == 0:  # nothing to carry the count: an all-zero slot reads as 0 rows
-        packed = packed.new_zeros((0, packed.shape[1]))
-    gathered = _PackedGather.apply(packed, pad_rows)
+    # columns: floats | ids (int64 bits) | row count of this rank (int64 bits)
+    ints = torch.full((rows, k + 1), rows, dtype=torch.int64, device=device)
+    if ids is not None:
+        ints[:, :k] = ids.to(device=device, dtype=torch.int64)
+    packed = torch.cat([floats, ints.view(dtype).reshape(rows, (k + 1) * id_cols)], dim=1)
+    gathered = _GatherRows.apply(packed, pad_rows, c, same_loss)
     world = world_size()
-    slots = gathered.reshape(world, pad_rows, -1)
-    meta = slots[:, :, 2 * dim:].detach().contiguous().view(torch.int64)  # [W, pad, 2]
-    sizes = tuple(int(meta[r, 0, 1]) for r in range(world))
+    meta = gathered[:, c:].detach().contiguous().view(torch.int64)  # [W * pad, k + 1]
+    # an empty rank's slot is all zeros: its row count reads as 0
+    sizes = tuple(int(meta[r * pad_rows, k]) for r in range(world))
     keep = torch.cat([torch.arange(r * pad_rows, r * pad_rows + n, device=device)
                       for r, n in enumerate(sizes)])
-    rows_all = gathered.index_select(0, keep)
-    groups_all = meta.reshape(world * pad_rows, 2)[keep, 0] if groups is not None else None
-    total = sum(sizes)
-    return GlobalBatch(rows_all[:, :dim], rows_all[:, dim:2 * dim], groups_all,
-                       denominator=float(total), sizes=sizes)
-
-
-def local_batch(img: torch.Tensor, txt: torch.Tensor,
-                groups: torch.Tensor | None = None) -> GlobalBatch:
-    """The global batch of one worker alone (``loss.global_negatives=false``)."""
-    return GlobalBatch(img, txt, groups, sizes=(int(img.shape[0]),))
+    return gathered[keep, :c], meta[keep, :k], sizes
 
 
 def gather_objects(obj: T) -> list[T]:

@@ -23,6 +23,10 @@ def test_shipped_config_and_overrides():
     (["train.batch_size=0"], "'train.batch_size' must be positive"),
     (["loss.dscmr.enabled=true", "model.num_classes=0"], "model.num_classes"),
     (["data.kind=features"], "set model.image.kind=mlp"),
+    (["loss.anchors=rank"], "'loss.anchors' is 'rank'; choose one of"),
+    (["loss.anchors=local", "loss.kind=none"], "loss.anchors=local splits a contrastive loss"),
+    (["loss.anchors=local", "train.task=slow"], "train.task=slow"),
+    (["loss.anchors=local", "loss.global_negatives=false"], "set loss.global_negatives=true"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as exc:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raycmr.distributed import GlobalBatch, local_batch
+from raycmr.losses.batch import GlobalBatch, local_batch
 from raycmr.losses.contrastive import infonce_loss, mask_own_group_, same_group_mask, vse_loss
 
 
@@ -156,3 +156,27 @@ def test_own_group_masking_equals_the_full_mask(groups, anchors):
     sims = torch.randn(batch.anchor_count, n)
     want = sims.masked_fill(same_group_mask(batch), float("-inf"))
     assert torch.equal(mask_own_group_(sims.clone(), batch), want)
+
+
+def test_auto_anchors_score_n_by_n_up_to_two_workers_then_local():
+    from raycmr.losses.batch import resolve_anchors
+
+    assert [resolve_anchors("auto", w) for w in (1, 2, 3, 256)] == \
+        ["global", "global", "local", "local"]
+    assert resolve_anchors("local", 2) == "local" and resolve_anchors("global", 64) == "global"
+    with pytest.raises(ValueError, match="loss.anchors"):
+        resolve_anchors("rows", 2)
+
+
+def test_extra_captions_are_negatives_of_every_image_anchor():
+    """A hard caption candidate closer to an image than its own caption: MH's image->text
+    hinge is m + s(i, c') - s(i, c) on it, and the text->image side is unchanged."""
+    img = torch.eye(3, 4)
+    txt = torch.tensor([[0.8, 0.6, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])
+    extra = torch.zeros(3, 1, 4)
+    extra[0, 0] = torch.tensor([0.9, 0, 0, 0.436])  # s(img0, extra) = 0.9 > s(img0, txt0) = 0.8
+    plain = vse_loss(local_batch(img, txt), margin=0.2).loss
+    harder = vse_loss(local_batch(img, txt, extra_txt=extra), margin=0.2).loss
+    # anchor 0's image->text hinge: without extras max(0.2 + 0.6 - 0.8, ...) = 0 (hardest txt1);
+    # with the extra caption 0.2 + 0.9 - 0.8 = 0.3; divided by 3 anchors
+    assert (harder - plain).item() == pytest.approx(0.3 / 3, abs=1e-6)

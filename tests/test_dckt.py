@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from raycmr.config import load_config
 from raycmr.data.schema import feature_shard_schema
 from raycmr.data.transforms import stable_hash63
-from raycmr.distributed import local_batch
+from raycmr.losses.batch import local_batch
 from raycmr.losses.contrastive import vse_loss
 from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
 from raycmr.losses.semantic import semantic_loss

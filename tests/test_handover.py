@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from raycmr.config import ConfigError, load_config
-from raycmr.distributed import GlobalBatch, end_spawned_process, local_batch
+from raycmr.distributed import end_spawned_process
+from raycmr.losses.batch import GlobalBatch, local_batch
 from raycmr.losses.contrastive import MAX_LOGIT_SCALE, infonce_loss, vse_loss
 from raycmr.losses.handover import handover_weight, smooth_mh_loss, vse_mh_handover_loss
 from tests.test_contrastive import _emb, infonce_reference, vse_reference

@@ -1,16 +1,16 @@
 """Contrastive losses on a batch of matched (image, caption) pairs, with global negatives.
 
-Every loss takes a :class:`~raycmr.distributed.GlobalBatch`: the candidates are all its pairs
+Every loss takes a :class:`~raycmr.losses.batch.GlobalBatch`: the candidates are all its pairs
 (every worker's embeddings in a multi-worker run, gathered by
-:func:`~raycmr.distributed.gather_global_batch`), the anchors its rows ``start .. stop`` (all rows
-unless a caller picks a slice); anchor ``i`` is candidate row ``i``. Candidates in the anchor's
-``group`` (captions of the same ``image_id``, the anchor's own pair included) are never
-negatives.
+:func:`~raycmr.losses.batch.global_batch`) and its extra captions, the anchors its rows
+``start .. stop`` (all rows, or one worker's own rows under ``loss.anchors=local``); anchor
+``i`` is candidate row ``i``. Candidates in the anchor's ``group`` (captions of the same
+``image_id``, the anchor's own pair included) are never negatives; extra captions always are.
 
 Every function returns the SUM over its anchors divided by ``batch.denominator`` (default: the
-anchor count). A trainer whose workers each compute the loss of all ``N`` gathered anchors with
-denominator ``N`` gets exactly the single-process loss of the ``N``-row batch: ``W`` workers x
-batch ``B`` behave as 1 worker x batch ``W*B`` (``raycmr.distributed`` explains the gradient).
+anchor count). Summed over the workers' anchor slices (or computed whole by each) that is the
+single-process loss of the concatenated batch (:mod:`raycmr.losses.batch` explains the
+gradient).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raycmr.distributed import GlobalBatch
+from raycmr.losses.batch import GlobalBatch
 
 #: CLIP clips its learnable logit scale at ln(100): logits are never scaled by more than 100.
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -41,7 +41,7 @@ class ContrastiveOutput:
 
 
 def same_group_mask(batch: GlobalBatch) -> torch.Tensor:
-    """Bool [anchors, N]: True where candidate j shows anchor i's own content (its group, the
+    """Bool [anchors, N]: True where pair j shows anchor i's own content (its group, the
     anchor's own pair included): never a negative."""
     a = batch.anchors
     if batch.groups is None:
@@ -54,31 +54,44 @@ def same_group_mask(batch: GlobalBatch) -> torch.Tensor:
 
 
 def mask_own_group_(sims: torch.Tensor, batch: GlobalBatch) -> torch.Tensor:
-    """``sims`` [anchors, N] with every candidate of the anchor's own group set to -inf, in
-    place. When every row is its own group (the usual batch: one caption per image) that is the
-    anchor's own pair alone, a diagonal: O(N) instead of an [anchors, N] mask and fill."""
+    """``sims`` [anchors, N (+ extra captions)] with every pair of the anchor's own group set to
+    -inf, in place (extra captions are never masked). When every row is its own group (the
+    usual batch: one caption per image) that is the anchor's own pair alone, a diagonal: O(N)
+    instead of an [anchors, N] mask and fill."""
     a = batch.anchors
     groups = batch.groups
+    pairs = sims[:, :batch.rows]
     if groups is None or torch.unique(groups).numel() == groups.numel():
-        sims[:, a.start:a.stop].diagonal().fill_(float("-inf"))
+        pairs[:, a.start:a.stop].diagonal().fill_(float("-inf"))
     else:
-        sims.masked_fill_(same_group_mask(batch), float("-inf"))
+        pairs.masked_fill_(same_group_mask(batch), float("-inf"))
     return sims
 
 
-def negative_mask(batch: GlobalBatch) -> torch.Tensor:
-    """Bool [anchors, N]: True where candidate j may serve as a negative of anchor i."""
-    return ~same_group_mask(batch)
+def negative_masks(batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``(captions [anchors, N + extra], images [anchors, N])``: True where a candidate may
+    serve as a negative of the anchor image (a caption) or of the anchor caption (an image)."""
+    neg = ~same_group_mask(batch)
+    if not batch.extra_count:
+        return neg, neg
+    extra = neg.new_ones((batch.anchor_count, batch.extra_count))
+    return torch.cat([neg, extra], dim=1), neg
+
+
+def _whole(batch: GlobalBatch) -> bool:
+    """Every row an anchor and no extra captions: image->text is text->image transposed."""
+    return batch.anchor_count == batch.rows and not batch.extra_count
 
 
 def anchor_similarities(batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s_i2t, s_t2i)``, each [anchors, N]: every anchor image against every caption and every
-    anchor caption against every image. When all rows are anchors (every worker computes the
-    whole global loss) ``s_t2i`` is ``s_i2t``'s transpose: one matmul, not two."""
+    """``(s_i2t [anchors, N + extra], s_t2i [anchors, N])``: every anchor image against every
+    caption candidate and every anchor caption against every image. When all rows are anchors
+    (every worker computes the whole global loss) ``s_t2i`` is ``s_i2t``'s transpose: one
+    matmul, not two."""
     a = batch.anchors
     img, txt = batch.img[a], batch.txt[a]
-    s_i2t = img @ batch.txt.t()
-    if batch.anchor_count == batch.rows:
+    s_i2t = img @ batch.captions().t()
+    if _whole(batch):
         return s_i2t, s_i2t.t()
     return s_i2t, txt @ batch.img.t()
 
@@ -86,13 +99,13 @@ def anchor_similarities(batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def _hardest_negatives(batch: GlobalBatch
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(s, column)`` of each anchor image's hardest caption and ``(s, row)`` of each anchor
-    caption's hardest image, among candidates outside the anchor's group (``s = -inf`` where
-    there is none)."""
+    """``(s, column)`` of each anchor image's hardest caption candidate and ``(s, row)`` of each
+    anchor caption's hardest image, among candidates outside the anchor's group (``s = -inf``
+    where there is none)."""
     a = batch.anchors
-    masked = mask_own_group_(batch.img[a] @ batch.txt.t(), batch)
+    masked = mask_own_group_(batch.img[a] @ batch.captions().t(), batch)
     hard_c, col_c = masked.max(dim=1)
-    if batch.anchor_count != batch.rows:
+    if not _whole(batch):
         masked = mask_own_group_(batch.txt[a] @ batch.img.t(), batch)
         hard_i, col_i = masked.max(dim=1)
         return hard_c, col_c, hard_i, col_i
@@ -129,7 +142,7 @@ def vse_loss(batch: GlobalBatch, *, margin: float = 0.2, hardest: bool = True
     pos = (img * txt).sum(dim=1)  # s(i, c) of each anchor pair
     if hardest:
         hard_c, col_c, hard_i, col_i = _hardest_negatives(batch)
-        s_c = (img * batch.txt[col_c]).sum(dim=1)  # s(i, c'): the anchor image's hardest caption
+        s_c = (img * batch.captions()[col_c]).sum(dim=1)  # s(i, c'): the image's hardest caption
         s_i = (txt * batch.img[col_i]).sum(dim=1)  # s(i', c): the anchor caption's hardest image
         zero = pos.new_zeros(())
         per_anchor = (torch.where(torch.isfinite(hard_c), (margin + s_c - pos).clamp(min=0), zero)
@@ -137,14 +150,14 @@ def vse_loss(batch: GlobalBatch, *, margin: float = 0.2, hardest: bool = True
                                     zero))
         hard = torch.cat([hard_c, hard_i])
     else:
-        neg = negative_mask(batch)
+        neg_c, neg_i = negative_masks(batch)
         s_i2t, s_t2i = anchor_similarities(batch)
-        cost_c = (margin + s_i2t - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
-        cost_i = (margin + s_t2i - pos[:, None]).clamp(min=0).masked_fill(~neg, 0.0)
+        cost_c = (margin + s_i2t - pos[:, None]).clamp(min=0).masked_fill(~neg_c, 0.0)
+        cost_i = (margin + s_t2i - pos[:, None]).clamp(min=0).masked_fill(~neg_i, 0.0)
         per_anchor = cost_c.sum(dim=1) + cost_i.sum(dim=1)
         with torch.no_grad():
-            hard = torch.cat([s_i2t.masked_fill(~neg, float("-inf")).max(dim=1).values,
-                              s_t2i.masked_fill(~neg, float("-inf")).max(dim=1).values])
+            hard = torch.cat([s_i2t.masked_fill(~neg_c, float("-inf")).max(dim=1).values,
+                              s_t2i.masked_fill(~neg_i, float("-inf")).max(dim=1).values])
     with torch.no_grad():
         hard = hard[torch.isfinite(hard)]
         hard_mean = hard.mean() if hard.numel() else torch.zeros((), device=img.device)
@@ -164,18 +177,19 @@ def infonce_loss(batch: GlobalBatch, logit_scale: torch.Tensor) -> ContrastiveOu
     rows = batch.anchor_count
     scale = clamped_logit_scale(logit_scale).exp()
     target = torch.arange(rows, device=img.device) + a.start
-    neg = negative_mask(batch)
-    keep = neg.clone()
-    keep[torch.arange(rows, device=img.device), target] = True
+    neg_c, neg_i = negative_masks(batch)
+    keep_c, keep_i = neg_c.clone(), neg_i.clone()
+    keep_c[torch.arange(rows, device=img.device), target] = True
+    keep_i[torch.arange(rows, device=img.device), target] = True
     s_i2t, s_t2i = anchor_similarities(batch)
-    logits_i2t = (scale * s_i2t).masked_fill(~keep, float("-inf"))
-    logits_t2i = (scale * s_t2i).masked_fill(~keep, float("-inf"))
+    logits_i2t = (scale * s_i2t).masked_fill(~keep_c, float("-inf"))
+    logits_t2i = (scale * s_t2i).masked_fill(~keep_i, float("-inf"))
     per_anchor = 0.5 * (
         F.cross_entropy(logits_i2t, target, reduction="none")
         + F.cross_entropy(logits_t2i, target, reduction="none")
     )
     with torch.no_grad():
-        hard = s_i2t.masked_fill(~neg, float("-inf")).max(dim=1).values
+        hard = s_i2t.masked_fill(~neg_c, float("-inf")).max(dim=1).values
         hard = hard[torch.isfinite(hard)]
         hard_mean = hard.mean() if hard.numel() else torch.zeros((), device=img.device)
     return ContrastiveOutput(per_anchor.sum() / batch.scale(), hard_mean,

@@ -26,12 +26,12 @@ import math
 
 import torch
 
-from raycmr.distributed import GlobalBatch
+from raycmr.losses.batch import GlobalBatch
 from raycmr.losses.contrastive import (
     ContrastiveOutput,
     anchor_similarities,
     infonce_loss,
-    negative_mask,
+    negative_masks,
     vse_loss,
 )
 
@@ -54,11 +54,10 @@ def smooth_mh_loss(batch: GlobalBatch, *, margin: float, tau: float) -> Contrast
     a = batch.anchors
     img, txt = batch.img[a], batch.txt[a]
     pos = (img * txt).sum(dim=1)
-    neg = negative_mask(batch)
     zero = pos.new_zeros(pos.shape[0], 1)
     per_anchor = pos.new_zeros(pos.shape[0])
     hard = []
-    for sims in anchor_similarities(batch):
+    for sims, neg in zip(anchor_similarities(batch), negative_masks(batch)):
         z = ((margin + sims - pos[:, None]) / tau).masked_fill(~neg, float("-inf"))
         per_anchor = per_anchor + tau * torch.logsumexp(torch.cat([zero, z], dim=1), dim=1)
         with torch.no_grad():

@@ -1,5 +1,6 @@
 """The contrastive term both the dual encoder and DCKT train: ``loss.kind`` over the global
-batch of every worker (one packed gather) or over this worker's batch."""
+batch of every worker (one packed gather, anchors by ``loss.anchors``) or over this worker's
+batch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from raycmr import distributed
 from raycmr.config import LossConfig
+from raycmr.losses.batch import global_batch, local_batch, resolve_anchors
 from raycmr.losses.contrastive import ContrastiveOutput, contrastive_loss
 from raycmr.losses.handover import handover_weight, vse_mh_handover_loss
 
@@ -15,12 +17,14 @@ def contrastive(loss_cfg: LossConfig, img: torch.Tensor, txt: torch.Tensor,
                 groups: torch.Tensor, logit_scale: torch.Tensor, pad_rows: int,
                 progress: float = 1.0) -> ContrastiveOutput:
     """``loss.kind`` over the global batch of every worker (``loss.global_negatives``, one
-    packed gather padded to ``pad_rows``) or over this worker's batch. ``progress`` (optimizer
-    steps done / total) drives MH's warm-up hand-over (``loss.mh_warmup``)."""
-    if loss_cfg.global_negatives and distributed.world_size() > 1:
-        batch = distributed.gather_global_batch(img, txt, groups, pad_rows)
+    packed gather padded to ``pad_rows``, anchors by ``loss.anchors``) or over this worker's
+    batch. ``progress`` (optimizer steps done / total) drives MH's warm-up hand-over
+    (``loss.mh_warmup``)."""
+    if loss_cfg.global_negatives:
+        anchors = resolve_anchors(loss_cfg.anchors, distributed.world_size())
+        batch = global_batch(img, txt, groups, pad_rows, anchors)
     else:
-        batch = distributed.local_batch(img, txt, groups)
+        batch = local_batch(img, txt, groups)
     warm = loss_cfg.mh_warmup
     if loss_cfg.kind == "vse_mh" and warm.loss != "none":
         return vse_mh_handover_loss(

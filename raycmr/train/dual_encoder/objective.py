@@ -10,9 +10,9 @@ shards; every (text, image) pair of the batch) or the captioning slow model of
 ``loss.distill.hard_negatives`` hardest in-batch images by the fast scores, section 2.2).
 
 The contrastive part sees every worker's embeddings (one packed gather,
-:func:`raycmr.distributed.gather_global_batch`) unless ``loss.global_negatives`` is off; the
-other parts are per-worker means (their gradients are averaged over workers by the optimizer,
-like any data-parallel loss).
+:func:`raycmr.losses.batch.global_batch`, anchors by ``loss.anchors``) unless
+``loss.global_negatives`` is off; the other parts are per-worker means (their gradients are
+averaged over workers by the optimizer, like any data-parallel loss).
 
 Plain PyTorch (DeepSpeed wraps it in :mod:`raycmr.train.loop`); the task that trains it is
 :class:`raycmr.train.dual_encoder.task.DualEncoderTask`.
