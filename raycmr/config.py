@@ -51,14 +51,25 @@ class DataConfig:
 
 @dataclass
 class TowerConfig:
-    kind: Literal["hf_config", "hf_pretrained", "minilm", "mlp"] = "hf_config"  # "hf_config" (random init), "hf_pretrained", "minilm" or "mlp"
+    kind: Literal["hf_config", "hf_pretrained", "minilm", "mlp", "cnn"] = "hf_config"  # "hf_config" (random init), "hf_pretrained", "minilm", "mlp" or "cnn" (image: small conv net, raycmr/models/towers.py)
     name_or_path: str = ""  # for hf_pretrained
     hf_config: dict[str, Any] = field(default_factory=dict)  # for hf_config: includes model_type
     input_dim: int = 0  # for mlp
     hidden_dims: list[int] = field(default_factory=lambda: [512])  # for mlp
     dropout: float = 0.0
     input_norm: Literal["none", "layernorm", "batchnorm"] = "none"  # mlp: "none", "layernorm" or "batchnorm" on the input vector
-    freeze: bool = False
+    freeze: bool = False  # the backbone's weights stay fixed (a pooling head still trains)
+    # How token states / a spatial map become one vector: "auto" (hf vision: pooler or [CLS];
+    # text: mean over tokens; cnn: flatten), "mean", "attention" (one learned query, CLIP's
+    # AttentionPool2d for a cnn map) or "flatten" (cnn: the whole grid x grid map -> out_dim)
+    pool: Literal["auto", "mean", "attention", "flatten"] = "auto"
+    heads: int = 4  # attention pooling heads
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])  # cnn: conv widths
+    grid: int = 8  # cnn: the spatial map is pooled to grid x grid before the pooling head
+    out_dim: int = 256  # cnn flatten: width of the projection of the flattened map
+    # frozen text backbones: token states memoised per distinct caption (per process), so
+    # each caption runs through the frozen model once per run; 0 = off
+    cache_captions: int = 20_000
 
 
 @dataclass
