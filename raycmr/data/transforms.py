@@ -95,7 +95,8 @@ def _json_meta(value: Any) -> dict[str, Any]:
 
 
 def _common_columns(table: pa.Table) -> dict[str, np.ndarray]:
-    """``group``, ``label`` and ``domain`` of every row."""
+    """``group`` (the image's identity), ``label`` and ``domain`` of every row; with a shard
+    ``group`` column (minimal pairs) also ``pair_group`` (its hash) and ``pair_swap``."""
     ids = _column(table, "id")
     image_ids = _column(table, "image_id")
     group = np.array(
@@ -108,7 +109,13 @@ def _common_columns(table: pa.Table) -> dict[str, np.ndarray]:
         label = np.full(len(table), -1, dtype=np.int64)
     domain = np.array([d if isinstance(d, str) else "" for d in _column(table, "domain")],
                       dtype=object)
-    return {"group": group, "label": label.astype(np.int64), "domain": domain}
+    out = {"group": group, "label": label.astype(np.int64), "domain": domain}
+    if "group" in table.column_names:  # minimal-pair shards: the group and its kind of swap
+        out["pair_group"] = np.array([stable_hash63(str(g)) for g in _column(table, "group")],
+                                     dtype=np.int64)
+        out["pair_swap"] = np.array([str(k) if k is not None else "" for k in
+                                     _column(table, "swap")], dtype=object)
+    return out
 
 
 def row_seed(seed: int, epoch: int, row_id: Any) -> np.random.Generator:
