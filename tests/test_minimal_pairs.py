@@ -47,7 +47,7 @@ def test_minimal_pair_shards_have_group_and_swap(tmp_path):
         keys = [r.scene.key() for r in records]
         assert len(records) >= 2 and len(set(keys)) == len(keys)
     summary = write_minimal_pairs(tmp_path, 6, seed=1, image_size=32, progress=False)
-    table = pq.read_table(sorted(tmp_path.glob("*.parquet"))[0]).to_pylist()
+    table = pq.read_table(min(tmp_path.glob("*.parquet"))).to_pylist()
     assert summary.rows == len(table) == sum(len(r) for _, _, r in groups)
     assert [(row["group"], row["swap"], row["caption"]) for row in table] == [
         (g, k, rec.captions[0]) for g, k, records in groups for rec in records]
