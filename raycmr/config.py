@@ -25,6 +25,15 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class HardNegativesConfig:
+    """Compositional hard negatives (NegCLIP; raycmr/data/perturb.py): each training caption's
+    ``k`` perturbed captions join the contrastive loss as extra negatives of its image."""
+
+    kind: Literal["none", "synthetic", "generic"] = "none"  # "none", "synthetic" (grammar-aware, the synthetic captions) or "generic" (word swaps, real captions)
+    k: int = 3  # perturbed captions per caption (fewer when the perturber finds fewer)
+
+
+@dataclass
 class DataConfig:
     kind: Literal["images", "features"] = "images"  # "images" (encoded image bytes + captions) or "features" (vectors)
     train: list[str] = field(default_factory=list)  # shard files/dirs/globs; local or s3:// gs://
@@ -47,6 +56,7 @@ class DataConfig:
     # CPUs kept free for Ray Data's read/preprocess tasks beside the training workers: checked
     # against the cluster before training (raycmr.resources), added to a local cluster's size.
     reserved_cpus: float = 2.0
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
 
 
 @dataclass
@@ -512,6 +522,20 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"serve.port must be in 0..65535, got {s.port}")
 
 
+def _validate_hard_negatives(cfg: Config) -> None:
+    hard = cfg.data.hard_negatives
+    if hard.kind == "none":
+        return
+    if not 1 <= hard.k < cfg.train.batch_size:
+        raise ConfigError(f"data.hard_negatives.k is {hard.k}: each caption gets k perturbed "
+                          f"captions beside the batch's {cfg.train.batch_size} "
+                          f"(train.batch_size), so 1 <= k <= {cfg.train.batch_size - 1}")
+    if cfg.data.kind != "images" or cfg.loss.kind != "infonce" or cfg.train.task != "dual_encoder":
+        raise ConfigError("data.hard_negatives perturbs captions for the InfoNCE loss of the dual "
+                          "encoder: it needs data.kind=images, loss.kind=infonce and "
+                          "train.task=dual_encoder (or set data.hard_negatives.kind=none)")
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys and of ranges (choices are checked by their Literal types)."""
     _validate_serve(cfg.serve)
@@ -526,6 +550,7 @@ def validate(cfg: Config) -> None:
     for name, amount in cfg.train.worker_resources.items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             raise ConfigError(f"train.worker_resources.{name} must be a number >= 0, got {amount!r}")
+    _validate_hard_negatives(cfg)
     if cfg.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
     warm = cfg.loss.mh_warmup

@@ -91,3 +91,45 @@ def test_draws_are_deterministic_by_rng():
 def test_empty_captions_have_no_negatives(text):
     assert synthetic_negatives(text, 2, np.random.default_rng(0)) == []
     assert generic_negatives(text, 2, np.random.default_rng(0)) == []
+
+
+def test_hard_negative_columns_tokenize_and_mark_missing_ones():
+    from raycmr.data.text import load_text_encoder
+    from raycmr.data.transforms import hard_negative_columns
+
+    encode = load_text_encoder("minilm")
+    texts = [SOURCE, "a photo of nothing in particular", ""]
+    rngs = [np.random.default_rng(i) for i in range(3)]
+    cols = hard_negative_columns(texts, rngs, "synthetic", 2, encode, 24)
+    assert cols["neg_valid"].tolist() == [[True, True], [False, False], [False, False]]
+    expected = synthetic_negatives(SOURCE, 2, np.random.default_rng(0))
+    ids, mask = encode(expected, 24)
+    assert (cols["neg_input_ids"][0] == ids).all() and (cols["neg_attention_mask"][0] == mask).all()
+    assert not cols["neg_input_ids"][1:].any() and not cols["neg_attention_mask"][1:].any()
+
+
+def test_objective_counts_captions_without_hard_negatives():
+    import torch
+
+    from raycmr.config import load_config
+    from raycmr.configs.tiny import TINY_TOWERS
+    from raycmr.data.text import load_text_encoder
+    from raycmr.data.transforms import hard_negative_columns
+    from raycmr.train.objective import CrossModalObjective
+
+    cfg = load_config("quickstart", ["data.image_size=32", "model.embed_dim=16", *TINY_TOWERS,
+                                     "data.hard_negatives.kind=synthetic",
+                                     "data.hard_negatives.k=2"])
+    encode = load_text_encoder("minilm")
+    texts = [SOURCE, "a photo of nothing in particular", SOURCE, "there is a red circle"]
+    ids, mask = encode(texts, 24)
+    cols = hard_negative_columns(texts, [np.random.default_rng(i) for i in range(4)],
+                                 "synthetic", 2, encode, 24)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": torch.from_numpy(ids),
+             "attention_mask": torch.from_numpy(mask), "group": torch.arange(4),
+             **{k: torch.from_numpy(v) for k, v in cols.items()}}
+    torch.manual_seed(0)
+    parts = CrossModalObjective(cfg)(batch)
+    assert parts["hard_neg_unchanged"].item() == 0.5  # rows 1 and 3 match no object phrase
+    assert parts["hard_neg_per_caption"].item() == 1.0
+    assert torch.isfinite(parts["loss"])

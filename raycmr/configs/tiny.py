@@ -4,8 +4,8 @@ caller's ``model.embed_dim``) and a 1-layer slow model of width 32 (``TINY_SLOW`
 ``HF_TOWERS`` switches the quickstart's CNN + frozen MiniLM towers to ``transformers`` towers
 built from ``hf_config`` (random init, mean-pooled text), which the other overrides then size."""
 
-HF_TOWERS = ["model.image.kind=hf_config", "model.text.kind=hf_config", "model.text.freeze=false",
-             "model.text.pool=auto"]
+HF_TOWERS = ["model.image.kind=hf_config", "model.image.pool=auto", "model.text.kind=hf_config",
+             "model.text.freeze=false", "model.text.pool=auto"]
 TINY_TOWERS = [
     *HF_TOWERS,
     ("model.image.hf_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 32,"
