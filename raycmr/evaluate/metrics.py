@@ -383,11 +383,12 @@ def group_accuracy(img: Any, txt: Any, image_of: Any, pair_group: Any,
     if not right:
         return {}
     right_a, chance_a, kind_a = np.array(right), np.array(chance), np.array(kind_of)
-    out = {"group_acc": 100.0 * right_a.mean(), "group_chance": 100.0 * chance_a.mean(),
+    out = {"group_acc": float(100.0 * right_a.mean()),
+           "group_chance": float(100.0 * chance_a.mean()),
            "group_captions": float(right_a.size)}
     if kinds is not None:
         for k in sorted(set(kind_of)):
             sel = kind_a == k
-            out[f"group_acc_{k}"] = 100.0 * right_a[sel].mean()
-            out[f"group_chance_{k}"] = 100.0 * chance_a[sel].mean()
+            out[f"group_acc_{k}"] = float(100.0 * right_a[sel].mean())
+            out[f"group_chance_{k}"] = float(100.0 * chance_a[sel].mean())
     return out
