@@ -179,7 +179,8 @@ def load_exported(checkpoint: str | Path) -> tuple[DualEncoder, Config]:
         raise ConfigError(f"'{directory}' is a slow-model checkpoint: pass it as --rerank "
                           "next to a dual encoder's --checkpoint")
     model = DualEncoder(cfg.model, temperature=cfg.loss.temperature)
-    state = torch.load(io.BytesIO(read_bytes(join(directory, MODEL_FILE))), map_location="cpu")
+    state = torch.load(io.BytesIO(read_bytes(join(directory, MODEL_FILE))), map_location="cpu",
+                       weights_only=True)
     model.load_state_dict(state)
     model.eval()
     return model, cfg
@@ -197,7 +198,8 @@ def load_slow_exported(checkpoint: str | Path):
     if cfg.train.task != "slow":
         raise ConfigError(f"'{directory}' is a {cfg.train.task} checkpoint, not a slow model: "
                           "give a checkpoint of `raycmr train --config quickstart_slow`")
-    state = torch.load(io.BytesIO(read_bytes(join(directory, MODEL_FILE))), map_location="cpu")
+    state = torch.load(io.BytesIO(read_bytes(join(directory, MODEL_FILE))), map_location="cpu",
+                       weights_only=True)
     model = build_slow_model(cfg.slow, state["vocab"], cfg.data.image_size,
                              cfg.data.max_text_len)
     model.load_state_dict(state)

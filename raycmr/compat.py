@@ -16,8 +16,13 @@ private API                                  used for
 ``._metric_op``
 ``ray.serve._private.common``                the actor-name prefix of Serve replicas (the load
 ``.REPLICA_ID_FULL_ID_STR_PREFIX``           test kills one replica by name)
-``ray._private.state.state``                 the autoscaler's maximum resources (the resource
-``.get_max_resources_from_cluster_config``   check before training/serving)
+``ray._private.state.state``                 the autoscaler's node types and max counts, and
+``.get_cluster_config``,                     each node's free resources (the resource check
+``available_resources_per_node``             before training/serving)
+``ray.train.v2._internal.execution``         a Tune trial's worker placement group, removed
+``.callback.WorkerGroupCallback``,           by the Tune driver when the trial stops
+``WorkerGroup.get_worker_group_state()``     (raycmr.tune.placement)
+``.placement_group_handle``
 ``ray.autoscaler._private.util``             validating the cluster launcher YAML against
 ``.prepare_config`` / ``.validate_config``   Ray's own schema (tests)
 ===========================================  ==================================================
@@ -33,7 +38,10 @@ TRAIN_SESSION = "ray.train._internal.session.get_session().iteration"
 ASHA_FIELDS = ("_trial_info", "_time_attr", "_metric", "_metric_op")
 AUTOSCALER_VALIDATE = "ray.autoscaler._private.util.prepare_config/validate_config"
 SERVE_REPLICA_PREFIX = "ray.serve._private.common.REPLICA_ID_FULL_ID_STR_PREFIX"
-AUTOSCALER_MAX = "ray._private.state.state.get_max_resources_from_cluster_config"
+WORKER_GROUP_PG = ("ray.train.v2._internal.execution.callback.WorkerGroupCallback, "
+                   "WorkerGroup.get_worker_group_state().placement_group_handle")
+AUTOSCALER_CONFIG = ("ray._private.state.state.get_cluster_config (autoscaler node groups), "
+                     "ray._private.state.available_resources_per_node")
 
 
 def data_epoch() -> int:
@@ -71,19 +79,69 @@ def validate_cluster_config(config: dict[str, Any]) -> None:
     validate_config(prepare_config(config))
 
 
-def autoscaler_max_resources() -> dict[str, float] | None:
-    """The connected cluster's autoscaler maximum per resource (None without an autoscaler); the
-    same call Ray Train's worker group makes."""
+def autoscaler_node_groups() -> list[tuple[str, dict[str, float], int]] | None:
+    """The connected cluster's autoscaler node groups, ``(name, resources of one node,
+    max_count)`` each (-1: no limit), None without an autoscaler; read from the cluster config
+    the autoscaler keeps in the GCS, as Ray Train's own maximum-resources check does."""
     from ray._private.state import state
 
-    return state.get_max_resources_from_cluster_config()
+    config = state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    return [(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+            for g in config.node_group_configs]
 
 
-def _check_autoscaler_max() -> None:
-    from ray._private.state import state
+def available_resources_per_node() -> dict[str, dict[str, float]]:
+    """Free resources of each alive node, by node id (hex)."""
+    from ray._private.state import available_resources_per_node as per_node
 
-    if not callable(getattr(state, "get_max_resources_from_cluster_config", None)):
-        raise TypeError("ray._private.state.state.get_max_resources_from_cluster_config is gone")
+    return per_node()
+
+
+def _check_autoscaler_config() -> None:
+    from ray._private import state
+
+    if not callable(getattr(state.state, "get_cluster_config", None)):
+        raise TypeError("ray._private.state.state.get_cluster_config is gone")
+    if not callable(getattr(state, "available_resources_per_node", None)):
+        raise TypeError("ray._private.state.available_resources_per_node is gone")
+    from ray.core.generated import autoscaler_pb2
+
+    fields = autoscaler_pb2.NodeGroupConfig.DESCRIPTOR.fields_by_name
+    if not {"name", "resources", "max_count"} <= set(fields):
+        raise AttributeError("autoscaler NodeGroupConfig lacks name/resources/max_count")
+
+
+def worker_group_callback_base() -> type:
+    """Ray Train's ``WorkerGroupCallback``: its subclasses run in the Train controller."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    return WorkerGroupCallback
+
+
+def worker_group_placement_group(worker_group: Any):
+    """The placement group a Ray Train worker group's workers run in."""
+    return worker_group.get_worker_group_state().placement_group_handle.placement_group
+
+
+def _check_worker_group_placement_group() -> None:
+    import dataclasses
+
+    from ray.train.v2._internal.execution.worker_group.placement_group_handle import (
+        PlacementGroupHandle,
+    )
+    from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+
+    if not callable(getattr(WorkerGroup, "get_worker_group_state", None)):
+        raise TypeError("WorkerGroup.get_worker_group_state is gone")
+    if "placement_group_handle" not in {f.name for f in dataclasses.fields(WorkerGroupState)}:
+        raise AttributeError("WorkerGroupState has no placement_group_handle")
+    if not isinstance(getattr(PlacementGroupHandle, "placement_group", None), property):
+        raise TypeError("PlacementGroupHandle.placement_group is not a property")
+    if not callable(getattr(worker_group_callback_base(), "after_worker_group_start", None)):
+        raise TypeError("WorkerGroupCallback.after_worker_group_start is gone")
 
 
 def serve_replica_prefix() -> str:
@@ -138,7 +196,8 @@ CHECKS: dict[str, Callable[[], None]] = {
     "ray.tune.schedulers.AsyncHyperBandScheduler." + "/".join(ASHA_FIELDS): _check_asha,
     AUTOSCALER_VALIDATE: _check_autoscaler,
     SERVE_REPLICA_PREFIX: _check_serve_replica_prefix,
-    AUTOSCALER_MAX: _check_autoscaler_max,
+    AUTOSCALER_CONFIG: _check_autoscaler_config,
+    WORKER_GROUP_PG: _check_worker_group_placement_group,
 }
 
 

@@ -198,7 +198,9 @@ class TrainConfig:
     # absolute path every node shares or a URI (a relative one is refused)
     storage_path: str = "runs"
     name: str = ""  # run name; empty = generated
-    resume_from: str = ""  # a checkpoint dir to continue from
+    # a checkpoint dir to continue from; DeepSpeed unpickles it (not weights_only): trusted
+    # storage only
+    resume_from: str = ""
     max_failures: int = 1  # automatic restarts after a worker failure
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
@@ -233,6 +235,9 @@ class IndexConfig:
     nprobe: int = 64  # 16 gave recall@10 0.55-0.60 on low-rank data (benchmarks/bench_index.py)
     hnsw_m: int = 32
     ef_search: int = 64
+
+
+MAX_BETA = 1000.0  # |serve.beta| and a request's beta: h + beta * fast stays finite
 
 
 @dataclass
@@ -270,6 +275,13 @@ class ServeConfig:
     max_body_bytes: int = 4_000_000  # larger request bodies get 413 (image uploads included)
     max_query_chars: int = 1000  # longer text queries get 422
     docs: bool = False  # FastAPI's /docs, /redoc and /openapi.json
+    # The page's sign-in (raycmr/serve/sessions.py): /login sets a session cookie (never the
+    # token) that lasts session_hours; it is Secure when public_https (clients reach the service
+    # through a TLS proxy) or a trusted proxy's X-Forwarded-Proto says https.
+    public_https: bool = False
+    trusted_proxies: list[str] = field(default_factory=list)  # proxy IPs whose X-Forwarded-* count
+    session_hours: float = 12.0
+    login_failures_per_minute: int = 5  # failed /login attempts per client before 429
 
 
 @dataclass
@@ -508,9 +520,11 @@ def _validate_serve(s: ServeConfig) -> None:
     if not s.rerank_k <= s.max_rerank_k:
         raise ConfigError(f"serve.rerank_k ({s.rerank_k}) must be <= serve.max_rerank_k "
                           f"({s.max_rerank_k})")
-    if not math.isfinite(s.beta):
-        raise ConfigError(f"serve.beta must be a finite number, got {s.beta}")
-    for key in ("max_batch_size", "replicas", "max_body_bytes", "max_query_chars"):
+    if not math.isfinite(s.beta) or abs(s.beta) > MAX_BETA:
+        raise ConfigError(f"serve.beta must be a number in [-{MAX_BETA:g}, {MAX_BETA:g}], "
+                          f"got {s.beta}")
+    for key in ("max_batch_size", "replicas", "max_body_bytes", "max_query_chars",
+                "session_hours", "login_failures_per_minute"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"serve.{key} must be positive, got {getattr(s, key)}")
     if s.batch_wait_timeout_s < 0 or s.retries < 0:

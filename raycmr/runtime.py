@@ -9,6 +9,8 @@ import ray
 
 from raycmr.config import ConfigError
 
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # ray._private.ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE
+
 
 def joining_cluster() -> bool:
     """True when raycmr joins an existing cluster (RAY_ADDRESS set, as under ``ray job submit``)
@@ -49,6 +51,38 @@ def init_ray(min_cpus: float = 0) -> None:
     # The dashboard stays on: its State API is how Ray Train's PlacementGroupCleaner sees that a
     # run's controller died (a trial stopped by ASHA) and frees the run's worker placement
     # group; without it the CPUs stay reserved and later trials wait forever.
-    # address="local": a cluster left by `ray start` on this machine is joined only through
-    # RAY_ADDRESS, never by accident (ray.init() alone would attach to it).
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+    start_local_ray(num_cpus=num_cpus, log_to_driver=True)
+
+
+def start_local_ray(num_cpus: int, **init_kwargs) -> str:
+    """Start a local Ray cluster that its own processes, and they only, resolve "auto" to;
+    returns its GCS address.
+
+    ``address="local"`` keeps the driver off a cluster that ``ray start`` left on the machine
+    (joined only through RAY_ADDRESS). Ray's helpers inside the cluster resolve an address by
+    themselves, though (Ray Train's PlacementGroupCleaner builds a State API client with no
+    address): RAY_ADDRESS, else the ``ray_current_cluster`` file in Ray's temp folder, which
+    names the last ``ray start`` cluster, dead or alive. So the GCS port is chosen first and
+    every worker of this job gets ``RAY_ADDRESS`` = this cluster.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": address}
+    saved = os.environ.get(GCS_PORT_VARIABLE)
+    os.environ[GCS_PORT_VARIABLE] = str(port)  # read by the head node it starts, once
+    try:
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, **init_kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop(GCS_PORT_VARIABLE, None)
+        else:
+            os.environ[GCS_PORT_VARIABLE] = saved
+    gcs = ray.get_runtime_context().gcs_address
+    if gcs.rsplit(":", 1)[1] != str(port):
+        raise RuntimeError(f"the local Ray cluster's GCS is at {gcs}, not port {port}")
+    return gcs

@@ -23,13 +23,16 @@ needs_wikipedia = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray cluster for the whole test session (8 logical CPUs on 2 cores, so that
-    2 training workers and Ray Data tasks fit side by side). The dashboard runs, as in
-    :func:`raycmr.runtime.init_ray`: Ray Train frees a stopped trial's placement group through
-    its State API."""
+    2 training workers and Ray Data tasks fit side by side), started as
+    :func:`raycmr.runtime.init_ray` starts one: its workers resolve "auto" to it, whatever else
+    runs on the machine. The dashboard runs: Ray Train frees a stopped trial's placement group
+    through its State API."""
     import ray
 
+    from raycmr.runtime import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, log_to_driver=False)
+        start_local_ray(num_cpus=8, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -54,3 +54,32 @@ def test_index_folder_round_trip_through_a_uri(tmp_path) -> None:
     np.testing.assert_array_equal(search(loaded, gallery[:5], 3)[1], search(index, gallery[:5], 3)[1])
     assert artifacts.read_gallery(uri) == {"count": 50}
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(artifacts.INDEX_FILES)
+
+
+class _Payload:
+    """Unpickling this runs code (writes a file): what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_are_loaded_as_weights_only(tmp_path, monkeypatch) -> None:
+    """A model.pt holding anything but tensors and plain containers is refused before any of
+    its code runs: torch.load(weights_only=True) explicitly, so not even torch's switch back to
+    full unpickling (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) or an older default changes it."""
+    import pickle
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+    cfg = _features_config()
+    model = DualEncoder(cfg.model, temperature=cfg.loss.temperature)
+    artifacts.write_export(tmp_path / "ckpt", model.state_dict(), cfg, {"epoch": 0})
+    marker = tmp_path / "ran"
+    torch.save({**model.state_dict(), "x": _Payload(str(marker))},
+               tmp_path / "ckpt" / artifacts.MODEL_FILE)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        artifacts.load_exported(tmp_path / "ckpt")
+    assert not marker.exists()

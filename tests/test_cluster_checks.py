@@ -10,7 +10,13 @@ from raycmr.cli import main
 from raycmr.config import ConfigError, load_config
 from raycmr.configs.tiny import HF_TOWERS
 from raycmr.data.synthetic import write_synthetic_splits
-from raycmr.resources import ClusterTooSmall, Demand, check_cluster_fits, missing_resources
+from raycmr.resources import (
+    ClusterTooSmall,
+    Demand,
+    NodeType,
+    check_cluster_fits,
+    missing_resources,
+)
 
 
 def _error_lines(capsys) -> list[str]:
@@ -53,12 +59,44 @@ def test_free_cpus_are_counted_after_placing_the_workers():
         "(at most {CPU: 1, raycmr_worker: 1} left on any node)")
 
 
-def test_an_autoscaler_maximum_replaces_the_current_nodes():
-    demand = Demand(bundles=[{"CPU": 4.0, "GPU": 1.0}] * 4, free_cpus=2.0)
+def test_autoscaler_node_types_must_each_hold_a_worker():
+    """Issue 24's hang: {CPU: 16, GPU: 1} workers and 8-CPU / 1-GPU node types. The totals of
+    the autoscaler's maximum (8 nodes: 64 CPUs, 8 GPUs) would pass; no node can hold a worker."""
+    demand = Demand(bundles=[{"CPU": 16.0, "GPU": 1.0}] * 2, labels=["worker 0", "worker 1"])
     head = [{"CPU": 2.0}]
-    assert missing_resources(demand, head, {"CPU": 64.0, "GPU": 8.0}) is None
-    assert missing_resources(demand, head, {"CPU": 64.0, "GPU": 2.0}) == (
-        "4 GPU (the autoscaler's maximum is 2)")
+    gpu8 = [NodeType({"CPU": 8.0, "GPU": 1.0}, 8, "gpu")]
+    assert missing_resources(demand, head, gpu8) == (
+        "{CPU: 16, GPU: 1} on a single node for worker 0 (no node type of the autoscaler holds "
+        "it; the closest has {CPU: 8, GPU: 1})")
+    gpu16 = [NodeType({"CPU": 16.0, "GPU": 1.0}, 1, "gpu16"), *gpu8]
+    assert missing_resources(demand, head, gpu16) == (
+        "{CPU: 16, GPU: 1} on a single node for worker 1 (the autoscaler's node types that hold "
+        "it are all at their max_count)")
+    gpu16[0].max_count = 2
+    assert missing_resources(demand, head, gpu16) is None
+    gpu16[0].max_count = -1  # no limit
+    assert missing_resources(demand, head, gpu16) is None
+
+
+def test_autoscaler_counts_running_nodes_against_max_count_and_keeps_free_cpus():
+    cpu4 = [NodeType({"CPU": 4.0}, 3, "cpu4")]
+    demand = Demand(bundles=[{"CPU": 4.0}] * 3, free_cpus=2.0)
+    # two cpu4 nodes already run (one of them busy): one more may come; 4 + 4 + 2 on the head
+    nodes, busy = [{"CPU": 2.0}, {"CPU": 4.0}, {"CPU": 4.0}], [{}, {"CPU": 4.0}, {}]
+    assert missing_resources(demand, nodes, cpu4, busy) == (
+        "{CPU: 4} on a single node for one actor (the autoscaler's node types that hold it are "
+        "all at their max_count)")
+    assert missing_resources(Demand(bundles=[{"CPU": 4.0}] * 2, free_cpus=2.0), nodes, cpu4,
+                             busy) is None
+    assert missing_resources(Demand(bundles=[{"CPU": 4.0}] * 2, free_cpus=2.5), nodes, cpu4,
+                             busy) == "2.5 free CPU beside the actors (only 2 left)"
+
+
+def test_capacity_in_use_is_not_free():
+    demand = Demand(bundles=[{"CPU": 1.0}] * 2, free_cpus=2.0)
+    assert missing_resources(demand, [{"CPU": 8.0}], in_use=[{"CPU": 4.0}]) is None
+    assert missing_resources(demand, [{"CPU": 8.0}], in_use=[{"CPU": 4.5}]) == (
+        "4 CPU in total (the cluster has 8, 4.5 of them in use)")
 
 
 def _serve_plan(replicas: int, reranker: bool, images: bool, use_gpu: bool = False):

@@ -26,32 +26,13 @@ import pytest
 import torch
 from conftest import free_port
 
-from raycmr.artifacts import write_export
-from raycmr.config import config_from_dict, load_config
-from raycmr.models.dual_encoder import DualEncoder
-from raycmr.models.slow import build_slow_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_hostile_probe import write_tiny_image_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "page-test-token-0123456789"
 N_IMAGES = 16
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _image_model_config(gallery: str):
-    return config_from_dict({
-        "data": {"kind": "images", "test": [gallery], "image_size": 32, "tokenizer": "minilm",
-                 "max_text_len": 16},
-        "model": {"embed_dim": 16,
-                  "image": {"kind": "hf_config", "hf_config": {
-                      "model_type": "vit", "image_size": 32, "patch_size": 8,
-                      "num_channels": 3, "hidden_size": 16, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "intermediate_size": 32}},
-                  "text": {"kind": "hf_config", "hf_config": {
-                      "model_type": "bert", "vocab_size": 30522, "hidden_size": 16,
-                      "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "intermediate_size": 32, "max_position_embeddings": 32}}},
-        "index": {"kind": "flat"},
-    })
 
 
 @pytest.mark.ray
@@ -99,25 +80,8 @@ def test_serve_command_stops_cleanly_on_ctrl_c(page_files) -> None:
 @pytest.fixture(scope="module")
 def page_files(ray_cluster, tmp_path_factory):
     """An image gallery, a random-init checkpoint and its index; the model and the rows."""
-    from raycmr.data.synthetic import write_synthetic_split
-    from raycmr.index.gallery import build_gallery_index
-
     tmp = tmp_path_factory.mktemp("page")
-    write_synthetic_split(tmp / "gallery", "test", N_IMAGES, seed=3, image_size=32,
-                          captions_per_image=2, progress=False)
-    cfg = _image_model_config(str(tmp / "gallery"))
-    torch.manual_seed(0)
-    model = DualEncoder(cfg.model).eval()
-    (tmp / "ckpt").mkdir()
-    write_export(tmp / "ckpt", model.state_dict(), cfg, {"epoch": 0})
-    slow_cfg = load_config("quickstart_slow", [
-        f"data.test=[{tmp / 'gallery'}]", "data.image_size=32", "data.max_text_len=16",
-        "slow.width=16", "slow.heads=2", "slow.decoder_layers=1"])
-    (tmp / "slow").mkdir()
-    write_export(tmp / "slow", build_slow_model(slow_cfg.slow, torch.arange(1000, 3000), 32,
-                                                16).state_dict(), slow_cfg, {"epoch": 0})
-    build_gallery_index(str(tmp / "ckpt"), "test", tmp / "index", slow=str(tmp / "slow"),
-                        num_actors=1, batch_size=16)
+    model = write_tiny_image_app(tmp, N_IMAGES, captions_per_image=2)
     return {"tmp": tmp, "model": model, "rows": pq.read_table(tmp / "gallery").to_pylist()}
 
 
@@ -170,6 +134,15 @@ def _browser():
     return sync_playwright
 
 
+def _wait(page, done, timeout_s: float = 30) -> None:
+    """Poll ``done()`` (Python; CDP evaluation, which the page's CSP does not govern, unlike
+    Playwright's wait_for_function, which evaluates a string inside the page)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out waiting on the page"
+        page.wait_for_timeout(200)
+
+
 @pytest.mark.ray
 def test_search_page_in_chromium(page_app, tmp_path) -> None:
     sync_playwright = _browser()
@@ -191,6 +164,8 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         page = browser.new_page(viewport={"width": 1100, "height": 800})
         requests_out: list[str] = []
         page.on("request", lambda r: requests_out.append(r.url))
+        console: list[str] = []  # the page runs under its own Content-Security-Policy
+        page.on("console", lambda m: console.append(m.text))
         page.goto(page_app["url"] + "/")
         page.fill("#token", "wrong-token")
         page.click("#login-form button")
@@ -202,8 +177,8 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         page.fill("#k", "5")
         page.click("#search-form button")
         page.wait_for_selector(".card >> nth=4")
-        page.wait_for_function("Array.from(document.querySelectorAll('.card img'))"
-                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        _wait(page, lambda: page.eval_on_selector_all(
+            ".card img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"))
         cards = page.locator(".card")
         assert cards.count() == 5
         assert [cards.nth(i).get_attribute("data-id") for i in range(5)] == \
@@ -216,8 +191,8 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         assert "encode" in status and "rerank" in status and "5 results" in status
         page.uncheck("#rerank")  # the fast stage alone: the brute-force best first
         page.click("#search-form button")
-        page.wait_for_function("(t => t.includes('5 results') && !t.includes('rerank'))"
-                               "(document.querySelector('#status').innerText)", timeout=30_000)
+        _wait(page, lambda: "5 results" in (t := page.inner_text("#status")) and
+              "rerank" not in t)
         assert page.locator(".card").nth(0).get_attribute("data-id") == best
         assert page.inner_text(".card >> nth=0 >> .slow") == "not reranked"
         page.set_input_files("#file", str(upload))
@@ -228,6 +203,7 @@ def test_search_page_in_chromium(page_app, tmp_path) -> None:
         page.screenshot(path=str(tmp_path / "search_page.png"), full_page=True)
         browser.close()
     assert (tmp_path / "search_page.png").stat().st_size > 10_000
+    assert not [m for m in console if "Content Security Policy" in m], console
     # nothing was fetched from anywhere but the app itself
     assert all(u.startswith(page_app["url"]) for u in requests_out), requests_out
 
@@ -241,4 +217,4 @@ def test_image_routes(page_app) -> None:
     assert got.content == row["image"]
     assert client.get("/image/nope").status_code == 404
     bad = client.post("/search/image", content=b"not an image")
-    assert bad.status_code == 400 and "not a decodable image" in bad.text
+    assert bad.status_code == 422 and "not a decodable image" in bad.text

@@ -123,23 +123,81 @@ def row_seed(seed: int, epoch: int, row_id: Any) -> np.random.Generator:
     return np.random.default_rng([seed & (2**63 - 1), epoch, stable_hash63(str(row_id))])
 
 
+# Uploads and shard images alike: what decode_image takes (checked from the header, before any
+# pixel is decoded). A PNG cannot be decoded at reduced size, so MAX_IMAGE_PIXELS bounds its
+# decode (25 M pixels: 75 MB as RGB); a JPEG is decoded at the smallest 1/2/4/8 scale that still
+# covers the target (Image.draft), so its memory follows the output size, not the file's.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_IMAGE_SIDE = 12_000  # pixels, either side
+MAX_IMAGE_PIXELS = 25_000_000  # width x height
+MAX_IMAGE_ASPECT = 20.0  # longer side / shorter side
+
+
+class ImageRejected(ValueError):
+    """Image bytes :func:`decode_image` refuses; ``status`` is the HTTP status that fits (413: too
+    large, 415: not JPEG/PNG/WebP, 422: undecodable or too thin) and the message names the
+    limit."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):  # crosses Ray's process boundary with its status
+        return type(self), (str(self), self.status)
+
+
+def check_image_header(img) -> None:
+    """Refuse an opened (not yet decoded) PIL image whose format or shape is over a limit."""
+    w, h = img.size
+    if img.format not in IMAGE_FORMATS:
+        raise ImageRejected(f"image format {img.format} is not accepted: send JPEG, PNG or "
+                            "WebP", 415)
+    if max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise ImageRejected(f"image is {w} x {h} pixels; the limit is {MAX_IMAGE_SIDE} per side "
+                            f"and {MAX_IMAGE_PIXELS:,} in all: scale it down", 413)
+    if min(w, h) < 1 or max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
+        raise ImageRejected(f"image is {w} x {h} pixels; its sides may differ by at most "
+                            f"{MAX_IMAGE_ASPECT:g}x: crop it", 422)
+
+
 def decode_image(
     data: bytes, image_size: int, rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, bool]:
     """Decode + resize (+ random crop and flip when ``rng``) to float32 CHW in [-1, 1].
 
-    Returns the array and whether it was flipped. Raises on undecodable bytes.
+    Returns the array and whether it was flipped. Format and size are checked from the header
+    first (:func:`check_image_header`); PIL's decompression-bomb warning is an error. Raises
+    :class:`ImageRejected` on bytes that are over a limit or no image.
     """
+    import warnings
+
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        target = math.ceil(image_size * AUGMENT_SCALE) if rng is not None else image_size
-        w, h = img.size
-        scale = target / min(w, h)
-        new_w, new_h = max(target, round(w * scale)), max(target, round(h * scale))
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
+    target = math.ceil(image_size * AUGMENT_SCALE) if rng is not None else image_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.UnidentifiedImageError:
+            raise _unaccepted(data) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageRejected("image has more pixels than PIL's decompression-bomb limit: "
+                                "scale it down", 413) from None
+        with img:
+            check_image_header(img)
+            w, h = img.size
+            scale = target / min(w, h)
+            img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))  # JPEG: 1/2/4/8 scale
+            try:
+                rgb = img.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise ImageRejected(f"not a decodable image ({img.format}: "
+                                    f"{_first_line(exc)})", 422) from None
+    w, h = rgb.size
+    scale = target / min(w, h)
+    new_w, new_h = max(target, round(w * scale)), max(target, round(h * scale))
+    rgb = rgb.resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(rgb, dtype=np.uint8)
     if rng is None:
         top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
     else:
@@ -151,6 +209,25 @@ def decode_image(
         arr = arr[:, ::-1]
     out = arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     return out, flipped
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+
+
+# Leading bytes of image formats that decode_image refuses, to name them in the error (PIL's
+# parsers of those formats never see the bytes).
+_OTHER_FORMATS = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
+                  b"MM\x00*": "TIFF", b"\x00\x00\x01\x00": "ICO", b"8BPS": "PSD"}
+
+
+def _unaccepted(data: bytes) -> ImageRejected:
+    """Why PIL could not open ``data`` as JPEG/PNG/WebP: another image format (415), or none."""
+    for magic, name in _OTHER_FORMATS.items():
+        if data.startswith(magic):
+            return ImageRejected(f"image format {name} is not accepted: send JPEG, PNG or WebP",
+                                 415)
+    return ImageRejected("not a decodable image: send a JPEG, PNG or WebP file", 422)
 
 
 def preprocess_images(

@@ -205,6 +205,6 @@ def load_reranker(directory: str | Path) -> CrossAttentionReranker:
         )
     cfg = RerankerConfig.from_dict(yaml.safe_load((src / CONFIG_FILE).read_text()) or {})
     model = CrossAttentionReranker(cfg)
-    model.load_state_dict(torch.load(src / WEIGHTS_FILE, map_location="cpu"))
+    model.load_state_dict(torch.load(src / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     model.eval()
     return model

@@ -65,7 +65,8 @@ def serving_demand(plan: ServePlan) -> Demand:
     names = [name for name in models for _ in range(cfg.replicas)]
     return Demand(bundles=[dict(models[n]) for n in names], labels=names,
                   what=f"serving ({cfg.replicas} replicas of {', '.join(models)})",
-                  settings="serve.replicas, serve.use_gpu, serve.rerank_k (0 = no slow stage)")
+                  settings="serve.replicas, serve.use_gpu, serve.rerank_k (0 = no slow stage)",
+                  replaces_serve_app=APP_NAME)  # a redeploy frees the running app's replicas
 
 
 def build_app(args: dict[str, Any] | ServeConfig, token: str | None = None) -> Application:

@@ -10,10 +10,12 @@ Routes (under the application's route prefix):
   (``"retrieve"``). ``"rerank_k"`` (up to the service's ``max_rerank_k``) and ``"beta"``
   override the service's defaults per request; ``"rerank": false`` skips the slow stage.
   The ``Server-Timing`` header holds each stage's milliseconds.
-* ``POST /search/image?k=10`` (body: a JPEG/PNG file) -> the closest gallery captions, when the
-  gallery's shards hold images and captions.
+* ``POST /search/image?k=10`` (body: a JPEG, PNG or WebP file) -> the closest gallery captions,
+  when the gallery's shards hold images and captions. Format and size are checked from the
+  image's header before any decode (:func:`raycmr.data.transforms.check_image_header`): another
+  format gets 415, too many pixels 413, undecodable bytes or a sliver 422, each naming the limit.
 * ``GET /`` the search page; ``GET /image/{id}`` a gallery image; ``POST /login``
-  ``{"token": ...}`` sets the page's cookie.
+  ``{"token": ...}`` sets the page's session cookie (:mod:`raycmr.serve.sessions`).
 * ``GET /healthz`` (never behind the token) -> gallery size, index kind, query input, the slow
   stage's defaults.
 * ``GET /stats`` -> milliseconds per stage (``encode``, ``retrieve``, their sum ``fast``,
@@ -22,45 +24,73 @@ Routes (under the application's route prefix):
 * ``/docs``, ``/redoc``, ``/openapi.json`` only with ``docs: true``.
 
 With ``auth: token`` every route but ``/healthz`` and ``/login`` needs ``Authorization: Bearer
-TOKEN`` or the cookie ``/login`` sets (HttpOnly, SameSite=Strict): none -> 401, a wrong one ->
-403. Bodies over ``max_body_bytes`` get 413, text queries over ``max_query_chars`` 422.
+TOKEN`` or the session cookie ``/login`` sets (HttpOnly, SameSite=Strict, Secure over https):
+none -> 401, a wrong one -> 403; ``serve.login_failures_per_minute`` failed logins from one
+client -> 429. Bodies over ``max_body_bytes`` get 413 (chunked or not), text queries over
+``max_query_chars`` 422; request bodies with unknown fields or out-of-range numbers 422 naming
+the field.
+
+Every error body is ``{"detail": "<one line naming the problem>"}``: never a traceback, path or
+address. Every response carries ``X-Request-Id``; an unexpected error answers 500 with that id,
+and the server log holds its details under it. The page has a Content-Security-Policy (its own
+script and style only), and every response ``X-Frame-Options: DENY`` and
+``X-Content-Type-Options: nosniff``.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request model and parameter
 # types from the route functions' annotations at runtime.
+import base64
 import hashlib
 import hmac
 import json
+import logging
+import math
+import re
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from raycmr.config import MAX_BETA
+from raycmr.serve import sessions
 from raycmr.serve.plan import ServePlan
 
-COOKIE = "raycmr_token"
 OPEN_PATHS = ("/healthz", "/login")
 PAGE = Path(__file__).with_name("page.html")
+MAX_K = 10_000  # k and rerank_k; the service's own top_k / max_rerank_k cap them further
+MAX_FEATURE = 1e9  # |text_feat| values: float32 products stay finite
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+logger = logging.getLogger("ray.serve")
+
+Feature = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_FEATURE, le=MAX_FEATURE)]
 
 
 class SearchRequest(BaseModel):
-    """Body of ``POST /search``: exactly one of ``text`` and ``text_feat``."""
+    """Body of ``POST /search``: exactly one of ``text`` and ``text_feat``; unknown fields and
+    out-of-range numbers are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     text: str | None = None
-    text_feat: list[float] | None = None
-    k: int = Field(10, ge=1)
+    text_feat: list[Feature] | None = None
+    k: int = Field(10, ge=1, le=MAX_K)
     rerank: bool = True
-    rerank_k: int | None = Field(None, ge=0)  # None: the service's serve.rerank_k
-    beta: float | None = None  # None: the service's serve.beta
+    rerank_k: int | None = Field(None, ge=0, le=MAX_K)  # None: the service's serve.rerank_k
+    beta: float | None = Field(None, ge=-MAX_BETA, le=MAX_BETA,
+                               allow_inf_nan=False)  # None: the service's serve.beta
 
 
 class LoginRequest(BaseModel):
     """Body of ``POST /login``."""
 
-    token: str
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(max_length=1000)
 
 
 def token_matches(token: str, digest: str) -> bool:
@@ -76,12 +106,50 @@ def render_page(plan: ServePlan, login: bool) -> str:
     return PAGE.read_text().replace("__INFO__", json.dumps(info).replace("<", "\\u003c"))
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _csp_hash(html: str, tag: str) -> str:
+    found = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)
+    digest = hashlib.sha256(found.group(1).encode() if found else b"").digest()
+    return "'sha256-" + base64.b64encode(digest).decode() + "'"
+
+
+def page_response(plan: ServePlan, login: bool, status_code: int = 200) -> HTMLResponse:
+    """The page with a Content-Security-Policy that allows its own inline script and style (by
+    hash) and requests to this service only."""
+    html = render_page(plan, login)
+    csp = (f"default-src 'none'; script-src {_csp_hash(html, 'script')}; "
+           f"style-src {_csp_hash(html, 'style')}; img-src 'self'; connect-src 'self'; "
+           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    return HTMLResponse(html, status_code=status_code,
+                        headers={"Content-Security-Policy": csp})
+
+
+def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error response: ``{"detail": one line}``."""
+    return JSONResponse({"detail": " ".join(detail.split())}, status_code=status, headers=headers)
+
+
+def validation_message(errors: list[dict[str, Any]], fields: list[str] | None = None) -> str:
+    """One line naming the first problem pydantic found in a request (and how many more);
+    ``fields``: the request body's known fields, named when an unknown one was sent."""
+    first = errors[0] if errors else {}
+    field = ".".join(str(p) for p in first.get("loc", ())[1:])
+    kind, msg = first.get("type", ""), str(first.get("msg", "invalid request"))
+    if kind == "json_invalid":
+        line = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', msg)})"
+    elif kind == "extra_forbidden":
+        known = f" (known: {', '.join(fields)})" if fields else ""
+        line = f"unknown field '{field}'{known}"
+    elif field:
+        line = f"'{field}': {msg}"
+    else:
+        line = f"the request body: {msg}"
+    more = len(errors) - 1
+    return line + (f" (and {more} more problem{'s' * (more > 1)})" if more > 0 else "")
 
 
 class Guard:
-    """ASGI middleware: the bearer-token check and the request body limit."""
+    """ASGI middleware: request id, security headers, the body limit, the token or session
+    check, and a one-line 500 for anything unexpected (details logged under the request id)."""
 
     def __init__(self, app, plan: ServePlan):
         self.app, self.plan = app, plan
@@ -89,60 +157,99 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request = Request(scope)
+        # Serve's proxy gives every request an id (the client's X-Request-Id or a new one) and
+        # returns it in the response's X-Request-Id; its replica logs carry it too.
+        served_id = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        rid = served_id[:64] or uuid.uuid4().hex
+        extra = SECURITY_HEADERS + ([] if served_id else [(b"x-request-id", rid.encode())])
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_headers(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            denied = self._check(Request(scope), scope)
+            if denied is not None:
+                return await denied(scope, receive, send_with_headers)
+            body = await _read_body(scope, receive, self.plan.serve.max_body_bytes)
+            if body is None:
+                return await _too_large(self.plan.serve.max_body_bytes)(
+                    scope, receive, send_with_headers)
+            await self.app(scope, _replay(body, receive), send_with_headers)
+        except Exception:
+            logger.exception("request %s (%s %s) failed", rid, scope.get("method"),
+                             scope.get("path"))
+            if not started:
+                await error(500, f"internal error: the server log has its details under "
+                                 f"request id {rid}")(scope, receive, send_with_headers)
+
+    def _check(self, request: Request, scope) -> Response | None:
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
-        if self.plan.token_sha256 and path not in OPEN_PATHS:
-            denied = self._check(request, path)
-            if denied is not None:
-                return await denied(scope, receive, send)
-        limit = self.plan.serve.max_body_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            return await _too_large(limit)(scope, receive, send)
-        received, started = 0, False
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await _too_large(limit)(scope, receive, send)
-
-    def _check(self, request: Request, path: str) -> Response | None:
+        if not self.plan.token_sha256 or path in OPEN_PATHS:
+            return None
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        token = token or request.cookies.get(COOKIE, "")
         if token and token_matches(token, self.plan.token_sha256):
             return None
+        session = request.cookies.get(sessions.COOKIE, "")
+        if not token and session and sessions.session_valid(self.plan.session_key, session):
+            return None
         if path == "/" and request.method == "GET":  # the page: its login form
-            return HTMLResponse(render_page(self.plan, login=True),
-                                status_code=403 if token else 401)
-        if not token:
-            return JSONResponse({"detail": "this service needs a token: send 'Authorization: "
-                                           "Bearer TOKEN'"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        return JSONResponse({"detail": "wrong token"}, status_code=403)
+            return page_response(self.plan, login=True, status_code=403 if token else 401)
+        if token:
+            return error(403, "wrong token")
+        if session:
+            return error(401, "the session has expired or is not valid: sign in again",
+                         {"WWW-Authenticate": "Bearer"})
+        return error(401, "this service needs a token: send 'Authorization: Bearer TOKEN'",
+                     {"WWW-Authenticate": "Bearer"})
+
+
+async def _read_body(scope, receive, limit: int) -> bytes | None:
+    """The whole request body (at most ``limit`` bytes, chunked or not), or None when over."""
+    length = dict(scope.get("headers", [])).get(b"content-length", b"")
+    if length.isdigit() and int(length) > limit:
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands the app the body read by the Guard, then waits on the client."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _too_large(limit: int) -> Response:
-    return JSONResponse({"detail": f"request body is larger than this service's limit of "
-                                   f"{limit} bytes (serve.max_body_bytes)"}, status_code=413)
+    return error(413, f"request body is larger than this service's limit of {limit} bytes "
+                      "(serve.max_body_bytes)")
 
 
 def check_query(plan: ServePlan, req: SearchRequest) -> dict[str, Any]:
@@ -161,8 +268,6 @@ def check_query(plan: ServePlan, req: SearchRequest) -> dict[str, Any]:
         if len(req.text_feat) != plan.text_dim:
             raise HTTPException(400, f"'text_feat' has {len(req.text_feat)} values; this "
                                      f"model takes {plan.text_dim}")
-        if not np.isfinite(np.asarray(req.text_feat, dtype=np.float64)).all():
-            raise HTTPException(400, "'text_feat' holds NaN or inf")
         return {"text_feat": [float(v) for v in req.text_feat]}
     if req.text is None:
         raise HTTPException(400, "this model embeds text: send 'text' (a string)")
@@ -185,9 +290,26 @@ def check_rerank(plan: ServePlan, req: SearchRequest) -> tuple[int, float]:
         raise HTTPException(400, f"rerank_k={rerank_k} is more than this service's "
                                  f"max_rerank_k={plan.max_rerank_k} (serve.max_rerank_k, at "
                                  "most serve.top_k)")
-    if not np.isfinite(beta):
-        raise HTTPException(400, "'beta' must be a finite number")
     return (rerank_k if req.rerank else 0), float(beta)
+
+
+def check_scores(results: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    """Raise (-> 500, logged under the request id) when a result holds a NaN or inf score:
+    JSON has no such number, and clients would get ``null``."""
+    for hit in results:
+        for key in keys:
+            value = hit.get(key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"non-finite {key} {value} for gallery id {hit.get('id')!r}")
+
+
+def downstream_cause(exc: BaseException) -> BaseException:
+    """The exception a deployment raised, unwrapped from Ray's ``RayTaskError``."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
 
 
 def _server_timing(times: dict[str, float]) -> str:
@@ -196,11 +318,22 @@ def _server_timing(times: dict[str, float]) -> str:
 
 def make_api(ingress, plan: ServePlan) -> FastAPI:
     """The FastAPI app of one Ingress replica (built at replica start, see ``Ingress``)."""
+    from raycmr.data.transforms import ImageRejected
+
     docs = plan.serve.docs
     api = FastAPI(title="raycmr retrieval", description=__doc__,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     api.add_middleware(Guard, plan=plan)
+    failed_logins = sessions.FailedLogins(plan.serve.login_failures_per_minute)
+    proxies = list(plan.serve.trusted_proxies)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        route = getattr(request.scope.get("route"), "path", "")
+        model = {"/search": SearchRequest, "/login": LoginRequest}.get(route)
+        return error(422, validation_message(list(exc.errors()),
+                                             list(model.model_fields) if model else None))
 
     @api.post("/search")
     async def search(req: SearchRequest, response: Response) -> list[dict[str, Any]]:
@@ -208,6 +341,7 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
         query = check_query(plan, req)
         rerank_k, beta = check_rerank(plan, req)
         results, times = await ingress.search(query, req.k, rerank_k, beta)
+        check_scores(results, ("score", "fast_score", "slow_score"))
         response.headers["Server-Timing"] = _server_timing(times)
         return results
 
@@ -226,21 +360,31 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
         return await ingress.stats()
 
     @api.get("/", response_class=HTMLResponse)
-    async def page() -> str:
+    async def page() -> Response:
         """The search page."""
-        return render_page(plan, login=False)
+        return page_response(plan, login=False)
 
     @api.post("/login")
     async def login(req: LoginRequest, request: Request) -> Response:
-        """Check a token and keep it in an HttpOnly, SameSite=Strict cookie for the page."""
+        """Check a token and set a session cookie (HttpOnly, SameSite=Strict, Secure over
+        https) for the page; too many failures from one client -> 429."""
         if not plan.token_sha256:
             return Response(status_code=204)
+        client = sessions.client_address(request.scope, proxies)
+        wait = failed_logins.wait_s(client)
+        if wait > 0:
+            return error(429, f"too many failed sign-ins from this address: try again in "
+                              f"{math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))})
         if not token_matches(req.token.strip(), plan.token_sha256):
+            failed_logins.failed(client)
             raise HTTPException(403, "wrong token")
+        lifetime = plan.serve.session_hours * 3600
         response = Response(status_code=204)
-        response.set_cookie(COOKIE, req.token.strip(), httponly=True, samesite="strict",
+        response.set_cookie(sessions.COOKIE, sessions.new_session(plan.session_key, lifetime),
+                            max_age=int(lifetime), httponly=True, samesite="strict",
                             path=(request.scope.get("root_path") or "") + "/",
-                            secure=request.url.scheme == "https")
+                            secure=sessions.is_https(request.scope, plan.serve.public_https,
+                                                     proxies))
         return response
 
     @api.get("/image/{image_id:path}")
@@ -252,7 +396,7 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
             raise HTTPException(404, "this gallery's shards hold feature vectors, not images")
         data = await ingress.gallery.image.remote(image_id)
         if data is None:
-            raise HTTPException(404, f"no image '{image_id}' in the gallery")
+            raise HTTPException(404, f"no image '{image_id[:100]}' in the gallery")
         return Response(data, media_type=image_type(data),
                         headers={"Cache-Control": "private, max-age=3600"})
 
@@ -265,10 +409,16 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
                                      "captions; this one holds feature vectors")
         data = await request.body()
         if not data:
-            raise HTTPException(400, "post an image file (JPEG or PNG) as the request body")
+            raise HTTPException(400, "post an image file (JPEG, PNG or WebP) as the request body")
         try:
-            return await ingress.gallery.captions_for.remote(data, k)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
+            results = await ingress.gallery.captions_for.remote(data, k)
+        except Exception as exc:
+            cause = downstream_cause(exc)
+            if not isinstance(cause, ImageRejected):
+                raise
+            logger.info("request %s: upload refused (%s)", request.state.request_id, cause)
+            raise HTTPException(cause.status, str(cause)) from None
+        check_scores(results, ("score",))
+        return results
 
     return api

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class ServePlan:
     data_kind: str  # the gallery's shards: "images" (image bytes + captions) or "features"
     shards: list[str] = field(default_factory=list)  # the gallery's shard paths
     token_sha256: str = ""  # hex digest of the bearer token; "" = no auth
+    session_key: str = ""  # signs the page's session cookies (random per plan; see sessions.py)
     gallery_note: str = ""  # why thumbnails and image -> text are off ("" = on, or features)
     slow_note: str = ""  # why there is no slow stage ("" = there is one, or it was turned off)
     index_note: str = ""  # the index's kind, parameters and build-time measurements
@@ -177,7 +179,7 @@ def plan_app(args: dict[str, Any] | ServeConfig | None, token: str | None = None
         index_kind=str(meta["kind"]),
         data_kind=str(gallery.get("data_kind", model_cfg.data.kind)),
         shards=[str(s) for s in gallery.get("shards", [])],
-        token_sha256=token_digest(token),
+        token_sha256=token_digest(token), session_key=secrets.token_hex(32) if token else "",
     )
     from raycmr.index.autotune import describe_index
 

@@ -87,18 +87,21 @@ def encode_queries(model, queries: list[dict[str, Any]], tokenize, max_len: int,
 
 def encode_images(model, images: list[bytes], image_size: int, device: str = "cpu"
                   ) -> np.ndarray:
-    """Retrieval embeddings [Q, d] of encoded images (JPEG/PNG bytes) by a dual encoder's image
-    tower, decoded and centre-cropped as for evaluation. Raises ``ValueError`` on bytes that are no image."""
+    """Retrieval embeddings [Q, d] of encoded images (JPEG/PNG/WebP bytes) by a dual encoder's
+    image tower, decoded and centre-cropped as for evaluation. Raises
+    :class:`~raycmr.data.transforms.ImageRejected` on bytes that are over a limit or no image."""
     import torch
 
-    from raycmr.data.transforms import decode_image
+    from raycmr.data.transforms import ImageRejected, decode_image
 
     pixels = []
     for data in images:
         try:
             pixels.append(decode_image(data, image_size)[0])
+        except ImageRejected:
+            raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
-            raise ValueError(f"not a decodable image ({type(exc).__name__})") from None
+            raise ImageRejected(f"not a decodable image ({type(exc).__name__})", 422) from None
     with torch.no_grad():
         pixel_values = torch.from_numpy(np.stack(pixels)).to(device)
         emb = model.retrieval_embed_image({"pixel_values": pixel_values})

@@ -210,7 +210,8 @@ def load_source_model(path: str | Path) -> tuple[DualEncoder, Config]:
     cfg = config_from_dict(yaml.safe_load((directory / artifacts.CONFIG_FILE).read_text()))
     model = DualEncoder(source_model_config(cfg.model, cfg.dckt.source_classes),
                         temperature=cfg.loss.temperature)
-    model.load_state_dict(torch.load(directory / SOURCE_MODEL_FILE, map_location="cpu"))
+    model.load_state_dict(torch.load(directory / SOURCE_MODEL_FILE, map_location="cpu",
+                                     weights_only=True))
     model.eval()
     return model, cfg
 
@@ -218,7 +219,8 @@ def load_source_model(path: str | Path) -> tuple[DualEncoder, Config]:
 def _read_checkpoint(checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(source state dict, state.json)`` of a Ray Train checkpoint (local or remote)."""
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / SOURCE_MODEL_FILE, map_location="cpu")
+        state = torch.load(Path(directory) / SOURCE_MODEL_FILE, map_location="cpu",
+                           weights_only=True)
         return state, artifacts.read_state(directory)
 
 

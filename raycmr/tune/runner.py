@@ -100,8 +100,11 @@ def run_trial(config: dict[str, Any], base: dict[str, Any] | None = None,
 
         board = start_board()
         monitor = RunMonitor(board, [TensorBoardSink(Path(runs_dir, trial_id, "tensorboard"))])
+    from raycmr.tune.placement import RecordPlacementGroup
+
     trainer = build_trainer(cfg, name=trial_id, storage_path=runs_dir,
-                            callbacks=[TuneReportCallback()], board=board)
+                            callbacks=[TuneReportCallback(), RecordPlacementGroup(trial_id)],
+                            board=board)
     reported = compat.trial_reports_so_far()
     if board is None:
         result = trainer.fit()
@@ -176,6 +179,7 @@ def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec], callbacks: 
     from ray import tune
 
     from raycmr.train.trainer import validation_metric
+    from raycmr.tune.placement import FreeStoppedTrialGroups
     from raycmr.tune.search import build_scheduler, build_search_alg
 
     storage, name = path.rstrip("/").rsplit("/", 1)
@@ -195,7 +199,8 @@ def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec], callbacks: 
         # with raise_on_failed_trial=False); worker failures inside a trial are retried by Ray
         # Train itself (train.max_failures), from the trial's latest checkpoint.
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        callbacks=callbacks, verbose=0 if callbacks else None,
+        # A stopped trial's worker placement group is removed here too (raycmr.tune.placement)
+        callbacks=[*(callbacks or []), FreeStoppedTrialGroups()], verbose=0 if callbacks else None,
     )
     return tune.Tuner(_trainable(cfg, path), param_space=param_space(cfg, specs),
                       tune_config=tune_config, run_config=run_config)
