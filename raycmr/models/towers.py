@@ -78,7 +78,7 @@ class QueryPool(nn.Module):
         super().__init__()
         if width % heads:
             raise ConfigError(f"attention pooling: {heads} heads do not divide width {width}; "
-                              "set the tower's heads to a divisor of it")
+                              "set model.text.heads to a divisor of it")
         self.query = nn.Parameter(torch.randn(1, 1, width) / width ** 0.5)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
 
