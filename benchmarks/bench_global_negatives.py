@@ -51,7 +51,7 @@ except ImportError:  # `python benchmarks/bench_global_negatives.py`
 
 from raycmr.config import load_config
 from raycmr.distributed import end_spawned_process
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 NAME = "bench_global_negatives"
 

@@ -40,7 +40,7 @@ except ImportError:  # `python benchmarks/bench_gpu.py`
     from common import median_of, print_table, set_threads, write_result
 
 from raycmr.config import load_config
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 NAME = "bench_gpu"
 SKIPPED = "SKIPPED:"

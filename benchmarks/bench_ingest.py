@@ -62,7 +62,7 @@ from raycmr.config import DataConfig, load_config
 from raycmr.data.pipeline import TENSOR_COLUMNS, build_dataset, iter_worker_batches
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 NAME = "bench_ingest"
 

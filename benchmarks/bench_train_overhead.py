@@ -90,8 +90,8 @@ from raycmr.data.pipeline import TENSOR_COLUMNS, build_dataset, iter_worker_batc
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
 from raycmr.train.deepspeed_config import deepspeed_config
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 from raycmr.train.loop import STEP_PHASES
-from raycmr.train.objective import CrossModalObjective
 
 NAME = "bench_train_overhead"
 # the raycmr runs: name -> config overrides (v1 is as shipped)

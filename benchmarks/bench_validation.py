@@ -39,7 +39,7 @@ from raycmr.config import load_config
 from raycmr.evaluate.embedding import embed_batches
 from raycmr.evaluate.summary import evaluate_embeddings
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train.tasks.dual_encoder import validate_retrieval
+from raycmr.train.task import validate_retrieval
 
 NAME = "bench_validation"
 

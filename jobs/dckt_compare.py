@@ -18,7 +18,7 @@ Wikipedia protocol) from its last checkpoint (no selection on test):
 * ``target-only``: the project's Wikipedia recipe (``configs/wikipedia.yaml``: MLP towers,
   VSE++ + DSCMR) trained on the target pairs alone for about as many optimizer steps as the
   whole DCKT run;
-* ``dckt round k``: :func:`raycmr.train.dckt.run_dckt` with ``configs/dckt_wikipedia.yaml``;
+* ``dckt round k``: :func:`raycmr.train.dckt.rounds.run_dckt` with ``configs/dckt_wikipedia.yaml``;
   round 0 is the joint pretraining with the MMD links off, rounds >= 1 the progressive transfer.
 
 Prints a table and writes ``out/dckt_compare/result.json``.
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     common = [f"train.num_workers={args.workers}", f"train.seed={args.seed}",
               "train.torch_threads=1", f"model.num_classes={n_target}"]
 
-    from raycmr.train.dckt import plan_dckt, run_dckt
+    from raycmr.train.dckt.rounds import plan_dckt, run_dckt
     from raycmr.train.run import train
 
     # both configs first, so that the two runs see the same code and config files

@@ -25,7 +25,7 @@ from raycmr.data.paths import resolve_paths
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
 from raycmr.evaluate.metrics import group_pairs, retrieval_metrics
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 KEYS = ("pixel_values", "input_ids", "attention_mask", "group")
 

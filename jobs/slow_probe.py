@@ -22,7 +22,8 @@ from raycmr.config import SlowConfig, _coerce
 from raycmr.data.paths import resolve_paths
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
-from raycmr.models.slow import build_slow_model, caption_vocab, captioning_loss, num_parameters
+from raycmr.losses.captioning import captioning_loss
+from raycmr.models.slow import build_slow_model, caption_vocab, num_parameters
 
 
 def load_split(path: str, image_size: int, max_text_len: int) -> dict[str, torch.Tensor]:

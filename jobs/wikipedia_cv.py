@@ -29,7 +29,7 @@ import torch
 
 from raycmr.config import load_config
 from raycmr.evaluate.metrics import map_both_ways
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 
 def default_wikipedia_dir() -> Path:

@@ -120,16 +120,32 @@ def local_dir(uri: str | Path) -> Path:
 
 
 def write_export(directory: str | Path, encoder_state: dict[str, torch.Tensor], cfg: Config,
-                 state: dict[str, Any]) -> None:
-    """The DeepSpeed-free part of a checkpoint: ``model.pt``, ``config.yaml``, ``state.json``."""
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(encoder_state, buffer)
-    write_bytes(join(directory, MODEL_FILE), buffer.getvalue())
+                 state: dict[str, Any],
+                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """The DeepSpeed-free part of a checkpoint: ``model.pt``, ``config.yaml``, ``state.json``
+    and the task's ``extra`` weight files (``{file name: state dict}``)."""
+    for name, weights in {MODEL_FILE: encoder_state, **(extra or {})}.items():
+        write_weights(directory, name, weights)
     write_bytes(join(directory, CONFIG_FILE), cfg.to_yaml().encode())
     write_bytes(join(directory, STATE_FILE),
                 json.dumps(state, indent=2, default=float).encode())
+
+
+def write_weights(directory: str | Path, name: str, weights: dict[str, torch.Tensor]) -> None:
+    """A state dict as the file ``name`` of ``directory``."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    write_bytes(join(directory, name), buffer.getvalue())
+
+
+def read_weights(directory: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The state dict in the file ``name`` of ``directory``, on the CPU."""
+    import torch
+
+    return torch.load(io.BytesIO(read_bytes(join(directory, name))), map_location="cpu",
+                      weights_only=True)
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
@@ -204,6 +220,37 @@ def load_slow_exported(checkpoint: str | Path):
                              cfg.data.max_text_len)
     model.load_state_dict(state)
     return model.eval(), cfg
+
+
+def save_reranker(model, directory: str | Path) -> str:
+    """Write the distillation teacher ``model``
+    (:class:`raycmr.models.reranker.CrossAttentionReranker`) into ``directory``: its state dict
+    and its config."""
+    import dataclasses
+
+    from raycmr.models.reranker import CONFIG_FILE as RERANKER_CONFIG
+    from raycmr.models.reranker import WEIGHTS_FILE
+
+    write_weights(directory, WEIGHTS_FILE, model.state_dict())
+    write_bytes(join(directory, RERANKER_CONFIG),
+                yaml.safe_dump(dataclasses.asdict(model.cfg), sort_keys=False).encode())
+    return str(directory)
+
+
+def load_reranker(directory: str | Path):
+    """The reranker :func:`save_reranker` wrote in ``directory``, in eval mode."""
+    from raycmr.models.reranker import CONFIG_FILE as RERANKER_CONFIG
+    from raycmr.models.reranker import WEIGHTS_FILE, CrossAttentionReranker, RerankerConfig
+
+    missing = [f for f in (WEIGHTS_FILE, RERANKER_CONFIG) if not exists(join(directory, f))]
+    if missing:
+        raise ConfigError(f"no reranker at '{directory}': missing {', '.join(missing)} (write "
+                          "one with `raycmr reranker --checkpoint CKPT --out DIR` or save_reranker)")
+    cfg = RerankerConfig.from_dict(yaml.safe_load(read_text(join(directory, RERANKER_CONFIG)))
+                                   or {})
+    model = CrossAttentionReranker(cfg)
+    model.load_state_dict(read_weights(directory, WEIGHTS_FILE))
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------- index folders

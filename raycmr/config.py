@@ -159,7 +159,6 @@ class LossConfig:
 
 @dataclass
 class DCKTConfig:
-    enabled: bool = False
     source: list[str] = field(default_factory=list)
     target: list[str] = field(default_factory=list)
     mmd_weight: float = 1.0
@@ -174,7 +173,9 @@ class DCKTConfig:
 
 @dataclass
 class TrainConfig:
-    task: Literal["dual_encoder", "slow"] = "dual_encoder"  # "dual_encoder" or "slow" (the captioning re-ranker, slow.*)
+    # the method (raycmr.train.registry): the dual encoder, DCKT's rounds (dckt.*) or the
+    # slow captioning model (slow.*)
+    task: Literal["dual_encoder", "dckt", "slow"] = "dual_encoder"
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -462,6 +463,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
+    dckt = (values or {}).get("dckt")
+    if isinstance(dckt, dict) and "enabled" in dckt:
+        if dckt["enabled"] not in (False, "false", "False", 0):
+            raise ConfigError("dckt.enabled was replaced by train.task=dckt: set train.task=dckt "
+                              "and remove dckt.enabled")
+        values = {**values, "dckt": {k: v for k, v in dckt.items() if k != "enabled"}}
     cfg = _build(Config, values or {})
     validate(cfg)
     return cfg
@@ -601,9 +608,9 @@ def validate(cfg: Config) -> None:
             if cfg.data.kind != "images":
                 raise ConfigError("loss.distill.slow computes the slow model's phi(x) from the "
                                   "batch's pixels: it needs data.kind=images")
-            if cfg.train.task != "dual_encoder" or cfg.dckt.enabled:
+            if cfg.train.task != "dual_encoder":
                 raise ConfigError("loss.distill.slow distils into the dual encoder: it needs "
-                                  "train.task=dual_encoder and dckt.enabled=false")
+                                  "train.task=dual_encoder")
             m, b = distill.hard_negatives, cfg.train.batch_size
             if not 1 <= m < b:
                 raise ConfigError(

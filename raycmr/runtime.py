@@ -9,7 +9,7 @@ import ray
 
 from raycmr.config import ConfigError
 
-GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # ray._private.ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # Ray's GCS_PORT_ENVIRONMENT_VARIABLE (ray_constants)
 
 
 def joining_cluster() -> bool:

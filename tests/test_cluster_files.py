@@ -185,8 +185,23 @@ def test_rayservice_serve_config():
 # --------------------------------------------------------------------------- local script
 
 
-def test_local_script_syntax():
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+SHELL_SCRIPTS = sorted([*CLUSTER.glob("*.sh"), *(ROOT / "jobs").glob("*.sh")])
+
+
+def _bash_syntax_error(path: Path) -> str:
+    """bash's parse error for ``path`` (``bash -n`` reads without running), "" when it parses."""
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    return proc.stderr if proc.returncode else ""
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_script_syntax(script, tmp_path):
+    assert SCRIPT in SHELL_SCRIPTS and len(SHELL_SCRIPTS) >= 2
+    assert _bash_syntax_error(script) == ""
+    # the check bites: the same script with one block left open does not parse
+    broken = tmp_path / script.name
+    broken.write_text(script.read_text() + "\nif true; then\n  :\n")
+    assert "unexpected end of file" in _bash_syntax_error(broken)
 
 
 @pytest.mark.parametrize("args,needle", [

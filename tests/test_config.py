@@ -61,3 +61,18 @@ def test_with_absolute_paths_keeps_uris_and_absolute_paths(tmp_path, monkeypatch
     assert out.data.val == ["/abs/val"] and out.data.test == ["s3://bucket/test"]
     assert out.train.resume_from == str(tmp_path / "runs/ckpt")
     assert out.dckt.source == [] and cfg.data.train == ["out/wikipedia/shards/train"]
+
+
+def test_train_task_is_the_one_method_switch():
+    from raycmr.config import choices
+    from raycmr.train.registry import METHODS, validation_metric
+
+    assert set(choices("train.task")) == set(METHODS) == {"dual_encoder", "dckt", "slow"}
+    assert load_config("dckt_wikipedia", ["model.num_classes=5"]).train.task == "dckt"
+    with pytest.raises(ConfigError, match=r"^dckt.enabled was replaced by train.task=dckt") as exc:
+        load_config(None, ["dckt.enabled=true"])
+    assert "\n" not in str(exc.value)
+    # checkpoints written before the switch hold dckt.enabled=false: it asks for the default
+    assert load_config(None, ["dckt.enabled=false"]).train.task == "dual_encoder"
+    assert validation_metric(load_config(None, ["train.task=slow"])) == "val_t2i_r1"
+    assert validation_metric(load_config(None, ["train.task=dckt"])) == "val_rsum"

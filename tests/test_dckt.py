@@ -21,8 +21,8 @@ from raycmr.losses.contrastive import vse_loss
 from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
 from raycmr.losses.semantic import semantic_loss
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train.dckt_objective import DCKTObjective, source_model_config
-from raycmr.train.dckt_selection import pair_average_precision, selection_probabilities
+from raycmr.train.dckt.objective import DCKTObjective, source_model_config
+from raycmr.train.dckt.selection import pair_average_precision, selection_probabilities
 
 IMG_DIM, TXT_DIM = 12, 6
 OBJECTIVE_OVERRIDES = [
@@ -92,16 +92,24 @@ def test_mmd_weight_adds_the_media_and_correlation_mmd(objective) -> None:
         full = objective(src, tgt)  # dckt.mmd_weight = 1.5
     expected = base["loss"] + 1.5 * (full["mmd_media"] + full["mmd_corr"])
     assert torch.isclose(full["loss"], expected, rtol=1e-5, atol=1e-6)
-    # the correlation level is the MMD of the common representations, per modality
-    shared = objective.encoder.shared
+    # the correlation level is the MMD of the common representations, per modality; the media
+    # level that of the L2-normalised tower and projection outputs, per modality
+    bw = [0.5, 1.0, 2.0]
     src_model = _standalone_source(objective)
+
+    def media_layers(model: DualEncoder, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        f_img, f_txt = model.image_tower(batch["image_feat"]), model.text_tower(batch["text_feat"])
+        return [F.normalize(x, dim=-1)
+                for x in (f_img, model.image_proj(f_img), f_txt, model.text_proj(f_txt))]
+
     with torch.no_grad():
         s_img, s_txt = src_model(src)
         t_img, t_txt = objective.encoder(tgt)
-        ref = (mmd2_unbiased(s_img, t_img, [0.5, 1.0, 2.0])
-               + mmd2_unbiased(s_txt, t_txt, [0.5, 1.0, 2.0]))
-    assert shared is not None
+        ref = mmd2_unbiased(s_img, t_img, bw) + mmd2_unbiased(s_txt, t_txt, bw)
+        media_ref = sum(mmd2_unbiased(a, b, bw) for a, b in zip(
+            media_layers(src_model, src), media_layers(objective.encoder, tgt), strict=True))
     assert torch.isclose(full["mmd_corr"], ref, rtol=1e-5, atol=1e-6)
+    assert torch.isclose(full["mmd_media"], media_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_mmd_parts_detect_a_mean_shift_between_domains(objective) -> None:
@@ -185,7 +193,7 @@ def _run_config(root, storage):
         f"model.image={{kind: mlp, input_dim: {IMG_DIM}, hidden_dims: [16]}}",
         f"model.text={{kind: mlp, input_dim: {TXT_DIM}, hidden_dims: [16]}}",
         "loss.kind=vse_mh", "loss.weight=0.5",
-        "dckt.enabled=true", "dckt.rounds=2", "dckt.epochs_per_round=1", f"dckt.alpha={ALPHA}",
+        "train.task=dckt", "dckt.rounds=2", "dckt.epochs_per_round=1", f"dckt.alpha={ALPHA}",
         "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
         "train.lr=0.01", "train.warmup_steps=1", "train.log_every=100", "train.zero_stage=1",
         "train.max_failures=0", "train.torch_threads=1", f"train.storage_path={storage}",
@@ -194,7 +202,7 @@ def _run_config(root, storage):
 
 @pytest.mark.ray
 def test_two_round_dckt_run(ray_cluster, two_domains, tmp_path) -> None:
-    from raycmr.train.dckt import load_source_model
+    from raycmr.train.dckt.rounds import load_source_model
     from raycmr.train.run import train
 
     root, target_rows = two_domains

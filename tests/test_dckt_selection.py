@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from raycmr.train.dckt_selection import (
+from raycmr.train.dckt.selection import (
     pair_average_precision,
     select_pairs,
     selection_probabilities,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from raycmr.artifacts import save_reranker
 from raycmr.config import ConfigError, config_from_dict, with_overrides
 from raycmr.evaluate.metrics import retrieval_metrics
 from raycmr.losses.distill import (
@@ -18,13 +19,9 @@ from raycmr.losses.distill import (
     hardest_candidates,
     restricted_distillation_loss,
 )
-from raycmr.models.reranker import (
-    CrossAttentionReranker,
-    RerankerConfig,
-    save_reranker,
-)
+from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
 from raycmr.rerank.fit import fit_reranker
-from raycmr.train.objective import CrossModalObjective, load_teacher
+from raycmr.train.dual_encoder.objective import CrossModalObjective, load_teacher
 
 IMAGE_DIM, TEXT_DIM = 16, 8
 

@@ -83,7 +83,8 @@ def _worker(rank, world, port, result_path):
     try:
         from raycmr import distributed
         from raycmr.train.loop import build_engine, train_step
-        from raycmr.train.tasks import StepInfo, make_task
+        from raycmr.train.registry import make_task
+        from raycmr.train.task import StepInfo
 
         cfg = load_config(None, OVERRIDES)
         torch.manual_seed(0)

@@ -11,7 +11,7 @@ from conftest import free_port
 
 from raycmr.config import load_config
 from raycmr.distributed import end_spawned_process
-from raycmr.train.objective import CrossModalObjective
+from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 OVERRIDES = [
     "data.kind=features", "model.image.kind=mlp", "model.image.input_dim=6",

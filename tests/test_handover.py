@@ -121,7 +121,7 @@ def test_handover_bad_warmup_and_missing_scale():
 
 
 def test_objective_hands_over_along_training_progress():
-    from raycmr.train.objective import CrossModalObjective
+    from raycmr.train.dual_encoder.objective import CrossModalObjective
 
     cfg = load_config(None, [
         "data.kind=features", "model.image.kind=mlp", "model.text.kind=mlp",

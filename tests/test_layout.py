@@ -147,3 +147,42 @@ def test_every_command_help_runs() -> None:
                           cwd=ROOT, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [w for c in [None, *COMMANDS] for w in ("ok", str(c))]
+
+
+TRAIN = "raycmr.train"
+METHOD_FOLDERS = sorted(p.name for p in (PACKAGE / "train").iterdir()
+                        if p.is_dir() and (p / "__init__.py").exists())
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_one_folder_per_registered_method() -> None:
+    from raycmr.config import choices
+    from raycmr.train.registry import METHODS
+
+    assert METHOD_FOLDERS == sorted(METHODS) == sorted(choices("train.task"))
+    for name, method in METHODS.items():
+        for ref in (method.task, method.driver, method.test_eval):
+            assert not ref or _in(ref.split(":")[0], f"{TRAIN}.{name}"), (name, ref)
+
+
+def test_a_method_folder_imports_the_engine_never_another_method() -> None:
+    crossing = []
+    for module, targets in _internal_graph().items():
+        for own in METHOD_FOLDERS:
+            if _in(module, f"{TRAIN}.{own}"):
+                crossing += [f"{module} imports {t}" for t in sorted(targets)
+                             for other in METHOD_FOLDERS
+                             if other != own and _in(t, f"{TRAIN}.{other}")]
+    assert not crossing, crossing
+
+
+def test_the_engine_reaches_methods_only_through_the_registry() -> None:
+    """train/'s root modules name a method's modules only as registry strings, never import one."""
+    engine = {m: t for m, t in _internal_graph().items()
+              if _in(m, TRAIN) and not any(_in(m, f"{TRAIN}.{f}") for f in METHOD_FOLDERS)}
+    imports = [f"{m} imports {t}" for m, targets in engine.items() for t in sorted(targets)
+               if any(_in(t, f"{TRAIN}.{f}") for f in METHOD_FOLDERS)]
+    assert not imports, imports

@@ -19,11 +19,8 @@ pytestmark = pytest.mark.ray
 
 @needs_wikipedia
 def test_grl_dscmr_and_distillation_two_workers(ray_cluster, tmp_path):
-    from raycmr.models.reranker import (
-        CrossAttentionReranker,
-        RerankerConfig,
-        save_reranker,
-    )
+    from raycmr.artifacts import save_reranker
+    from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
     from raycmr.rerank.fit import fit_reranker
     from raycmr.train.trainer import build_trainer
 

@@ -115,7 +115,7 @@ def test_objective_counts_captions_without_hard_negatives():
     from raycmr.configs.tiny import TINY_TOWERS
     from raycmr.data.text import load_text_encoder
     from raycmr.data.transforms import hard_negative_columns
-    from raycmr.train.objective import CrossModalObjective
+    from raycmr.train.dual_encoder.objective import CrossModalObjective
 
     cfg = load_config("quickstart", ["data.image_size=32", "model.embed_dim=16", *TINY_TOWERS,
                                      "data.hard_negatives.kind=synthetic",

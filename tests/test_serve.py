@@ -322,8 +322,8 @@ def test_reranker_command_fits_the_feature_teacher(ray_cluster, tmp_path) -> Non
     """`raycmr reranker` (feature checkpoints: the distillation teacher) fits on the
     checkpoint's train split (pairs decoded and embedded by Ray Data) and beats the (untrained)
     dual encoder's R@1 on held-out pairs by a wide margin; the Serve app does not use it."""
+    from raycmr.artifacts import load_reranker
     from raycmr.cli import main
-    from raycmr.models.reranker import load_reranker
 
     write_pairs(tmp_path / "train", 800, seed=11)
     write_pairs(tmp_path / "val", 200, seed=12)

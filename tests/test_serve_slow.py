@@ -51,7 +51,8 @@ def fit_slow(cfg, shard_dir: Path, steps: int = 30):
     process: a test fixture, not how raycmr trains it)."""
     from raycmr.data.text import load_text_encoder
     from raycmr.data.transforms import decode_image
-    from raycmr.models.slow import caption_vocab, captioning_loss
+    from raycmr.losses.captioning import captioning_loss
+    from raycmr.models.slow import caption_vocab
 
     table = pq.read_table(shard_dir, columns=["image", "caption"]).to_pydict()
     pixels = torch.from_numpy(np.stack([decode_image(b, 32)[0] for b in table["image"]]))

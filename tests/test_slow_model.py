@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raycmr.config import ConfigError, SlowConfig
+from raycmr.losses.captioning import captioning_loss
 from raycmr.models.slow import (
     CLS_ID,
     PAD_ID,
@@ -14,7 +15,6 @@ from raycmr.models.slow import (
     UNK_ID,
     build_slow_model,
     caption_vocab,
-    captioning_loss,
     reverse_captions,
 )
 

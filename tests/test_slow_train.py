@@ -43,7 +43,7 @@ def shards(tmp_path_factory):
 
 
 def _run(overrides):
-    from raycmr.train.slow_run import build_slow_trainer
+    from raycmr.train.slow.driver import build_slow_trainer
 
     return build_slow_trainer(load_config("quickstart_slow", overrides)).fit()
 
@@ -95,7 +95,7 @@ def test_fast_checkpoint_is_resolved_for_the_workers(tmp_path, monkeypatch):
     from raycmr.artifacts import write_export
     from raycmr.config import ConfigError
     from raycmr.models.dual_encoder import DualEncoder
-    from raycmr.train.slow_run import resolve_fast_checkpoint
+    from raycmr.train.slow.driver import resolve_fast_checkpoint
 
     fast_cfg = load_config("wikipedia", ["model.image.input_dim=6", "model.text.input_dim=5",
                                          "model.embed_dim=4"])

@@ -130,7 +130,7 @@ def test_scheduler_budget_and_tune_settings_checks():
     asha = build_scheduler(cfg, parse_space(cfg, {"train.epochs": {"grid": [2, 8]}}))
     assert asha._max_t == 8 and [m for m, _ in asha._brackets[0]._rungs] == [8, 4, 2, 1]
     assert build_scheduler(cfg, parse_space(cfg))._max_t == 3
-    dckt = _cfg("train.epochs=3", "dckt.enabled=true", "dckt.rounds=2", "dckt.epochs_per_round=4")
+    dckt = _cfg("train.epochs=3", "train.task=dckt", "dckt.rounds=2", "dckt.epochs_per_round=4")
     assert epoch_budget(dckt) == 3 + 2 * 4  # DCKT's epoch counter runs on across rounds
     assert max_epochs(dckt, parse_space(dckt, {"dckt.rounds": {"choice": [1, 3]}})) == 3 + 3 * 4
     assert isinstance(build_scheduler(_cfg("tune.scheduler=fifo"), {}), FIFOScheduler)
@@ -139,7 +139,7 @@ def test_scheduler_budget_and_tune_settings_checks():
     for bad, needle in [("tune.reduction_factor=1", "tune.reduction_factor"),
                         ("tune.max_concurrent=0", "tune.max_concurrent"),
                         ("data.val=[]", "data.val"),
-                        ("dckt.enabled=true", "dckt.enabled=false")]:
+                        ("train.task=dckt", "train.task=dckt")]:
         with pytest.raises(ConfigError, match=needle):
             check_tune_settings(_cfg(*data, bad))
 
@@ -151,7 +151,7 @@ def test_default_space_follows_what_the_config_enables():
     assert set(wiki) == {"loss.margin", "loss.weight", "loss.dscmr.alpha", "loss.dscmr.beta",
                          "train.lr"}
     everything = default_space(_cfg("loss.kind=infonce", "loss.grl.enabled=true",
-                                    "dckt.enabled=true"))
+                                    "train.task=dckt"))
     assert set(everything) == {"loss.temperature", "loss.weight", "loss.grl.alpha",
                                "dckt.alpha", "train.lr"}
     distill = default_space(load_config("wikipedia", ["loss.distill.enabled=true",

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from raycmr.config import ConfigError
@@ -183,28 +181,3 @@ def select_queries(query: dict[str, torch.Tensor], rows) -> dict[str, torch.Tens
     """The queries at ``rows`` (an index tensor or array) of every tensor in ``query``."""
     rows = torch.as_tensor(rows)
     return {k: v[rows] for k, v in query.items()}
-
-
-def save_reranker(model: CrossAttentionReranker, directory: str | Path) -> Path:
-    """Write ``reranker.pt`` (state dict) and ``reranker.yaml`` (config) into ``directory``."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(model.cfg), sort_keys=False))
-    return out
-
-
-def load_reranker(directory: str | Path) -> CrossAttentionReranker:
-    """The reranker saved by :func:`save_reranker` in ``directory``, in eval mode."""
-    src = Path(directory)
-    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (src / f).exists()]
-    if missing:
-        raise ConfigError(
-            f"no reranker at '{src}': missing {', '.join(missing)} (write one with "
-            "`raycmr reranker --checkpoint CKPT --out DIR` or save_reranker)"
-        )
-    cfg = RerankerConfig.from_dict(yaml.safe_load((src / CONFIG_FILE).read_text()) or {})
-    model = CrossAttentionReranker(cfg)
-    model.load_state_dict(torch.load(src / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    model.eval()
-    return model

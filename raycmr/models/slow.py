@@ -354,11 +354,6 @@ def _cross_ff_block(layer: nn.TransformerDecoderLayer, x: torch.Tensor, k: torch
     return x + layer._ff_block(layer.norm3(x))
 
 
-def captioning_loss(scores: torch.Tensor) -> torch.Tensor:
-    """L_CA = -mean_i h(x_i, y_i) over the positive pairs' scores."""
-    return -scores.mean()
-
-
 def caption_vocab(input_ids: torch.Tensor | list, attention_mask: torch.Tensor | list,
                   max_size: int = 0) -> torch.Tensor:
     """The tokenizer ids that occur in real (unpadded) caption positions, most frequent first

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from raycmr.losses.in_batch_softmax import in_batch_softmax_loss
 from raycmr.models.reranker import CrossAttentionReranker, select_queries
 
 
@@ -47,11 +47,7 @@ def fit_reranker(
         scores = model.score_candidates(select_queries(query, rows), cands)
         if fast is not None:
             scores = scores + model.cfg.fast_weight * (fast[0][rows] @ fast[1][rows].T)
-        if groups is not None:
-            g = groups[rows]
-            same = (g[:, None] == g[None, :]) & ~torch.eye(b, dtype=torch.bool)
-            scores = scores.masked_fill(same, float("-inf"))
-        loss = F.cross_entropy(scores, torch.arange(b))
+        loss = in_batch_softmax_loss(scores, None if groups is None else groups[rows])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -109,9 +109,9 @@ def train_reranker(checkpoint: str, out: str | Path, *, split: str = "train",
     :func:`auto_fast_weight`, 0 trains the slow score alone."""
     import torch
 
-    from raycmr.artifacts import load_exported
+    from raycmr.artifacts import load_exported, save_reranker
     from raycmr.index.gallery import resolve_split
-    from raycmr.models.reranker import CrossAttentionReranker, save_reranker, select_queries
+    from raycmr.models.reranker import CrossAttentionReranker, select_queries
     from raycmr.rerank.fit import fit_reranker
     from raycmr.runtime import init_ray
 

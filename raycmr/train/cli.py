@@ -1,4 +1,4 @@
-"""`raycmr train`: train a dual encoder (or DCKT rounds) with Ray Train + DeepSpeed.
+"""`raycmr train`: train the method ``train.task`` names with Ray Train + DeepSpeed.
 
     raycmr train --config quickstart train.num_workers=2 loss.margin=0.2
     raycmr train --config wikipedia --eval-test
@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``raycmr train``: progress on the console, Ray's lines in the run's log."""
     from raycmr.evaluate.checkpoint import evaluate_checkpoint
     from raycmr.reporting.console import console_session, metrics_table
+    from raycmr.train.registry import load, method, validation_metric
     from raycmr.train.session import (
         LOG_FILE,
         best_checkpoint,
@@ -35,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
         run_paths,
         train_on_console,
     )
-    from raycmr.train.trainer import validation_metric
 
     cfg = load_config(args.config, args.overrides)
     if args.eval_test and not cfg.data.test:
@@ -48,15 +48,9 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print_final(console, result, validation_metric(cfg))
         best = best_checkpoint(result)
-        if args.eval_test and best is not None and cfg.train.task == "slow":
-            from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table
-
-            rows, n_img = evaluate_fast_slow(cfg.slow.fast_checkpoint or None, best.path, "test",
-                                             [cfg.slow.rerank_k], cfg.slow.beta,
-                                             cfg.slow.val_queries)
-            console.print(f"\ntest text->image of the best checkpoint by validation, "
-                          f"{n_img} images:")
-            console.print(markdown_table(rows))
+        test_eval = method(cfg.train.task).test_eval
+        if args.eval_test and best is not None and test_eval:
+            load(test_eval)(cfg, best.path, console)
         elif args.eval_test and best is not None:
             metrics = evaluate_checkpoint(best.path, "test")
             console.print()

@@ -3,7 +3,7 @@
 A DeepSpeed engine over the task's module, fed by this worker's Ray Data streams; each epoch:
 exactly ``steps_per_epoch * grad_accum`` micro-steps, then one reduction of the epoch's metrics,
 sharded validation and ``ray.train.report`` (with a checkpoint when due). What varies by model is
-the task (:mod:`raycmr.train.tasks`).
+the task (:mod:`raycmr.train.task`, one folder per method).
 
 Collectives. A micro-step makes only the task's own (the dual encoder: one packed gather of the
 global batch) and DeepSpeed's gradient all-reduce. The step count of an epoch is fixed on the
@@ -38,7 +38,8 @@ from raycmr.reporting.board import WorkerProgress
 from raycmr.train import checkpoint as ckpt
 from raycmr.train.deepspeed_config import deepspeed_config
 from raycmr.train.placement import worker_nodes
-from raycmr.train.tasks import StepInfo, Task, make_task
+from raycmr.train.registry import make_task
+from raycmr.train.task import StepInfo, Task
 
 T = TypeVar("T")
 
@@ -305,9 +306,8 @@ def report_with_checkpoint(engine, task: Task, cfg: Config, metrics: dict[str, A
                                client_state=client_state)
         if model_state is not None:
             artifacts.write_export(tmp, model_state, cfg,
-                                   {**client_state, "step": engine.global_steps, "metrics": metrics})
-            for name, state in extra.items():
-                torch.save(state, os.path.join(tmp, name))
+                                   {**client_state, "step": engine.global_steps, "metrics": metrics},
+                                   extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -1,4 +1,4 @@
-"""`raycmr train`'s entry: a dual encoder run, or DCKT's rounds when ``dckt.enabled``."""
+"""`raycmr train`'s entry: the one dispatch on ``train.task`` to its method's driver."""
 
 from __future__ import annotations
 
@@ -6,43 +6,21 @@ from raycmr.config import Config
 
 
 def train(cfg: Config, *, name: str | None = None, sinks: list | None = None):
-    """Run training to the end; returns Ray Train's Result (metrics, checkpoint, path), or with
-    ``dckt.enabled`` the DCKT rounds' :class:`~raycmr.train.dckt.DCKTResult` (same fields).
+    """Run training to the end; returns Ray Train's Result (metrics, checkpoint, path), or for
+    DCKT the rounds' :class:`~raycmr.train.dckt.rounds.DCKTResult` (same fields).
 
     ``sinks`` (console, TensorBoard; see :mod:`raycmr.reporting`) receive rank 0's progress
     and every epoch's report while the run trains."""
-    from raycmr.resources import check_cluster_fits, training_demand
-    from raycmr.runtime import cluster_storage_path, init_ray
-    from raycmr.train.orphans import remove_unregistered_checkpoints
+    from raycmr.runtime import cluster_storage_path
+    from raycmr.train.registry import load, method
 
-    if cfg.dckt.enabled:
-        from raycmr.train.dckt import run_dckt
-
-        for sink in sinks or []:  # DCKT rounds report through their own lines (in the log)
-            sink.close()
-        return run_dckt(cfg)
-    from raycmr.train.trainer import build_trainer
-
+    run = load(method(cfg.train.task).driver)
     cluster_storage_path(cfg.train.storage_path, "train.storage_path")  # refuse before Ray starts
-    if cfg.loss.distill.enabled:  # a teacher that cannot teach this model stops here, not on a worker
-        from raycmr.train.objective import load_teacher
-
-        load_teacher(cfg)
-    init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
-    check_cluster_fits(training_demand(cfg))
-    if cfg.train.task == "slow":
-        from raycmr.train.slow_run import build_slow_trainer as builder
-    else:
-        builder = build_trainer
     if not sinks:
-        result = builder(cfg, name=name).fit()
-    else:
-        from raycmr.reporting.board import start_board
-        from raycmr.reporting.monitor import RunMonitor
+        return run(cfg, name=name, board=None)
+    from raycmr.reporting.board import start_board
+    from raycmr.reporting.monitor import RunMonitor
 
-        board = start_board()
-        with RunMonitor(board, sinks):
-            result = builder(cfg, name=name, board=board).fit()
-    for path in remove_unregistered_checkpoints(result):
-        print(f"[raycmr] removed {path}: a checkpoint a failed worker left unregistered")
-    return result
+    board = start_board()
+    with RunMonitor(board, sinks):
+        return run(cfg, name=name, board=board)

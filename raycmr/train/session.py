@@ -10,8 +10,9 @@ from rich.console import Console
 from raycmr.config import Config
 from raycmr.reporting.console import TrainConsole, metrics_table
 from raycmr.reporting.tensorboard import TensorBoardSink
+from raycmr.train.registry import method, validation_metric
 from raycmr.train.run import train
-from raycmr.train.trainer import local_run_dir, run_name, validation_metric
+from raycmr.train.trainer import local_run_dir, run_name
 
 LOG_FILE = "raycmr.log"
 TENSORBOARD_DIR = "tensorboard"
@@ -31,14 +32,13 @@ def train_on_console(cfg: Config, console: Console, name: str, run_dir: Path,
     console.print(f"run {name}: {cfg.train.num_workers} workers x {cfg.train.epochs} epochs")
     if not verbose:
         console.print(f"  log (Ray, workers): {run_dir / LOG_FILE}   (--verbose shows it here)")
-    if cfg.dckt.enabled:
-        console.print(f"  DCKT rounds: progress lines in {run_dir / LOG_FILE} (no bars yet)")
-    else:
-        console.print(f"  tensorboard --logdir {tensorboard}")
-    sinks = [] if cfg.dckt.enabled else [
+    if not method(cfg.train.task).live_progress:
+        console.print(f"  progress lines in {run_dir / LOG_FILE} (no bars for {cfg.train.task})")
+        return train(cfg, name=name)
+    console.print(f"  tensorboard --logdir {tensorboard}")
+    return train(cfg, name=name, sinks=[
         TrainConsole(console, validation_metric(cfg), cfg.train.epochs),
-        TensorBoardSink(tensorboard)]
-    return train(cfg, name=name, sinks=sinks)
+        TensorBoardSink(tensorboard)])
 
 
 def best_checkpoint(result):

@@ -1,18 +1,21 @@
 """Driver side of training: Ray Data datasets + the one Ray Train TorchTrainer builder.
 
 :func:`build_trainer` serves every task: the dual encoder (``raycmr train``, each Ray Tune
-trial) builds its datasets here; DCKT's rounds (:mod:`raycmr.train.dckt`) pass their own
-``source``/``target`` datasets and task parameters.
+trial) and the slow model train on ``data.train`` built here; DCKT's rounds
+(:mod:`raycmr.train.dckt.rounds`) pass their own ``source``/``target`` datasets and task
+parameters. :func:`fit_run` runs one trainer to the end.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from raycmr.config import Config, ConfigError
 from raycmr.data.pipeline import build_dataset, count_rows
+from raycmr.train.registry import validation_metric
 
 
 def absolute_storage_path(path: str) -> str:
@@ -41,12 +44,6 @@ def _board_callback(board):
     from raycmr.reporting.board import BoardCallback
 
     return BoardCallback(board)
-
-
-def validation_metric(cfg: Config) -> str:
-    if cfg.train.task == "slow":
-        return "val_t2i_r1"  # text->image R@1 after re-ranking (or slow-only)
-    return "val_avg_map" if cfg.eval.metric == "map" else "val_rsum"
 
 
 def validation_dataset(cfg: Config):
@@ -142,3 +139,18 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
         dataset_config=DataConfig(datasets_to_split=split),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
     )
+
+
+def fit_run(cfg: Config, build: Callable[[], Any]):
+    """Start (or join) Ray with room for the run, build its trainer (``build()``), fit it, and
+    remove the checkpoints a failed worker left unregistered; returns Ray Train's Result."""
+    from raycmr.resources import check_cluster_fits, training_demand
+    from raycmr.runtime import init_ray
+    from raycmr.train.orphans import remove_unregistered_checkpoints
+
+    init_ray(min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.reserved_cpus)
+    check_cluster_fits(training_demand(cfg))
+    result = build().fit()
+    for path in remove_unregistered_checkpoints(result):
+        print(f"[raycmr] removed {path}: a checkpoint a failed worker left unregistered")
+    return result

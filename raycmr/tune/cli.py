@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[raycmr] resuming {path}; log (Ray, trials): {_log_path(path)}")
             exp = runner.resume(path, retry_errored=args.retry_errored)
             return 0 if summarize(exp, out=console.file) is not None else 1
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
     from raycmr.tune.live import TrialTable
 
     cfg = load_config(args.config, args.overrides)

@@ -150,11 +150,9 @@ def check_tune_settings(cfg: Config) -> dict[str, ParamSpec]:
                           "(e.g. data.train=[out/shards/train])")
     if not cfg.data.val:
         raise ConfigError("tune ranks trials on validation metrics: set data.val=[PATH]")
-    if cfg.dckt.enabled:
-        # DCKT runs several trainers in sequence (raycmr.train.dckt.run_dckt), which cannot
-        # stream their reports to Tune yet.
-        raise ConfigError("raycmr tune does not search DCKT runs yet: set dckt.enabled=false, "
-                          "or tune the base model and use the result in a DCKT config")
+    if cfg.train.task != "dual_encoder":
+        raise ConfigError(f"raycmr tune searches dual encoder runs, not train.task="
+                          f"{cfg.train.task}: tune train.task=dual_encoder and reuse its settings")
     specs = parse_space(cfg)
     check_search(specs, t.search)
     return specs
@@ -178,7 +176,7 @@ def build_tuner(cfg: Config, path: str, specs: dict[str, ParamSpec], callbacks: 
     table, :class:`raycmr.tune.live.TrialTable`) replace Tune's own progress printing."""
     from ray import tune
 
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
     from raycmr.tune.placement import FreeStoppedTrialGroups
     from raycmr.tune.search import build_scheduler, build_search_alg
 
@@ -220,7 +218,7 @@ def start(cfg: Config, *, path: str | None = None, on_start=None,
     from ray import tune
 
     from raycmr.data.paths import with_absolute_paths
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
 
     cfg = with_absolute_paths(cfg)  # each trial runs in its own working directory
     path = path or experiment_path(cfg)
@@ -255,7 +253,7 @@ def resume(path: str, *, retry_errored: bool = False) -> Experiment:
     continue from their latest Ray Train checkpoint; errored ones too with ``retry_errored``."""
     from ray import tune
 
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
 
     path = absolute(path).rstrip("/")
     cfg = load_experiment_config(path)
@@ -273,7 +271,7 @@ def load(path: str) -> Experiment:
     """The results of an experiment at ``path`` without running anything."""
     from ray import tune
 
-    from raycmr.train.trainer import validation_metric
+    from raycmr.train.registry import validation_metric
 
     path = absolute(path).rstrip("/")
     cfg = load_experiment_config(path)

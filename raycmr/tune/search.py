@@ -73,7 +73,7 @@ BUDGET_KEYS = ("train.epochs", "dckt.rounds", "dckt.epochs_per_round")
 def epoch_budget(cfg: Config) -> int:
     """Epochs one training run reports: ``train.epochs``, plus ``dckt.rounds`` x
     ``dckt.epochs_per_round`` for DCKT (its epoch counter runs on across rounds)."""
-    extra = cfg.dckt.rounds * cfg.dckt.epochs_per_round if cfg.dckt.enabled else 0
+    extra = cfg.dckt.rounds * cfg.dckt.epochs_per_round if cfg.train.task == "dckt" else 0
     return cfg.train.epochs + extra
 
 

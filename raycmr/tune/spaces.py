@@ -51,12 +51,12 @@ _DEFAULTS: list[tuple[str, str, tuple, Any]] = [
     ("loss.weight", "uniform", (0.1, 1.0),
      lambda c: c.loss.kind != "none"
      and (c.loss.grl.enabled or c.loss.dscmr.enabled or c.loss.distill.enabled
-          or c.dckt.enabled)),
+          or c.train.task == "dckt")),
     ("loss.grl.alpha", "uniform", (0.1, 1.0), lambda c: c.loss.grl.enabled),
     ("loss.dscmr.alpha", "loguniform", (0.03, 3.0), lambda c: c.loss.dscmr.enabled),
     ("loss.dscmr.beta", "loguniform", (0.01, 1.0), lambda c: c.loss.dscmr.enabled),
     ("loss.distill.weight", "loguniform", (0.03, 3.0), lambda c: c.loss.distill.enabled),
-    ("dckt.alpha", "uniform", (0.5, 1.0), lambda c: c.dckt.enabled),
+    ("dckt.alpha", "uniform", (0.5, 1.0), lambda c: c.train.task == "dckt"),
     ("train.lr", "loguniform", (1e-4, 3e-3), lambda c: True),
 ]
 

@@ -29,8 +29,9 @@ a linear softmax starts near uniform and learns slowly). The MMD and pairwise te
 gradients are averaged over workers like any data-parallel loss).
 
 Round 0 of the progressive schedule trains with ``w_mmd = 0`` (the domains only meet through the
-shared layers); the transfer rounds switch the MMD links on (:mod:`raycmr.train.dckt`; the per-worker side is
-the task :class:`raycmr.train.tasks.dckt.DCKTTask`).
+shared layers); the transfer rounds switch the MMD links on (:mod:`raycmr.train.dckt.rounds`;
+the per-worker side is the task :class:`raycmr.train.dckt.task.DCKTTask`). The two transfer
+terms' formulas are :mod:`raycmr.losses.dckt_transfer`.
 
 The module keeps the *target* model as ``encoder``: a complete :class:`DualEncoder` (target
 towers + projections, the shared layers, the target classifier), so that the trainer's export,
@@ -50,13 +51,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycmr.config import Config, ModelConfig
-from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
+from raycmr.losses.dckt_transfer import correlation_mmd, media_mmd
+from raycmr.losses.mmd import pairwise_constraint
 from raycmr.losses.semantic import semantic_loss
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train.objective import contrastive
+from raycmr.train.contrastive import contrastive
 
 DOMAINS = ("src", "tgt")
-MEDIA_LAYERS = ("tower", "proj")
 
 
 def source_model_config(model: ModelConfig, source_classes: int) -> ModelConfig:
@@ -84,24 +85,6 @@ def branch_layers(encoder: DualEncoder, shared: nn.Module,
         "txt_tower": txt_tower, "txt_proj": txt_proj, "txt_common": txt_common,
         "txt": F.normalize(txt_common, dim=-1),
     }
-
-
-def media_mmd(src: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
-              bandwidths: list[float]) -> torch.Tensor:
-    """``sum_{m in img, txt} sum_{l in tower, proj} MMD^2_u(n(l_m^s), n(l_m^t))`` (float32)."""
-    total = src["img"].new_zeros((), dtype=torch.float32)
-    for m in ("img", "txt"):
-        for layer in MEDIA_LAYERS:
-            a = F.normalize(src[f"{m}_{layer}"].float(), dim=-1)
-            b = F.normalize(tgt[f"{m}_{layer}"].float(), dim=-1)
-            total = total + mmd2_unbiased(a, b, bandwidths)
-    return total
-
-
-def correlation_mmd(src: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
-                    bandwidths: list[float]) -> torch.Tensor:
-    """``sum_{m in img, txt} MMD^2_u(u_m^s, u_m^t)`` on the shared layers' output (float32)."""
-    return sum(mmd2_unbiased(src[m].float(), tgt[m].float(), bandwidths) for m in ("img", "txt"))
 
 
 class DCKTObjective(nn.Module):

@@ -2,7 +2,7 @@
 
 DCKT (Huang & Peng, "Deep Cross-media Knowledge Transfer", CVPR 2018) transfers from a large
 source domain to a small target domain (different label spaces allowed) with two-level transfer
-losses (:mod:`raycmr.train.dckt_objective`) and a progressive schedule:
+losses (:mod:`raycmr.train.dckt.objective`) and a progressive schedule:
 
 * round 0 - per-domain pretraining: both branches train on their own losses (VSE++, semantic,
   pairwise constraint) with the MMD links off, on every target pair, for ``train.epochs``
@@ -10,12 +10,12 @@ losses (:mod:`raycmr.train.dckt_objective`) and a progressive schedule:
 * rounds ``k = 1 .. dckt.rounds`` - the source model of the previous round's checkpoint embeds
   every target training pair (Ray Data actor pool, :func:`raycmr.evaluate.embedding.embed_pairs`); on
   the driver, pair ``q`` scores ``AP_q = (AP(img_q -> texts) + AP(txt_q -> images)) / 2`` among
-  the target pairs (:func:`~raycmr.train.dckt_selection.pair_average_precision`) and is selected
+  the target pairs (:func:`~raycmr.train.dckt.selection.pair_average_precision`) and is selected
   with probability::
 
       Pr_q = max(0, min(alpha, 1 - (max_p AP_p - AP_q) / (max_p AP_p * k)))
 
-  (:func:`~raycmr.train.dckt_selection.selection_probabilities`, independent Bernoulli draws
+  (:func:`~raycmr.train.dckt.selection.selection_probabilities`, independent Bernoulli draws
   with ``np.random.default_rng([train.seed, k])``); the round then trains on the source and the
   selected target pairs with the MMD links on, for ``dckt.epochs_per_round`` source passes.
   Easy pairs (high AP) enter first, and the selection drifts toward uniform (``alpha`` for
@@ -44,10 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from raycmr import artifacts
-from raycmr.config import Config, ConfigError, config_from_dict, with_overrides
+from raycmr.config import Config, ConfigError, with_overrides
 from raycmr.data.domains import (
     DomainSpec,
     build_domain_dataset,
@@ -58,13 +57,13 @@ from raycmr.data.domains import (
 from raycmr.data.paths import split_uri
 from raycmr.evaluate.embedding import embed_pairs
 from raycmr.models.dual_encoder import DualEncoder
-from raycmr.train.dckt_objective import source_model_config
-from raycmr.train.dckt_selection import (
+from raycmr.train.dckt.objective import source_model_config
+from raycmr.train.dckt.selection import (
     pair_average_precision,
     select_pairs,
     selection_probabilities,
 )
-from raycmr.train.tasks.dckt import SOURCE_MODEL_FILE
+from raycmr.train.dckt.task import SOURCE_MODEL_FILE
 from raycmr.train.trainer import absolute_storage_path, build_trainer, run_name
 
 
@@ -206,12 +205,11 @@ def plan_dckt(cfg: Config) -> tuple[Config, DCKTPlan]:
 def load_source_model(path: str | Path) -> tuple[DualEncoder, Config]:
     """The source model of a DCKT checkpoint (a DualEncoder with the shared layers and the
     source classifier) and the run's config."""
-    directory = Path(artifacts.find_checkpoint(path))
-    cfg = config_from_dict(yaml.safe_load((directory / artifacts.CONFIG_FILE).read_text()))
+    directory = artifacts.find_checkpoint(path)
+    cfg = artifacts.read_config(directory)
     model = DualEncoder(source_model_config(cfg.model, cfg.dckt.source_classes),
                         temperature=cfg.loss.temperature)
-    model.load_state_dict(torch.load(directory / SOURCE_MODEL_FILE, map_location="cpu",
-                                     weights_only=True))
+    model.load_state_dict(artifacts.read_weights(directory, SOURCE_MODEL_FILE))
     model.eval()
     return model, cfg
 
@@ -219,9 +217,7 @@ def load_source_model(path: str | Path) -> tuple[DualEncoder, Config]:
 def _read_checkpoint(checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(source state dict, state.json)`` of a Ray Train checkpoint (local or remote)."""
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / SOURCE_MODEL_FILE, map_location="cpu",
-                           weights_only=True)
-        return state, artifacts.read_state(directory)
+        return artifacts.read_weights(directory, SOURCE_MODEL_FILE), artifacts.read_state(directory)
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -267,7 +263,7 @@ def _storage_root(cfg: Config, name: str) -> str:
 
 def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
                         keys: np.ndarray | None, resume_from: str):
-    """The TorchTrainer of one round (task ``dckt``, :mod:`raycmr.train.tasks.dckt`):
+    """The TorchTrainer of one round (task ``dckt``, :mod:`raycmr.train.dckt.task`):
     ``source`` and ``target`` (the selected ``keys``; None = all pairs) split across workers,
     ``val`` sharded for validation."""
     t = cfg.train
@@ -296,9 +292,10 @@ def build_round_trainer(cfg: Config, plan: DCKTPlan, round_idx: int, root: str,
                          keep_best=False)
 
 
-def run_dckt(cfg: Config, *, name: str | None = None) -> DCKTResult:
+def run_dckt(cfg: Config, *, name: str | None = None, board=None) -> DCKTResult:
     """Round 0 (MMD off) then ``dckt.rounds`` transfer rounds; returns every round's record.
-    Joins the Ray cluster of RAY_ADDRESS or starts a local one."""
+    Joins the Ray cluster of RAY_ADDRESS or starts a local one. The rounds report through log
+    lines (``board`` is not used)."""
     from raycmr.resources import check_cluster_fits, training_demand
     from raycmr.runtime import cluster_storage_path, init_ray
 

@@ -1,6 +1,6 @@
 """Driver side of a slow-model run (``train.task=slow``): the output vocabulary from the
 training captions, checks, then the one trainer (:func:`raycmr.train.trainer.build_trainer`)
-with the ``slow`` task."""
+with the ``slow`` task; ``--eval-test``'s fast+slow evaluation."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def check_slow_config(cfg: Config) -> None:
         from raycmr.artifacts import read_config
 
         fast_cfg = read_config(cfg.slow.fast_checkpoint)
-        if fast_cfg.train.task != "dual_encoder":
+        if fast_cfg.train.task == "slow":  # a dual encoder's (or DCKT's target model)
             raise ConfigError(f"slow.fast_checkpoint '{cfg.slow.fast_checkpoint}' is not a "
                               "dual encoder checkpoint")
 
@@ -66,3 +66,20 @@ def build_slow_trainer(cfg: Config, **kwargs):
     check_slow_config(cfg)
     cfg = resolve_fast_checkpoint(cfg)
     return build_trainer(cfg, task="slow", task_params=slow_task_params(cfg), **kwargs)
+
+
+def run(cfg: Config, *, name: str | None = None, board=None):
+    from raycmr.train.trainer import fit_run
+
+    return fit_run(cfg, lambda: build_slow_trainer(cfg, name=name, board=board))
+
+
+def evaluate_test(cfg: Config, checkpoint: str, console) -> None:
+    """``raycmr train --eval-test``: text->image R@K on ``data.test`` after re-ranking the fast
+    checkpoint's top ``slow.rerank_k`` with the slow model at ``checkpoint``."""
+    from raycmr.evaluate.fast_slow import evaluate_fast_slow, markdown_table
+
+    rows, n_img = evaluate_fast_slow(cfg.slow.fast_checkpoint or None, checkpoint, "test",
+                                     [cfg.slow.rerank_k], cfg.slow.beta, cfg.slow.val_queries)
+    console.print(f"\ntest text->image of the best checkpoint by validation, {n_img} images:")
+    console.print(markdown_table(rows))

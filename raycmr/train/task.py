@@ -24,14 +24,14 @@ A task (open_clip's task pattern) says the rest:
   R@K/mAP of the dual encoder's embeddings, or text->image R@1 after re-ranking a fast model's
   top-K with a slow model - is the task's choice;
 - ``export(module)``: the DeepSpeed-free weights on rank 0: the state dict written as
-  ``model.pt`` (with config and state, :func:`raycmr.train.checkpoint.write_export`) and extra
+  ``model.pt`` (with config and state, :func:`raycmr.artifacts.write_export`) and extra
   ``{file name: state dict}`` files;
 - ``first_epoch(state)``, ``client_state()``, ``epoch_metrics()``: what the task keeps in the
   checkpoint's client state and adds to each epoch's report.
 
 A task is built on every worker from the config and a small JSON-able ``params`` dict the driver
 computed (e.g. DCKT's round and MMD weight). Register a new one in
-:data:`raycmr.train.tasks.TASKS` and start it with
+:data:`raycmr.train.registry.METHODS` (its own folder under ``train/``) and start it with
 ``build_trainer(cfg, task=NAME, task_params=..., datasets=...)``; the loop does not change.
 """
 
@@ -125,3 +125,22 @@ class Task(ABC):
 def state_dict_fp32(module: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU float32 copy of ``module``'s state dict (call inside ZeRO-3's parameter gather)."""
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def validate_retrieval(encoder: nn.Module, shard_map: ShardMap) -> dict[str, float]:
+    """``val_*``: R@K both ways (and mAP when labels exist) of ``encoder.retrieval_embed`` over
+    the whole validation set, each worker embedding its share (rank 0 returns the metrics)."""
+    from raycmr.evaluate.summary import evaluate_embeddings
+
+    def embed(batch: Batch) -> dict[str, torch.Tensor]:
+        img, txt = encoder.retrieval_embed(batch)
+        return {"img": img.float().cpu(), "txt": txt.float().cpu(),
+                "group": batch["group"].cpu(), "label": batch["label"].cpu()}
+
+    parts = shard_map(embed)
+    if not parts:
+        return {}
+    emb = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+    if emb["img"].shape[0] == 0:
+        return {}
+    return {f"val_{k}": v for k, v in evaluate_embeddings(emb).items()}

@@ -1,6 +1,7 @@
-"""The DCKT task: one round of progressive transfer (:mod:`raycmr.train.dckt` drives the rounds).
+"""The DCKT task: one round of progressive transfer (:mod:`raycmr.train.dckt.rounds` drives
+the rounds).
 
-Module: :class:`~raycmr.train.dckt_objective.DCKTObjective` (source and target branches, shared
+Module: :class:`~raycmr.train.dckt.objective.DCKTObjective` (source and target branches, shared
 layers, MMD links). Each micro-batch pairs one batch of the ``source`` stream with one batch of
 the round's selected ``target`` pairs. An epoch is a pass over the source (the engine runs the
 step count the driver fixed from the source rows). The target split is small by construction
@@ -24,9 +25,15 @@ from torch import nn
 
 from raycmr import distributed
 from raycmr.data.pipeline import iter_worker_batches
-from raycmr.train.dckt_objective import DCKTObjective
-from raycmr.train.tasks.base import Batch, ShardMap, StepInfo, Task, state_dict_fp32
-from raycmr.train.tasks.dual_encoder import validate_retrieval
+from raycmr.train.dckt.objective import DCKTObjective
+from raycmr.train.task import (
+    Batch,
+    ShardMap,
+    StepInfo,
+    Task,
+    state_dict_fp32,
+    validate_retrieval,
+)
 
 SOURCE_MODEL_FILE = "source_model.pt"
 
@@ -114,7 +121,7 @@ class DCKTTask(Task):
 
     def export(self, module: nn.Module):
         """The target model as ``model.pt`` (a plain DualEncoder for ``raycmr eval``/serving) and
-        the source model as ``source_model.pt`` (:func:`raycmr.train.dckt.load_source_model`)."""
+        the source model as ``source_model.pt`` (:func:`raycmr.train.dckt.rounds.load_source_model`)."""
         source = {k: v.detach().float().cpu().clone()
                   for k, v in module.source_state_dict().items()}
         return state_dict_fp32(module.encoder), {SOURCE_MODEL_FILE: source}

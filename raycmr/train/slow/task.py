@@ -19,8 +19,9 @@ from torch import nn
 
 from raycmr.evaluate import rerank as rr
 from raycmr.evaluate.metrics import group_pairs
-from raycmr.models.slow import SlowModel, build_slow_model, captioning_loss
-from raycmr.train.tasks.base import Batch, ShardMap, StepInfo, Task, state_dict_fp32
+from raycmr.losses.captioning import captioning_loss
+from raycmr.models.slow import SlowModel, build_slow_model
+from raycmr.train.task import Batch, ShardMap, StepInfo, Task, state_dict_fp32
 
 
 class SlowObjective(nn.Module):
@@ -40,7 +41,7 @@ class SlowObjective(nn.Module):
 
 class SlowTask(Task):
     """``params``: ``vocab``, the tokenizer ids the decoders predict over (computed on the
-    driver from the training captions, :func:`raycmr.train.slow_run.slow_task_params`)."""
+    driver from the training captions, :func:`raycmr.train.slow.driver.slow_task_params`)."""
 
     log_name = "raycmr-slow"
 

@@ -1,0 +1,1 @@
+"""The dual encoder: contrastive + GRL + DSCMR + distillation over the global batch."""

@@ -1,0 +1,53 @@
+"""The dual encoder task: :class:`~raycmr.train.dual_encoder.objective.CrossModalObjective`
+(contrastive over the global batch + GRL adversary + DSCMR + distillation) on the ``train``
+stream; validation is retrieval (R@K both ways, mAP when labelled) of the whole validation
+set's embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from raycmr.train.dual_encoder.objective import CrossModalObjective
+from raycmr.train.task import (
+    Batch,
+    ShardMap,
+    StepInfo,
+    Task,
+    state_dict_fp32,
+    validate_retrieval,
+)
+
+
+def grl_lambda_now(cfg, step: StepInfo) -> float:
+    if not cfg.loss.grl.enabled:
+        return 0.0
+    from raycmr.losses.adversary import grl_lambda
+
+    g = cfg.loss.grl
+    return grl_lambda(g.schedule, progress=step.progress, samples_seen=step.samples_seen,
+                      lambda_=g.lambda_, gamma=g.gamma, alpha=g.alpha,
+                      ramp_samples=g.ramp_samples)
+
+
+class DualEncoderTask(Task):
+    def build_module(self) -> nn.Module:
+        return CrossModalObjective(self.cfg)
+
+    def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        lam = grl_lambda_now(self.cfg, step)
+        out = engine(batch, grl_lambda=lam, progress=step.progress)
+        if self.cfg.loss.grl.enabled:
+            out["grl_lambda"] = torch.tensor(lam)
+        return out
+
+    def rows(self, batch: Batch) -> int:
+        return int(batch["group"].shape[0])
+
+    def validate(self, module: nn.Module, shard_map: ShardMap) -> dict[str, float]:
+        return validate_retrieval(module.encoder, shard_map)
+
+    def export(self, module: nn.Module):
+        return state_dict_fp32(module.encoder), {}

@@ -1,0 +1,1 @@
+"""The slow captioning model (Miech et al. 2021) trained by its caption likelihood."""
