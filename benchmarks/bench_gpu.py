@@ -40,6 +40,7 @@ except ImportError:  # `python benchmarks/bench_gpu.py`
     from common import median_of, print_table, set_threads, write_result
 
 from raycmr.config import load_config
+from raycmr.configs.tiny import HF_TOWERS
 from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 NAME = "bench_gpu"
@@ -60,8 +61,8 @@ PEAK_BF16 = {
     "V100": 125e12,  # fp16 tensor cores (no bf16 on V100)
 }
 
-BASE = [
-    "data.image_size=224", "data.max_text_len=32", "model.embed_dim=512",
+BASE = [  # ViT-B/16 + BERT-base shapes (random init) in place of the quickstart's towers
+    "data.image_size=224", "data.max_text_len=32", "model.embed_dim=512", *HF_TOWERS,
     ("model.image.hf_config={model_type: vit, image_size: 224, patch_size: 16,"
      " num_channels: 3, hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12,"
      " intermediate_size: 3072}"),

@@ -26,6 +26,15 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class HardNegativesConfig:
+    """Compositional hard negatives (NegCLIP; raycmr/data/perturb.py): each training caption's
+    ``k`` perturbed captions join the contrastive loss as extra negatives of its image."""
+
+    kind: Literal["none", "synthetic", "generic"] = "none"  # "none", "synthetic" (grammar-aware, the synthetic captions) or "generic" (word swaps, real captions)
+    k: int = 3  # perturbed captions per caption (fewer when the perturber finds fewer)
+
+
+@dataclass
 class DataConfig:
     kind: Literal["images", "features"] = "images"  # "images" (encoded image bytes + captions) or "features" (vectors)
     train: list[str] = field(default_factory=list)  # shard files/dirs/globs; local or s3:// gs://
@@ -48,18 +57,30 @@ class DataConfig:
     # CPUs kept free for Ray Data's read/preprocess tasks beside the training workers: checked
     # against the cluster before training (raycmr.resources), added to a local cluster's size.
     reserved_cpus: float = 2.0
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
 
 
 @dataclass
 class TowerConfig:
-    kind: Literal["hf_config", "hf_pretrained", "minilm", "mlp"] = "hf_config"  # "hf_config" (random init), "hf_pretrained", "minilm" or "mlp"
+    kind: Literal["hf_config", "hf_pretrained", "minilm", "mlp", "cnn"] = "hf_config"  # "hf_config" (random init), "hf_pretrained", "minilm", "mlp" or "cnn" (image: small conv net, raycmr/models/towers.py)
     name_or_path: str = ""  # for hf_pretrained
     hf_config: dict[str, Any] = field(default_factory=dict)  # for hf_config: includes model_type
     input_dim: int = 0  # for mlp
     hidden_dims: list[int] = field(default_factory=lambda: [512])  # for mlp
     dropout: float = 0.0
     input_norm: Literal["none", "layernorm", "batchnorm"] = "none"  # mlp: "none", "layernorm" or "batchnorm" on the input vector
-    freeze: bool = False
+    freeze: bool = False  # the backbone's weights stay fixed (a pooling head still trains)
+    # How token states / a spatial map become one vector: "auto" (hf vision: pooler or [CLS];
+    # text: mean over tokens; cnn: flatten), "mean", "attention" (one learned query, CLIP's
+    # AttentionPool2d for a cnn map) or "flatten" (cnn: the whole grid x grid map -> out_dim)
+    pool: Literal["auto", "mean", "attention", "flatten"] = "auto"
+    heads: int = 4  # attention pooling heads
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])  # cnn: conv widths
+    grid: int = 8  # cnn: the spatial map is pooled to grid x grid before the pooling head
+    out_dim: int = 256  # cnn flatten: width of the projection of the flattened map
+    # frozen text backbones: token states memoised per distinct caption (per process), so
+    # each caption runs through the frozen model once per run; 0 = off
+    cache_captions: int = 20_000
 
 
 @dataclass
@@ -553,6 +574,20 @@ def _validate_anchors(cfg: Config) -> None:
                               "loss.anchors=auto")
 
 
+def _validate_hard_negatives(cfg: Config) -> None:
+    hard = cfg.data.hard_negatives
+    if hard.kind == "none":
+        return
+    if not 1 <= hard.k < cfg.train.batch_size:
+        raise ConfigError(f"data.hard_negatives.k is {hard.k}: each caption gets k perturbed "
+                          f"captions beside the batch's {cfg.train.batch_size} "
+                          f"(train.batch_size), so 1 <= k <= {cfg.train.batch_size - 1}")
+    if cfg.data.kind != "images" or cfg.loss.kind != "infonce" or cfg.train.task != "dual_encoder":
+        raise ConfigError("data.hard_negatives perturbs captions for the InfoNCE loss of the dual "
+                          "encoder: it needs data.kind=images, loss.kind=infonce and "
+                          "train.task=dual_encoder (or set data.hard_negatives.kind=none)")
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys and of ranges (choices are checked by their Literal types)."""
     _validate_serve(cfg.serve)
@@ -567,6 +602,7 @@ def validate(cfg: Config) -> None:
     for name, amount in cfg.train.worker_resources.items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             raise ConfigError(f"train.worker_resources.{name} must be a number >= 0, got {amount!r}")
+    _validate_hard_negatives(cfg)
     if cfg.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
     warm = cfg.loss.mh_warmup

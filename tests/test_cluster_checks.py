@@ -8,6 +8,7 @@ import pytest
 
 from raycmr.cli import main
 from raycmr.config import ConfigError, load_config
+from raycmr.configs.tiny import HF_TOWERS
 from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.resources import (
     ClusterTooSmall,
@@ -236,6 +237,7 @@ def test_checkpoint_of_a_worker_killed_at_registration_is_removed(ray_cluster, s
     cfg = load_config("quickstart", [
         f"data.train=[file://{small_shards}/train]", f"data.val=[file://{small_shards}/val]",
         "data.image_size=16", "data.max_text_len=8", "model.embed_dim=16",
+        *HF_TOWERS,
         ("model.image.hf_config={model_type: vit, image_size: 16, patch_size: 8, hidden_size: 16,"
          " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}"),
         ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 16,"

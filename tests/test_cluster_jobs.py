@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from raycmr.configs.tiny import HF_TOWERS
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "local_multinode.sh"
 SUBMIT = ROOT / "jobs" / "submit_quickstart.sh"
@@ -31,6 +33,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 # a tiny run: 64 training rows, 2 workers x 16 = 2 steps per epoch, 16x16 images, 1-layer towers
 TINY = [
     "data.image_size=16", "data.max_text_len=8", "data.shuffle_buffer=0", "model.embed_dim=16",
+    *HF_TOWERS,
     ("model.image.hf_config={model_type: vit, image_size: 16, patch_size: 8, hidden_size: 16,"
      " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}"),
     ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 16,"

@@ -13,7 +13,7 @@ def test_shipped_config_and_overrides():
     assert cfg.loss.margin == pytest.approx(0.35)
     assert cfg.data.train == ["a", "b"]
     assert cfg.loss.global_negatives is False
-    assert cfg.model.image.hf_config["model_type"] == "vit"  # untouched keys keep the YAML's
+    assert cfg.model.image.channels == [16, 32, 64, 64]  # untouched keys keep the YAML's
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", choices=["mixed", "plain", "noisy"], default="mixed",
                    help="background style; 'domain' column")
     p.add_argument("--overwrite", action="store_true", help="replace existing part-*.parquet")
+    p.add_argument("--minimal-pairs", type=int, default=0, metavar="N",
+                   help="instead of train/val/test: N groups of images that differ in one "
+                        "binding (two objects' colours, shapes or positions swapped) as shards "
+                        "in OUT with columns group and swap, for `raycmr eval`'s group accuracy")
     p.add_argument("--workers", type=int, default=1,
                    help="processes rendering shards in parallel (the files are the same as "
                    "with 1)")
@@ -75,6 +79,13 @@ def print_summaries(summaries: dict[str, WriteSummary], out: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> dict[str, WriteSummary]:
+    if args.shards_command == "synthetic" and args.minimal_pairs > 0:
+        from raycmr.data.synthetic import write_minimal_pairs
+
+        return {"minimal pairs": write_minimal_pairs(
+            args.out, args.minimal_pairs, args.seed, image_size=args.image_size,
+            rows_per_shard=args.rows_per_shard, image_format=args.image_format,
+            domain=args.domain, overwrite=args.overwrite)}
     if args.shards_command == "synthetic":
         from raycmr.data.synthetic import write_synthetic_splits
 

@@ -30,7 +30,7 @@ __all__ = [
 
 MAP_BATCH_BYTES = 16 * 2**20  # target size of one preprocessed image batch
 TENSOR_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "image_feat", "text_feat",
-                  "group", "label")
+                  "group", "label", "neg_input_ids", "neg_attention_mask", "neg_valid")
 
 
 def feature_dims(files: list[str]) -> tuple[int, int]:
@@ -83,10 +83,12 @@ def _read(info: ShardInfo, *, training: bool, seed: int, reader: str):
 
 def _images_fn(table, *, cfg: DataConfig, training: bool, seed: int) -> dict[str, np.ndarray]:
     epoch = compat.data_epoch()
+    hard = cfg.hard_negatives
     return preprocess_images(
         table, image_size=cfg.image_size, max_text_len=cfg.max_text_len,
         encode=load_text_encoder(cfg.tokenizer),
         augment=training and cfg.augment, seed=seed, epoch=epoch,
+        hard_negatives=hard.kind if training else "none", k=hard.k,
     )
 
 

@@ -45,7 +45,10 @@ _FIX = {
 }
 
 WDS_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # as WebDataset splits key.ext
-_OPTIONAL_TYPES = {"image_id": pa.string(), "label": pa.int64(), "domain": pa.string()}
+_OPTIONAL_TYPES = {"image_id": pa.string(), "label": pa.int64(), "domain": pa.string(),
+                   # minimal-pair shards (raycmr shards synthetic --minimal-pairs): the rows of
+                   # one group differ in one binding; swap says which kind
+                   "group": pa.string(), "swap": pa.string()}
 
 
 class ShardSchemaError(ValueError):

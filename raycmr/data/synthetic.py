@@ -12,6 +12,7 @@ tiny ViT + tiny BERT learns the mapping on CPU. Everything is deterministic by s
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,3 +328,76 @@ def write_synthetic_splits(
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     return {split: write_synthetic_split(f"{out_dir}/{split}", split, n, seed, **options)
             for split, n in sizes.items()}
+
+
+# ------------------------------------------------------------------------------ minimal pairs
+
+#: a minimal-pair group's kind of swap: two objects exchange their colours, shapes or positions
+SWAP_KINDS = ("colour", "shape", "position")
+
+
+def swap_binding(scene: Scene, i: int, j: int, kind: str) -> Scene | None:
+    """``scene`` with groups ``i`` and ``j`` exchanging their ``kind`` (colour, shape or
+    position); None when that leaves the scene as it was (the two share the attribute)."""
+    a, b = scene.groups[i], scene.groups[j]
+    if kind not in SWAP_KINDS:
+        raise ValueError(f"swap kind must be one of {', '.join(SWAP_KINDS)}, got {kind!r}")
+    groups = list(scene.groups)
+    groups[i] = dataclasses.replace(a, **{kind: getattr(b, kind)})
+    groups[j] = dataclasses.replace(b, **{kind: getattr(a, kind)})
+    swapped = Scene(tuple(groups), scene.domain)
+    return None if swapped.key() == scene.key() else swapped
+
+
+def minimal_pair_group(scene: Scene, kind: str) -> list[Scene]:
+    """``scene`` and every distinct scene one ``kind`` swap between two of its groups makes
+    (the original first); a group of one when no swap changes it."""
+    out = [scene]
+    for i in range(len(scene.groups)):
+        for j in range(i + 1, len(scene.groups)):
+            swapped = swap_binding(scene, i, j, kind)
+            if swapped is not None and swapped.key() not in {s.key() for s in out}:
+                out.append(swapped)
+    return out
+
+
+def generate_minimal_pairs(n_groups: int, seed: int, *, image_size: int = 64,
+                           image_format: str = "png", domain: str = "mixed"):
+    """Yield ``(group_id, kind, records)`` for ``n_groups`` minimal-pair groups: a scene of 2-3
+    object groups and its one-swap variants (:func:`minimal_pair_group`; kinds in turn, see
+    :data:`SWAP_KINDS`), each rendered and captioned on its own. Deterministic by seed."""
+    for g in range(n_groups):
+        kind = SWAP_KINDS[g % len(SWAP_KINDS)]
+        rng = np.random.default_rng([seed, 4, g])
+        while True:
+            scenes = minimal_pair_group(sample_scene(rng, domain), kind)
+            if len(scenes) > 1:
+                break
+        records = []
+        for v, scene in enumerate(scenes):
+            img = render(scene, rng, image_size)
+            records.append(SyntheticRecord(f"mp-{g:06d}-{v}", encode(img, image_format),
+                                           [caption(scene, rng)], scene))
+        yield f"mp-{g:06d}", kind, records
+
+
+def write_minimal_pairs(out_dir: str | Path, n_groups: int, seed: int, *, image_size: int = 64,
+                        rows_per_shard: int = 1000, image_format: str = "png",
+                        domain: str = "mixed", overwrite: bool = False,
+                        progress: bool = True) -> WriteSummary:
+    """Image shards of minimal-pair groups with two more columns: ``group`` (the rows of one
+    group differ in one binding) and ``swap`` (its kind: colour, shape or position)."""
+    from raycmr.data.schema import OPTIONAL_COLUMNS
+
+    writer = ShardWriter(out_dir, image_shard_schema((*OPTIONAL_COLUMNS, "group", "swap")),
+                         rows_per_shard, overwrite=overwrite,
+                         progress="minimal pairs" if progress else None)
+    with writer:
+        for group_id, kind, records in generate_minimal_pairs(
+                n_groups, seed, image_size=image_size, image_format=image_format, domain=domain):
+            for rec in records:
+                writer.write({"id": f"{rec.image_id}-0", "image": rec.image,
+                              "caption": rec.captions[0], "image_id": rec.image_id,
+                              "label": rec.scene.label, "domain": rec.scene.domain,
+                              "group": group_id, "swap": kind})
+    return writer.summary

@@ -95,7 +95,8 @@ def _json_meta(value: Any) -> dict[str, Any]:
 
 
 def _common_columns(table: pa.Table) -> dict[str, np.ndarray]:
-    """``group``, ``label`` and ``domain`` of every row."""
+    """``group`` (the image's identity), ``label`` and ``domain`` of every row; with a shard
+    ``group`` column (minimal pairs) also ``pair_group`` (its hash) and ``pair_swap``."""
     ids = _column(table, "id")
     image_ids = _column(table, "image_id")
     group = np.array(
@@ -108,7 +109,13 @@ def _common_columns(table: pa.Table) -> dict[str, np.ndarray]:
         label = np.full(len(table), -1, dtype=np.int64)
     domain = np.array([d if isinstance(d, str) else "" for d in _column(table, "domain")],
                       dtype=object)
-    return {"group": group, "label": label.astype(np.int64), "domain": domain}
+    out = {"group": group, "label": label.astype(np.int64), "domain": domain}
+    if "group" in table.column_names:  # minimal-pair shards: the group and its kind of swap
+        out["pair_group"] = np.array([stable_hash63(str(g)) for g in _column(table, "group")],
+                                     dtype=np.int64)
+        out["pair_swap"] = np.array([str(k) if k is not None else "" for k in
+                                     _column(table, "swap")], dtype=object)
+    return out
 
 
 def row_seed(seed: int, epoch: int, row_id: Any) -> np.random.Generator:
@@ -232,9 +239,13 @@ def preprocess_images(
     augment: bool,
     seed: int,
     epoch: int = 0,
+    hard_negatives: str = "none",
+    k: int = 0,
 ) -> dict[str, np.ndarray]:
     """Image-caption batch -> ``pixel_values``, ``input_ids``, ``attention_mask``, ``group``,
-    ``label``, ``domain``, ``valid``, ``drop_reason``.
+    ``label``, ``domain``, ``valid``, ``drop_reason``; with ``hard_negatives`` (a perturber
+    kind of :mod:`raycmr.data.perturb`) also ``neg_input_ids``, ``neg_attention_mask``
+    [n, k, max_text_len] and ``neg_valid`` [n, k] (:func:`hard_negative_columns`).
 
     ``encode(texts, max_len) -> (input_ids, attention_mask)`` tokenizes (see
     :func:`raycmr.data.text.load_text_encoder`). With
@@ -273,8 +284,32 @@ def preprocess_images(
     input_ids, attention = encode(texts, max_text_len)
     input_ids[~valid] = 0
     attention[~valid] = 0
-    return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention,
-            **_common_columns(table), "valid": valid, "drop_reason": reasons}
+    out = {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention,
+           **_common_columns(table), "valid": valid, "drop_reason": reasons}
+    if hard_negatives != "none":
+        rngs = [row_seed(seed + 1, epoch, i) for i in ids]  # not the augmentation's stream
+        out.update(hard_negative_columns(texts, rngs, hard_negatives, k, encode, max_text_len))
+    return out
+
+
+def hard_negative_columns(texts: list[str], rngs: list[np.random.Generator], kind: str, k: int,
+                          encode: TextEncoder, max_text_len: int) -> dict[str, np.ndarray]:
+    """Up to ``k`` perturbed captions of each text (``kind``: a key of
+    :data:`raycmr.data.perturb.PERTURBERS`), tokenized: ``neg_input_ids``,
+    ``neg_attention_mask`` [n, k, max_text_len] and ``neg_valid`` [n, k] (False where the
+    perturber found fewer than k; an empty text gets none)."""
+    from raycmr.data.perturb import PERTURBERS
+
+    perturb = PERTURBERS[kind]
+    n = len(texts)
+    negs = [perturb(t, k, rng) if t else [] for t, rng in zip(texts, rngs)]
+    flat = [(row[j] if j < len(row) else "") for row in negs for j in range(k)]
+    ids, mask = encode(flat, max_text_len) if flat else (np.zeros((0, max_text_len), np.int64),) * 2
+    valid = np.array([[j < len(row) for j in range(k)] for row in negs], dtype=bool).reshape(n, k)
+    ids, mask = ids.reshape(n, k, max_text_len), mask.reshape(n, k, max_text_len)
+    ids[~valid] = 0
+    mask[~valid] = 0
+    return {"neg_input_ids": ids, "neg_attention_mask": mask, "neg_valid": valid}
 
 
 def _feature_matrix(column: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from raycmr.artifacts import read_config
     from raycmr.config import apply_overrides
     from raycmr.evaluate.checkpoint import evaluate_checkpoint
-    from raycmr.reporting.console import console_session, metrics_table
+    from raycmr.reporting.console import console_session, group_accuracy_line, metrics_table
 
     split = args.split or apply_overrides(read_config(args.checkpoint), args.overrides).eval.split
     with console_session(_log_path(args.checkpoint), args.verbose) as console:
@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
                                       embeddings_out=emb)
         console.print(metrics_table(metrics, f"{split} split: {int(metrics['num_images'])} "
                                              f"images, {int(metrics['num_captions'])} captions"))
+        line = group_accuracy_line(metrics)
+        if line:
+            console.print(line, markup=False)
         console.print(f"checkpoint: {args.checkpoint}")
         if args.json:
             with open(args.json, "w") as fh:

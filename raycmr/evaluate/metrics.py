@@ -347,3 +347,48 @@ def modality_gap(img: Any, txt: Any) -> float:
     u, v = _as_matrix(img, "img"), _as_matrix(txt, "txt")
     _check_dims(u, v, "img", "txt")
     return float(np.linalg.norm(u.astype(np.float64).mean(0) - v.astype(np.float64).mean(0)))
+
+
+# ------------------------------------------------------------------------ minimal-pair groups
+
+
+def group_accuracy(img: Any, txt: Any, image_of: Any, pair_group: Any,
+                   kind: Any = None) -> dict[str, float]:
+    """Minimal-pair group accuracy: a caption is right when its own image scores strictly above
+    every other image of its minimal-pair group (images that differ from it in one binding).
+
+    ``img`` [N, d] and ``txt`` [N, d] are per-pair rows; ``image_of[p]`` names pair ``p``'s
+    image (captions of one image share it), ``pair_group[p]`` its minimal-pair group and
+    ``kind[p]`` (optional) the group's kind of swap. Groups with one image are skipped. Returns
+    ``group_acc`` (fraction of captions right), ``group_chance`` (the mean over those captions
+    of 1 / images in their group: the accuracy of random scores), ``group_captions`` and, with
+    ``kind``, ``group_acc_<kind>`` and ``group_chance_<kind>`` per kind."""
+    img, txt = _as_matrix(img, "img"), _as_matrix(txt, "txt")
+    image_of, pair_group = _as_vector(image_of, "image_of"), _as_vector(pair_group, "pair_group")
+    kinds = None if kind is None else _as_vector(kind, "kind")
+    right, chance, kind_of = [], [], []
+    for g in np.unique(pair_group):
+        rows = np.flatnonzero(pair_group == g)
+        _, first = np.unique(image_of[rows], return_index=True)
+        images = rows[np.sort(first)]  # one row per image of the group
+        if images.size < 2:
+            continue
+        scores = txt[rows] @ img[images].T  # [captions, images]
+        own = (image_of[rows][:, None] == image_of[images][None, :])
+        own_score = scores[own]
+        others = np.where(own, -np.inf, scores).max(1)
+        right.extend((own_score > others).tolist())
+        chance.extend([1.0 / images.size] * rows.size)
+        kind_of.extend([str(kinds[r]) for r in rows] if kinds is not None else [""] * rows.size)
+    if not right:
+        return {}
+    right_a, chance_a, kind_a = np.array(right), np.array(chance), np.array(kind_of)
+    out = {"group_acc": float(100.0 * right_a.mean()),
+           "group_chance": float(100.0 * chance_a.mean()),
+           "group_captions": float(right_a.size)}
+    if kinds is not None:
+        for k in sorted(set(kind_of)):
+            sel = kind_a == k
+            out[f"group_acc_{k}"] = float(100.0 * right_a[sel].mean())
+            out[f"group_chance_{k}"] = float(100.0 * chance_a[sel].mean())
+    return out

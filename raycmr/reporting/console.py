@@ -221,3 +221,17 @@ def metrics_table(metrics: dict[str, float], title: str, prefix: str = "",
             row.append("-" if value is None else format(value, spec))
         table.add_row(*row)
     return table
+
+
+def group_accuracy_line(metrics: dict[str, float], prefix: str = "") -> str | None:
+    """One line of minimal-pair group accuracy (overall and per kind of swap, each beside its
+    chance level), or None when ``metrics`` has none."""
+    if f"{prefix}group_acc" not in metrics:
+        return None
+    kinds = sorted(k[len(prefix) + len("group_acc_"):] for k in metrics
+                   if k.startswith(f"{prefix}group_acc_"))
+    names = ["", *(f"_{k}" for k in kinds)]
+    parts = [f"{k.lstrip('_') or 'all'} {metrics[f'{prefix}group_acc{k}']:.1f}% "
+             f"(chance {metrics[f'{prefix}group_chance{k}']:.1f}%)" for k in names]
+    return (f"minimal-pair group accuracy ({int(metrics[f'{prefix}group_captions'])} captions; "
+            "own image above every other image of its group): " + ", ".join(parts))

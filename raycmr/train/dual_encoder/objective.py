@@ -159,6 +159,24 @@ class CrossModalObjective(nn.Module):
                                          batch["attention_mask"])  # [B, m + 1]
         return restricted_distillation_loss(fast, slow, candidates, d.temperature, valid)
 
+    def hard_negative_texts(self, batch: dict[str, torch.Tensor]
+                            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The perturbed captions of the batch (``neg_input_ids`` [B, k, L], from
+        data.hard_negatives) embedded: ``([B, k, d], valid [B, k])``; only the valid ones go
+        through the text tower (the others are zeros, left out of the loss)."""
+        if "neg_input_ids" not in batch:
+            return None
+        ids, valid = batch["neg_input_ids"], batch["neg_valid"].bool()
+        b, k, length = ids.shape
+        flat = valid.reshape(-1)
+        if not flat.any():
+            return self.encoder.logit_scale.new_zeros((b, k, self.cfg.model.embed_dim)), valid
+        emb = self.encoder.encode_text({
+            "input_ids": ids.reshape(b * k, length)[flat],
+            "attention_mask": batch["neg_attention_mask"].reshape(b * k, length)[flat]})
+        out = emb.new_zeros((b * k, emb.shape[1])).index_copy(0, flat.nonzero()[:, 0], emb)
+        return out.reshape(b, k, -1), valid
+
     def forward(self, batch: dict[str, torch.Tensor], grl_lambda: float = 0.0,
                 progress: float = 1.0):
         """Returns a dict: ``loss`` (the total, with grad) and detached parts for logging.
@@ -168,11 +186,15 @@ class CrossModalObjective(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         total = img.new_zeros(())
         if loss_cfg.kind != "none":
+            hard = self.hard_negative_texts(batch)
             out = contrastive(loss_cfg, img, txt, batch["group"], self.encoder.logit_scale,
-                              self.cfg.train.batch_size, progress)
+                              self.cfg.train.batch_size, progress, hard)
             total = total + loss_cfg.weight * out.loss
             parts.update(contrastive=out.loss.detach(), hardest_neg_sim=out.hardest_neg_sim,
                          pos_sim=out.pos_sim)
+            if hard is not None:  # captions the perturber could not change: in-batch only
+                parts.update(hard_neg_unchanged=(~hard[1].any(1)).float().mean(),
+                             hard_neg_per_caption=hard[1].float().sum(1).mean())
         if self.discriminator is not None:
             from raycmr.losses.adversary import modality_adversary_loss
 
