@@ -533,6 +533,11 @@ def test_replica_loss_under_load_is_survived(served) -> None:
     ids, _ = _expected_retrieval(served, 5)
     got = served["client"].post("/search", json={**bodies[0], "rerank": False}).json()
     assert [r["id"] for r in got] == ids[0].tolist()
+    # /stats is app-wide: whichever Ingress replica answers, the same record of every search
+    counts = {served["client"].get("/stats").json()["stages"]["total"]["searches"]
+              for _ in range(8)}
+    assert len(counts) == 1, counts
+    assert counts.pop() >= min(report.requests - report.failures, 2000), summary
 
 
 def test_plan_reads_the_token_from_env_or_file(tmp_path) -> None:

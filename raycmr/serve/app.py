@@ -27,7 +27,14 @@ from ray.serve import Application
 
 from raycmr.config import ServeConfig
 from raycmr.resources import Demand, check_cluster_fits
-from raycmr.serve.deployments import Gallery, Ingress, QueryEncoder, Retriever, SlowScorer
+from raycmr.serve.deployments import (
+    Gallery,
+    Ingress,
+    QueryEncoder,
+    Retriever,
+    SlowScorer,
+    StageLog,
+)
 from raycmr.serve.plan import ServePlan, plan_app
 
 APP_NAME = "raycmr"
@@ -99,4 +106,4 @@ def build_from_plan(plan: ServePlan) -> Application:
         gallery = Gallery.options(ray_actor_options=dict(model_opts), **batched).bind(plan)
     return Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS},
                            max_ongoing_requests=64, **scaling(cfg)).bind(
-        encoder, retriever, slow, gallery, plan)
+        encoder, retriever, slow, gallery, StageLog.bind(), plan)

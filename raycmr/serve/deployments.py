@@ -5,6 +5,7 @@
                                                       -> SlowScorer     (batched (query, candidates)
                                                                        -> slow scores h(x, y))
                                                       -> Gallery      (thumbnails, image -> text)
+                                                      -> StageLog     (ms per stage, app-wide)
 
 Each deployment is built from one :class:`~raycmr.serve.plan.ServePlan`; the arithmetic lives in
 :mod:`raycmr.serve.scoring`. The Ingress retries a search whose downstream replica died (every
@@ -198,6 +199,21 @@ async def with_retries(call, retries: int, what: str):
             await asyncio.sleep(0.05 * 2 ** attempt)
 
 
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class StageLog:
+    """Milliseconds per stage of the application's searches, whichever Ingress replica ran
+    them: one replica, so ``GET /stats`` reads the same record whichever Ingress answers it."""
+
+    def __init__(self) -> None:
+        self.times = StageTimes()
+
+    def add(self, times: dict[str, float]) -> None:
+        self.times.add(times)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return self.times.summary()
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -205,11 +221,11 @@ class Ingress:
 
     def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle,
                  slow: DeploymentHandle | None, gallery: DeploymentHandle | None,
-                 plan: ServePlan):
+                 stage_log: DeploymentHandle, plan: ServePlan):
         self.encoder, self.retriever = encoder, retriever
         self.slow, self.gallery = slow, gallery
+        self.stage_log = stage_log
         self.plan = plan
-        self.times = StageTimes()
 
     def __serve_build_asgi_app__(self):
         from raycmr.serve.http import make_api
@@ -241,15 +257,23 @@ class Ingress:
             return hits, scores
 
         hits, scores = await with_retries(attempt, plan.serve.retries, "search")
-        self.times.add({**times, "fast": times["encode"] + times["retrieve"],
-                        "total": sum(times.values())})
+        await self._log_times({**times, "fast": times["encode"] + times["retrieve"],
+                               "total": sum(times.values())})
         return merge_stages(hits, scores, k, beta), times
 
+    async def _log_times(self, times: dict[str, float]) -> None:
+        """Adds one search's stage times to the app-wide record; a lost record costs /stats one
+        search, never the search itself."""
+        try:
+            await self.stage_log.add.remote(times)
+        except Exception as exc:  # noqa: BLE001 - the answer is ready; the record is optional
+            logger.warning("stage times not recorded: %s", exc)
+
     async def stats(self) -> dict[str, Any]:
-        """Milliseconds per stage of this Ingress replica's searches (``encode`` + ``retrieve``
-        = the fast stage, ``rerank`` = the slow one) and the batch-size summaries of one
-        replica of each batched deployment."""
-        out = {"stages": self.times.summary(),
+        """Milliseconds per stage of the application's recent searches (``encode`` +
+        ``retrieve`` = the fast stage, ``rerank`` = the slow one) and the batch-size summaries
+        of one replica of each batched deployment."""
+        out = {"stages": await self.stage_log.summary.remote(),
                "encoder": await self.encoder.get_stats.remote(),
                "retriever": await self.retriever.get_stats.remote()}
         if self.slow is not None:

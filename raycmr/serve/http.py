@@ -19,8 +19,8 @@ Routes (under the application's route prefix):
 * ``GET /healthz`` (never behind the token) -> gallery size, index kind, query input, the slow
   stage's defaults.
 * ``GET /stats`` -> milliseconds per stage (``encode``, ``retrieve``, their sum ``fast``,
-  ``rerank``, ``total``: mean, p50, p95 over one Ingress replica's recent searches) and batch
-  sizes seen by one replica of each batched deployment.
+  ``rerank``, ``total``: mean, p50, p95 over the app's recent searches, whichever Ingress
+  replica ran them) and batch sizes seen by one replica of each batched deployment.
 * ``/docs``, ``/redoc``, ``/openapi.json`` only with ``docs: true``.
 
 With ``auth: token`` every route but ``/healthz`` and ``/login`` needs ``Authorization: Bearer
