@@ -1,10 +1,12 @@
-"""raycmr on a real cluster started with `ray start`: jobs submitted with the real `ray job submit`
-CLI (through jobs/submit_quickstart.sh, as documented), a resource check against the joined
-cluster, and a 3-node cluster (cluster/local_multinode.sh) where the 2 training workers run on
-different nodes and a run survives the death of one worker's node.
+"""raycmr on a real cluster started with `ray start`: the 3-node cluster of
+cluster/local_multinode.sh, shared by every test here. Checks made before training (a relative
+storage path in the documented command, a cluster too small), then the quickstart submitted with
+the real `ray job submit` CLI (through jobs/submit_quickstart.sh, as documented), its 2 training
+workers on different nodes, one of which is killed mid-run: the run resumes on the nodes left and
+ends in the shared path.
 
-Every cluster here has its own --temp-dir and port block, never the test session's local
-cluster nor one of another user, and is stopped (by temp dir) even when a test fails.
+The cluster has its own --temp-dir and port block, never the test session's local cluster nor
+one of another user, and is stopped (by temp dir) even when a test fails.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from raycmr.configs.tiny import HF_TOWERS
@@ -43,6 +46,9 @@ TINY = [
     "train.torch_threads=1",
 ]
 TRAIN_ROWS, EVAL_ROWS = 64, 16
+# Ray Train's controller takes one report (one epoch) per poll: with a poll every POLL_S, the run
+# lasts at least (EPOCHS - 2) x POLL_S after its first checkpoint, time enough to kill a node
+POLL_S, EPOCHS = 1.0, 15
 
 
 def _free(port: int) -> bool:
@@ -96,110 +102,34 @@ def _states(run: Path) -> dict[str, dict]:
     return out
 
 
-# ---------------------------------------------------------------------------- plain `ray start`
+# ------------------------------------------------------------------------- the test cluster
 
 
-@pytest.fixture(scope="class")
-def head():
-    """`ray start --head` as a user starts it (4 CPUs), on its own ports and temp dir."""
-    base = _port_block(1000)
-    root = Path(tempfile.mkdtemp(prefix="rcj", dir="/tmp"))  # short: unix socket paths
-    ports = dict(zip(["--port", "--dashboard-port", "--ray-client-server-port",
-                      "--node-manager-port", "--object-manager-port",
-                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                      "--runtime-env-agent-port", "--metrics-export-port",
-                      "--min-worker-port", "--max-worker-port"],
-                     [base + i for i in range(9)] + [base + 100, base + 999], strict=True))
-    cmd = [RAY, "start", "--head", "--num-cpus", "4", "--num-gpus", "0",
-           "--object-store-memory", str(256 * 2**20), "--include-dashboard", "true",
-           "--temp-dir", str(root / "n0"), "--disable-usage-stats"]
-    for flag, port in ports.items():
-        cmd += [flag, str(port)]
-    env = _client_env()
-    env.pop("RAY_AUTH_MODE", None)  # the head decides as `ray start --head` does by default
-    try:
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
-        yield {"root": root, "gcs": (root / "n0" / "ray_current_cluster").read_text().strip(),
-               "dashboard": f"http://127.0.0.1:{ports['--dashboard-port']}"}
-    finally:
-        _stop(root)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-class TestRayJobSubmit:
-    def test_submit_quickstart_trains_into_the_shared_path(self, head, tmp_path):
-        shared = tmp_path / "shared"
-        proc = subprocess.run(
-            ["bash", str(SUBMIT), str(shared), "train.epochs=2", *TINY],
-            env=_client_env(RAY_DASHBOARD_ADDRESS=head["dashboard"], RAYCMR_RUN_NAME="qs",
-                            RAYCMR_TRAIN_ROWS=str(TRAIN_ROWS), RAYCMR_EVAL_ROWS=str(EVAL_ROWS)),
-            cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-4000:]
-        assert len(re.findall(r"Job 'raysubmit_\w+' succeeded", out)) == 2
-        run = shared / "runs" / "qs"
-        states = _states(run)
-        # quickstart keeps num_to_keep=2: both epochs' checkpoints, in the storage path named
-        assert sorted(s["epoch"] for s in states.values()) == [1, 2]
-        assert sorted(s["step"] for s in states.values()) == [2, 4]
-        last = max(states.values(), key=lambda s: s["epoch"])
-        assert last["samples_seen"] == 2 * TRAIN_ROWS
-        assert last["metrics"]["val_num_images"] == EVAL_ROWS
-        config = (run / max(states, key=lambda k: states[k]["epoch"]) / "config.yaml").read_text()
-        assert f"- {shared}/shards/train" in config  # the absolute path the job was given
-
-    def test_documented_relative_command_is_refused_in_one_line(self, head, tmp_path):
-        proc = subprocess.run(
-            [RAY, "job", "submit", "--address", head["dashboard"], "--runtime-env",
-             "jobs/runtime_env.yaml", "--", "raycmr", "train", "--config", "quickstart"],
-            env=_client_env(), cwd=ROOT, capture_output=True, text=True, timeout=600,
-            check=False)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode != 0 and "Traceback" not in out, out[-4000:]
-        # the job's one line (`ray job submit` repeats the job's last log lines when it fails)
-        errors = {line for line in out.splitlines() if line.startswith("raycmr: error:")}
-        assert errors == {
-            ("raycmr: error: train.storage_path='out/quickstart/runs' is relative: on a Ray "
-            "cluster it would land in the job's temporary working-dir copy; set "
-            "train.storage_path to an absolute path on storage every node shares (e.g. "
-            "train.storage_path=/mnt/shared/runs) or a URI (train.storage_path=s3://bucket/runs)")}
-
-    def test_joining_a_too_small_cluster_stops_at_once(self, head, tmp_path):
-        # 3 workers + 2 CPUs for Ray Data on a 4-CPU head: Ray would wait forever
-        proc = subprocess.run(
-            ["raycmr", "train", "--config", "quickstart", "train.num_workers=3",
-             f"train.storage_path={tmp_path}/runs"],
-            env=_client_env(RAY_ADDRESS=head["gcs"]), cwd=tmp_path, capture_output=True,
-            text=True, timeout=300, check=False)
-        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("raycmr:")]
-        assert errors == [
-            ("raycmr: error: the Ray cluster is too small for training (3 workers x {CPU: 1} + 2 "
-            "CPU for Ray Data): it needs 5 CPU in total (the cluster has 4); change "
-            "train.num_workers, train.cpus_per_worker, train.use_gpu, train.worker_resources, "
-            "data.reserved_cpus, or add nodes (ray start --address ...)")]
-        assert not (tmp_path / "runs").exists()
-
-
-# ------------------------------------------------------------- 3 nodes: placement and node death
-
-
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def three_nodes():
     """cluster/local_multinode.sh up: a head and 2 worker nodes (2 CPUs and one `raycmr_worker`
-    slot each), on its own ports and temp dir."""
+    slot each, 6 CPUs in all), on its own ports and temp dir, token auth as the script sets it.
+    Every test of this module shares it; the node-death test, last, leaves 2 nodes.
+
+    Its GCS declares a killed node dead after 3 missed 1-s health checks (Ray's default: 5 of
+    3 s), and Ray Train's controller polls its workers every second (default 2 s): it takes one
+    report per poll, so each epoch of a run here lasts at least a second."""
     base = _port_block(4000)  # nodes n0-n2: base + 1000 i ...; GCS, dashboard, client: + 3000
-    root = Path(tempfile.mkdtemp(prefix="rcm", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="rcm", dir="/tmp"))  # short: unix socket paths
     singles = base + 3000
     env = _client_env(RAYCMR_LOCAL_DIR=str(root), RAYCMR_PORT_BASE=str(base),
                       RAYCMR_HEAD_PORT=str(singles), RAYCMR_DASHBOARD_PORT=str(singles + 1),
-                      RAYCMR_CLIENT_PORT=str(singles + 2), RAYCMR_OBJECT_STORE_MB="128")
+                      RAYCMR_CLIENT_PORT=str(singles + 2), RAYCMR_OBJECT_STORE_MB="128",
+                      RAY_AUTH_MODE="token", RAY_health_check_period_ms="1000",
+                      RAY_health_check_failure_threshold="3",
+                      RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=str(POLL_S))
     try:
         proc = subprocess.run(["bash", str(SCRIPT), "up", "--workers", "2"], check=False, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        gcs = (root / "n0" / "ray_current_cluster").read_text().strip()
         yield {"root": root, "env": env, "dashboard": f"http://127.0.0.1:{singles + 1}",
-               "gcs": (root / "n0" / "ray_current_cluster").read_text().strip()}
+               "gcs": gcs, "head_id": _head_node_id(gcs, env)}
     finally:
         _stop(root)
         shutil.rmtree(root, ignore_errors=True)
@@ -215,57 +145,124 @@ def _head_node_id(gcs: str, env: dict[str, str]) -> str:
     return out[0]
 
 
-class TestMultiNode:
-    def test_workers_on_different_nodes_and_a_node_death_resumes(self, three_nodes, tmp_path):
-        shared = tmp_path / "shared"
-        run = shared / "runs" / "mn"
-        # enough epochs (2 steps each) that the run is still going when the node is killed: on
-        # an idle machine 5 epochs ended within a second of the first checkpoint, before the kill
-        epochs = 60
-        env = {**three_nodes["env"], "RAY_DASHBOARD_ADDRESS": three_nodes["dashboard"],
-               "RAYCMR_RUN_NAME": "mn", "RAYCMR_TRAIN_ROWS": str(TRAIN_ROWS),
-               "RAYCMR_EVAL_ROWS": str(EVAL_ROWS),
-               "RAYCMR_WORKER_RESOURCES": "{raycmr_worker: 1}"}
-        log = tmp_path / "submit.log"
-        with open(log, "w") as fh:
-            job = subprocess.Popen(["bash", str(SUBMIT), str(shared), f"train.epochs={epochs}",
-                                    "train.num_to_keep=5", *TINY],
-                                   env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            # the first checkpoint names the nodes the two workers run on
-            deadline = time.time() + 600
-            while not _states(run) and job.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            states = _states(run)
-            assert states, log.read_text()[-4000:]
-            first = min(states.values(), key=lambda s: s["epoch"])
-            nodes_before = first["metrics"]["worker_nodes"].split(",")
-            assert len(nodes_before) == 2 and len(set(nodes_before)) == 2, nodes_before
-            head_id = _head_node_id(three_nodes["gcs"], three_nodes["env"])
-            victim = next(n for n in nodes_before if n != head_id)
+# ------------------------------------------------------------------- checks before any training
+
+
+def test_documented_relative_command_is_refused_in_one_line(three_nodes):
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", three_nodes["dashboard"], "--runtime-env",
+         "jobs/runtime_env.yaml", "--", "raycmr", "train", "--config", "quickstart"],
+        env=three_nodes["env"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out[-4000:]
+    # the job's one line (`ray job submit` repeats the job's last log lines when it fails)
+    errors = {line for line in out.splitlines() if line.startswith("raycmr: error:")}
+    assert errors == {
+        ("raycmr: error: train.storage_path='out/quickstart/runs' is relative: on a Ray "
+        "cluster it would land in the job's temporary working-dir copy; set "
+        "train.storage_path to an absolute path on storage every node shares (e.g. "
+        "train.storage_path=/mnt/shared/runs) or a URI (train.storage_path=s3://bucket/runs)")}
+
+
+def test_joining_a_too_small_cluster_stops_at_once(three_nodes, tmp_path):
+    # 5 workers + 2 CPUs for Ray Data on the 6 CPUs of 3 nodes: Ray would wait forever
+    proc = subprocess.run(
+        ["raycmr", "train", "--config", "quickstart", "train.num_workers=5",
+         f"train.storage_path={tmp_path}/runs"],
+        env={**three_nodes["env"], "RAY_ADDRESS": three_nodes["gcs"]}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("raycmr:")]
+    assert errors == [
+        ("raycmr: error: the Ray cluster is too small for training (5 workers x {CPU: 1} + 2 "
+        "CPU for Ray Data): it needs 7 CPU in total (the cluster has 6); change "
+        "train.num_workers, train.cpus_per_worker, train.use_gpu, train.worker_resources, "
+        "data.reserved_cpus, or add nodes (ray start --address ...)")]
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------- the quickstart submitted as jobs; a worker's node dies
+
+
+@pytest.fixture(scope="module")
+def killed_run(three_nodes, tmp_path_factory):
+    """jobs/submit_quickstart.sh on the 3 nodes, one training worker per node: once the first
+    checkpoint names the workers' nodes, the node of the worker not on the head is killed, and
+    the job runs on to its last epoch. Returns what the tests read: the job's console, the
+    run's checkpoint states, the placement before and the node killed."""
+    tmp = tmp_path_factory.mktemp("submitted")
+    shared = tmp / "shared"
+    run = shared / "runs" / "mn"
+    env = {**three_nodes["env"], "RAY_DASHBOARD_ADDRESS": three_nodes["dashboard"],
+           "RAYCMR_RUN_NAME": "mn", "RAYCMR_TRAIN_ROWS": str(TRAIN_ROWS),
+           "RAYCMR_EVAL_ROWS": str(EVAL_ROWS), "RAYCMR_WORKER_RESOURCES": "{raycmr_worker: 1}"}
+    log = tmp / "submit.log"
+    with open(log, "w") as fh:
+        job = subprocess.Popen(["bash", str(SUBMIT), str(shared), f"train.epochs={EPOCHS}",
+                                "train.num_to_keep=5", *TINY],
+                               env=env, cwd=tmp, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        # the first checkpoint names the nodes the two workers run on
+        deadline = time.time() + 600
+        while not _states(run) and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        states = _states(run)
+        assert states, log.read_text()[-4000:]
+        first = min(states.values(), key=lambda s: s["epoch"])
+        nodes_before = first["metrics"]["worker_nodes"].split(",")
+        victim = next((n for n in nodes_before if n != three_nodes["head_id"]), None)
+        if victim:
             kill = subprocess.run(["bash", str(SCRIPT), "kill-node", victim], check=False,
                                   env=three_nodes["env"], capture_output=True, text=True,
                                   timeout=60)
             assert kill.returncode == 0, kill.stdout + kill.stderr
-            saved_at_kill = max(s["epoch"] for s in _states(run).values())
-            assert job.wait(timeout=600) == 0, log.read_text()[-6000:]
-        finally:
-            if job.poll() is None:
-                job.kill()
-        out = log.read_text()
-        # one restart (`ray job submit` may show a worker's line twice: distinct values count)
-        resumed = sorted({tuple(map(int, m)) for m in
-                          re.findall(r"(?:\[raycmr\] )?resumed at epoch (\d+), step (\d+)", out)})
-        assert len(resumed) == 1 and saved_at_kill < epochs, (resumed, saved_at_kill)
-        # resumed from the newest checkpoint registered before the node died (the one being
-        # written at that moment, if any, was never registered): its epoch, its step
-        epoch = resumed[0][0]
-        assert epoch in (saved_at_kill, saved_at_kill - 1) and epoch >= 1, (resumed, saved_at_kill)
-        assert resumed[0][1] == 2 * epoch
-        states = _states(run)
-        last = max(states.values(), key=lambda s: s["epoch"])
-        assert last["epoch"] == epochs and last["step"] == 2 * epochs
-        nodes_after = last["metrics"]["worker_nodes"].split(",")
-        assert len(set(nodes_after)) == 2 and victim not in nodes_after, (nodes_after, victim)
-        print(f"\nplacement before: {nodes_before}; killed {victim} after epoch "
-              f"{saved_at_kill}; resumed at {resumed[0]}; placement after: {nodes_after}")
+        saved_at_kill = max(s["epoch"] for s in _states(run).values())
+        code = job.wait(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return {"code": code, "out": log.read_text(), "shared": shared, "run": run,
+            "states": _states(run), "nodes_before": nodes_before, "victim": victim,
+            "saved_at_kill": saved_at_kill}
+
+
+def test_submit_quickstart_trains_into_the_shared_path(killed_run):
+    out, shared = killed_run["out"], killed_run["shared"]
+    assert killed_run["code"] == 0, out[-6000:]
+    assert len(re.findall(r"Job 'raysubmit_\w+' succeeded", out)) == 2
+    # the first job wrote the shards the second trained from, under the shared dir given
+    rows = {split: pq.ParquetDataset(shared / "shards" / split).read().num_rows
+            for split in ("train", "val", "test")}
+    assert rows == {"train": TRAIN_ROWS, "val": EVAL_ROWS, "test": EVAL_ROWS}
+    states = killed_run["states"]
+    last_name = max(states, key=lambda k: states[k]["epoch"])
+    last = states[last_name]
+    assert last["epoch"] == EPOCHS and last["step"] == 2 * EPOCHS  # 64 rows / (2 x 16)
+    assert last["samples_seen"] == EPOCHS * TRAIN_ROWS  # counted on across the restart
+    assert last["metrics"]["val_num_images"] == EVAL_ROWS
+    config = (killed_run["run"] / last_name / "config.yaml").read_text()
+    assert f"- {shared}/shards/train" in config  # the absolute path the job was given
+
+
+def test_workers_on_different_nodes_and_a_node_death_resumes(killed_run):
+    out, nodes_before, victim = killed_run["out"], killed_run["nodes_before"], killed_run["victim"]
+    assert len(nodes_before) == 2 and len(set(nodes_before)) == 2, nodes_before
+    assert victim is not None, nodes_before  # one worker ran off the head node
+    assert killed_run["code"] == 0, out[-6000:]
+    saved_at_kill = killed_run["saved_at_kill"]
+    # one restart (`ray job submit` may show a worker's line twice: distinct values count)
+    resumed = sorted({tuple(map(int, m)) for m in
+                      re.findall(r"(?:\[raycmr\] )?resumed at epoch (\d+), step (\d+)", out)})
+    assert len(resumed) == 1 and saved_at_kill < EPOCHS, (resumed, saved_at_kill)
+    # resumed from the newest checkpoint registered before the node died (the one being
+    # written at that moment, if any, was never registered): its epoch, its step
+    epoch = resumed[0][0]
+    assert epoch in (saved_at_kill, saved_at_kill - 1) and epoch >= 1, (resumed, saved_at_kill)
+    assert resumed[0][1] == 2 * epoch
+    last = max(killed_run["states"].values(), key=lambda s: s["epoch"])
+    assert last["epoch"] == EPOCHS and last["step"] == 2 * EPOCHS
+    nodes_after = last["metrics"]["worker_nodes"].split(",")
+    assert len(set(nodes_after)) == 2 and victim not in nodes_after, (nodes_after, victim)
+    print(f"\nplacement before: {nodes_before}; killed {victim} after epoch "
+          f"{saved_at_kill}; resumed at {resumed[0]}; placement after: {nodes_after}")
