@@ -9,6 +9,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s)
+# and takes one report per poll (a worker's queue holds one): each epoch of a test's tiny runs
+# would last 2 s, and each run would end up to 2 s after its last step. Propagated by Ray Train
+# from the driver's environment to its controller; `raycmr tune` and clusters started here
+# inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 # The real labelled Wikipedia features (../shared/data/wikipedia next to the repository, or
 # RAYCMR_WIKIPEDIA_DIR). Tests that need them skip, naming the path, when they are absent.
@@ -35,6 +41,35 @@ def ray_cluster():
         start_local_ray(num_cpus=8, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+SHARD_ROWS = {"train": 128, "val": 24, "test": 8}
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """Synthetic image/caption shards shared by the tiny training runs (read-only: a test that
+    needs a changed copy writes it under its own tmp_path): 128 training rows (2 workers x 4
+    batches of 16), 24 validation and 8 test rows, 32x32 images, 64 rows per file (train: 2)."""
+    from raycmr.data.synthetic import write_synthetic_splits
+
+    root = tmp_path_factory.mktemp("synthetic_shards")
+    write_synthetic_splits(root, n_train=SHARD_ROWS["train"], n_val=SHARD_ROWS["val"],
+                           n_test=SHARD_ROWS["test"], seed=5, image_size=32, rows_per_shard=64)
+    return root
+
+
+def two_worker_run(train, shards, storage, name: str, batch_size: int) -> list[str]:
+    """Overrides of a tiny 2-worker, 1-epoch run on 32x32 synthetic images: ``train`` (a list
+    of paths) to train on, ``shards``' val and test splits, the run at ``storage``/``name``."""
+    return [
+        f"data.train=[{', '.join(map(str, train))}]", f"data.val=[{shards}/val]",
+        f"data.test=[{shards}/test]",
+        "data.image_size=32", "data.max_text_len=16", "data.shuffle_buffer=32",
+        "train.num_workers=2", f"train.batch_size={batch_size}", "train.epochs=1",
+        "train.warmup_steps=2", "train.log_every=2", "train.max_failures=0",
+        f"train.storage_path={storage}", f"train.name={name}", "train.torch_threads=1",
+    ]
 
 
 def pytest_runtest_logreport(report):

@@ -1,43 +1,34 @@
 """A real 2-worker DeepSpeed run under Ray Train on a local Ray cluster, fed by Ray Data from
-synthetic shards with planted bad records; then resume from its checkpoint, and recovery from a
-worker failure, each continuing at the saved step."""
+synthetic shards with planted bad records; then a resume from its checkpoint during which a worker
+fails: the workers restart from the resumed run's latest checkpoint, each run continuing at the
+saved step."""
 
+
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SHARD_ROWS, two_worker_run
 
 from raycmr.artifacts import load_exported, read_state
 from raycmr.config import load_config
 from raycmr.configs.tiny import TINY_TOWERS
-from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.train.loop import STEP_PHASES
 
 pytestmark = pytest.mark.ray
 
 BATCH = 16
 BAD_ROWS = 4  # corrupt image bytes, an empty caption, a null caption, a null image
-
-
-def _tiny_overrides(shards, storage, name):
-    return [
-        f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
-        "data.image_size=32", "data.max_text_len=16", "data.shuffle_buffer=32",
-        "model.embed_dim=32",
-        *TINY_TOWERS,
-        "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
-        "train.warmup_steps=2", "train.log_every=2", "train.zero_stage=1", "train.max_failures=0",
-        f"train.storage_path={storage}", f"train.name={name}", "train.torch_threads=1",
-    ]
+GOOD = SHARD_ROWS["train"] - BAD_ROWS  # of 2 workers x 4 batches x 16 rows per epoch
+FAIL_AT = 10  # rank 0 fails once in epoch 3 of the resumed run (steps 9-12)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    # 2 workers x 4 batches x 16 rows = 128 rows per epoch, BAD_ROWS of them bad
-    write_synthetic_splits(root, n_train=128 - BAD_ROWS, n_val=48, n_test=48, seed=3,
-                           image_size=32, rows_per_shard=64)
-    first = min((root / "train").glob("*.parquet"))
+def train_split(synthetic_shards, tmp_path_factory):
+    """The shared training split with its last BAD_ROWS records replaced by broken ones."""
+    folder = tmp_path_factory.mktemp("train_with_bad_records")
+    first, *rest = sorted((synthetic_shards / "train").glob("*.parquet"))
     table = pq.read_table(first)
     good = table.slice(0, 1).to_pylist()[0]
     bad = []
@@ -45,26 +36,46 @@ def shards(tmp_path_factory):
                                           (good["image"], ""), (good["image"], None),
                                           (None, "a blue square")]):
         bad.append({**good, "id": f"bad-{i}", "image": image, "caption": caption})
-    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)]),
-                   first)
-    return root
+    pq.write_table(pa.concat_tables([table.slice(0, table.num_rows - BAD_ROWS),
+                                     pa.Table.from_pylist(bad, schema=table.schema)]),
+                   folder / first.name)
+    for path in rest:
+        shutil.copy(path, folder / path.name)
+    return folder
 
 
-def _run(overrides, **kwargs):
+def _fit(shards, train, storage, name, *extra, **kwargs):
     from raycmr.train.trainer import build_trainer
 
+    overrides = [*two_worker_run([train], shards, storage, name, BATCH),
+                 "model.embed_dim=32", *TINY_TOWERS, "train.zero_stage=1", *extra]
     return build_trainer(load_config("quickstart", overrides), **kwargs).fit()
 
 
-def test_two_worker_deepspeed_run_then_resume(ray_cluster, shards, tmp_path):
-    storage = tmp_path / "runs"
-    first = _run(_tiny_overrides(shards, storage, "first"))
+@pytest.fixture(scope="module")
+def runs(ray_cluster, synthetic_shards, train_split, tmp_path_factory):
+    """A 1-epoch run, then a run resumed from its checkpoint to epoch 3 in which rank 0 fails
+    once at step FAIL_AT (Ray Train restarts the workers: max_failures=1). The resumed run keeps
+    every checkpoint: its metrics_dataframe (the kept checkpoints' reports) is then its whole
+    history."""
+    storage = tmp_path_factory.mktemp("runs")
+    first = _fit(synthetic_shards, train_split, storage, "first")
     assert first.error is None
+    marker = storage / "failed-once"
+    resumed = _fit(synthetic_shards, train_split, storage, "second", "train.epochs=3",
+                   f"train.resume_from={first.checkpoint.path}", "train.max_failures=1",
+                   "train.num_to_keep=0",
+                   inject_failure={"step": FAIL_AT, "marker": str(marker)})
+    return first, resumed, marker
+
+
+def test_two_worker_deepspeed_run_then_resume(runs):
+    first, resumed, _ = runs
     m = first.metrics
     assert m["epoch"] == 1 and m["step"] == 4  # 128 rows / (2 workers x 16) = 4 steps
     assert m["dropped_records"] == BAD_ROWS
-    assert m["samples_seen"] == 128 - BAD_ROWS
-    assert m["val_num_images"] == 48 and m["val_num_captions"] == 48
+    assert m["samples_seen"] == GOOD
+    assert m["val_num_images"] == SHARD_ROWS["val"] and m["val_num_captions"] == SHARD_ROWS["val"]
     for key in ("train_loss", "train_contrastive", "train_hardest_neg_sim", "lr", "val_rsum",
                 "val_t2i_r1", "val_i2t_medr"):
         assert key in m, key
@@ -79,28 +90,24 @@ def test_two_worker_deepspeed_run_then_resume(ray_cluster, shards, tmp_path):
     model, cfg = load_exported(ckpt)  # the exported model loads without DeepSpeed
     assert cfg.train.name == "first" and model.image_proj.out_features == 32
 
-    resumed = _run(_tiny_overrides(shards, storage, "second")
-                   + ["train.epochs=2", f"train.resume_from={ckpt}"])
     assert resumed.error is None
+    # the resumed run trained epochs 2 and 3 only, continuing at step 4 -> 8 -> 12, samples and
+    # dropped records counted on
+    assert sorted(resumed.metrics_dataframe["epoch"]) == [2, 3]
+    assert resumed.metrics["step"] == 12
+    assert resumed.metrics["samples_seen"] == 3 * GOOD
+    assert resumed.metrics["dropped_records"] == 3 * BAD_ROWS
+
+
+def test_worker_failure_recovers_from_latest_checkpoint(runs):
+    """Rank 0 dies once at step 10 (epoch 3); the restarted workers resume from the run's own
+    epoch-2 checkpoint (step 8), not from train.resume_from (epoch 1) nor from zero."""
+    _, resumed, marker = runs
+    assert resumed.error is None
+    assert marker.read_text() == str(FAIL_AT)  # the failure did happen
     history = resumed.metrics_dataframe
-    # the resumed run trained epoch 2 only, continuing at step 4 -> 8, samples counted on
-    assert list(history["epoch"]) == [2]
-    assert list(history["step"]) == [8]
-    assert resumed.metrics["samples_seen"] == 2 * (128 - BAD_ROWS)
-    assert resumed.metrics["dropped_records"] == 2 * BAD_ROWS
-
-
-def test_worker_failure_recovers_from_latest_checkpoint(ray_cluster, shards, tmp_path):
-    """Rank 0 dies once at step 6 (epoch 2); Ray Train restarts the workers, which resume from
-    the epoch-1 checkpoint (step 4), not from zero."""
-    marker = tmp_path / "failed-once"
-    result = _run(_tiny_overrides(shards, tmp_path / "runs", "faulty")
-                  + ["train.epochs=2", "train.max_failures=1"],
-                  inject_failure={"step": 6, "marker": str(marker)})
-    assert result.error is None
-    assert marker.read_text() == "6"  # the failure did happen
-    history = result.metrics_dataframe
-    # each epoch reported once (Ray does not promise the rows in report order)
-    assert sorted(history["epoch"]) == [1, 2]
-    assert sorted(history["step"]) == [4, 8]
-    assert result.metrics["samples_seen"] == 2 * (128 - BAD_ROWS)
+    # each epoch reported once (Ray does not promise the rows in report order): epoch 2 was
+    # not trained again after the failure (every report has its kept checkpoint here)
+    assert sorted(history["epoch"]) == [2, 3]
+    assert sorted(history["step"]) == [8, 12]
+    assert resumed.metrics["samples_seen"] == 3 * GOOD
