@@ -9,7 +9,6 @@ import pytest
 from raycmr.cli import main
 from raycmr.config import ConfigError, load_config
 from raycmr.configs.tiny import HF_TOWERS
-from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.resources import (
     ClusterTooSmall,
     Demand,
@@ -177,43 +176,35 @@ def test_non_positive_epochs_are_refused_at_validation(epochs):
     assert str(exc.value) == f"config key 'train.epochs' must be positive, got {epochs}"
 
 
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checks")
-    write_synthetic_splits(root, n_train=40, n_val=8, n_test=8, seed=1, image_size=16,
-                           rows_per_shard=20)
-    return root
-
-
 def _train_args(root, split_dir, tmp_path):
     return ["train", "--config", "quickstart", f"data.train=[{split_dir}]",
             f"data.val=[{root}/val]", f"train.storage_path={tmp_path}/runs", "train.batch_size=8"]
 
 
-def test_truncated_shard_is_named_in_one_line(ray_cluster, small_shards, tmp_path, capsys):
+def test_truncated_shard_is_named_in_one_line(ray_cluster, synthetic_shards, tmp_path, capsys):
     split = tmp_path / "train"
     split.mkdir()
-    files = sorted((small_shards / "train").glob("*.parquet"))
+    files = sorted((synthetic_shards / "train").glob("*.parquet"))
     assert len(files) == 2
     for f in files:
         (split / f.name).write_bytes(f.read_bytes())
     bad = split / files[1].name
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a copy cut short
-    assert main(_train_args(small_shards, split, tmp_path)) == 2
+    assert main(_train_args(synthetic_shards, split, tmp_path)) == 2
     (line,) = _error_lines(capsys)
     assert line.startswith(f"raycmr: error: shard file '{bad}' ")
     assert "truncated" in line and "rewrite it (raycmr shards ...) or remove it" in line
     assert not (tmp_path / "runs").exists()
 
 
-def test_shard_missing_a_column_is_named_in_one_line(ray_cluster, small_shards, tmp_path, capsys):
+def test_shard_missing_a_column_is_named_in_one_line(ray_cluster, synthetic_shards, tmp_path, capsys):
     split = tmp_path / "train"
     split.mkdir()
-    files = sorted((small_shards / "train").glob("*.parquet"))
+    files = sorted((synthetic_shards / "train").glob("*.parquet"))
     pq.write_table(pq.read_table(files[0]), split / files[0].name)
     # the second file, not the first, lacks the captions
     pq.write_table(pq.read_table(files[1]).drop_columns(["caption"]), split / files[1].name)
-    assert main(_train_args(small_shards, split, tmp_path)) == 2
+    assert main(_train_args(synthetic_shards, split, tmp_path)) == 2
     (line,) = _error_lines(capsys)
     assert line.startswith(
         f"raycmr: error: shard '{split / files[1].name}' is missing column(s) 'caption' needed "
@@ -225,7 +216,7 @@ def test_shard_missing_a_column_is_named_in_one_line(ray_cluster, small_shards, 
 # ------------------------------------------------------------------ a worker killed at a checkpoint
 
 
-def test_checkpoint_of_a_worker_killed_at_registration_is_removed(ray_cluster, small_shards,
+def test_checkpoint_of_a_worker_killed_at_registration_is_removed(ray_cluster, synthetic_shards,
                                                                    tmp_path):
     """Rank 1 dies (os._exit) right after reporting epoch 1's checkpoint, before the controller
     collects its report: the folder is complete on disk but never registered, so num_to_keep
@@ -235,7 +226,7 @@ def test_checkpoint_of_a_worker_killed_at_registration_is_removed(ray_cluster, s
     from raycmr.train.trainer import build_trainer
 
     cfg = load_config("quickstart", [
-        f"data.train=[file://{small_shards}/train]", f"data.val=[file://{small_shards}/val]",
+        f"data.train=[file://{synthetic_shards}/train]", f"data.val=[file://{synthetic_shards}/val]",
         "data.image_size=16", "data.max_text_len=8", "model.embed_dim=16",
         *HF_TOWERS,
         ("model.image.hf_config={model_type: vit, image_size: 16, patch_size: 8, hidden_size: 16,"
@@ -243,12 +234,12 @@ def test_checkpoint_of_a_worker_killed_at_registration_is_removed(ray_cluster, s
         ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 16,"
          " num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32,"
          " max_position_embeddings: 16}"),
-        "train.batch_size=10", "train.epochs=2", "train.num_to_keep=1", "train.max_failures=1",
+        "train.batch_size=32", "train.epochs=2", "train.num_to_keep=1", "train.max_failures=1",
         "train.warmup_steps=1", "train.torch_threads=1", "train.zero_stage=0",
         f"train.storage_path=file://{tmp_path}/runs", "train.name=killed",
     ])
     marker = tmp_path / "killed-at"
-    # 40 rows / (2 workers x 10) = 2 steps per epoch: step 2 ends epoch 1
+    # 128 rows / (2 workers x 32) = 2 steps per epoch: step 2 ends epoch 1
     result = build_trainer(cfg, inject_failure={"step": 2, "rank": 1, "after_checkpoint": True,
                                                 "marker": str(marker)}).fit()
     assert marker.read_text() == "2"

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from tests.conftest import free_port
 from tests.test_serve import write_checkpoint, write_gallery
 
 TOKEN = "console-test-token"
+EVERY = 1  # --status-every: one status line per second that saw requests
+TOTAL = "(total: 22 requests, 0 errors)"
 
 
 @pytest.mark.ray
@@ -33,28 +36,38 @@ def test_serve_console_is_quiet_and_sigterm_stops_it(ray_cluster, tmp_path) -> N
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "raycmr"), "serve", "--checkpoint", str(tmp_path / "run"),
          "--index", str(tmp_path / "index"), "--port", str(port), "--replicas", "1",
-         "--max-replicas", "1", "--status-every", "2"],
+         "--max-replicas", "1", "--status-every", str(EVERY)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    printed: list[str] = []  # the console, line by line as it comes
+    reader = threading.Thread(target=lambda: printed.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, "".join(printed)
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "raycmr serve did not come up in 300 s"
-            time.sleep(1)
+            time.sleep(0.25)
         headers = {"Authorization": f"Bearer {TOKEN}"}
+        started = time.monotonic()
         statuses = [httpx.post(f"{url}/search", json={"text_feat": [0.1] * 8, "k": 3},
                                headers=headers, timeout=60).status_code for _ in range(20)]
         statuses.append(httpx.post(f"{url}/search", json={"k": 3}, timeout=60).status_code)
-        time.sleep(5)  # at least one status interval after the requests
+        # until a status line counts every request (20 searches, one 401, the first healthz)
+        while not any(TOTAL in line for line in printed):
+            assert time.monotonic() < started + 120, (statuses, "".join(printed))
+            time.sleep(0.1)
+        seconds = time.monotonic() - started
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    out = "".join(printed)
     lines = out.splitlines()
     assert proc.returncode == 0, out
     assert lines[-1] == "stopped", out
@@ -66,7 +79,8 @@ def test_serve_console_is_quiet_and_sigterm_stops_it(ray_cluster, tmp_path) -> N
     assert lines[2] == "token: from $RAYCMR_SERVE_TOKEN"
     assert lines[3].startswith("index: flat over")
     status = [ln for ln in lines if "requests/s" in ln]
-    assert 1 <= len(status) <= 6, out  # 20 searches, one 401, the first healthz 200
-    assert status[-1].endswith("(total: 22 requests, 0 errors)"), (statuses, out)
+    # at most one line per interval (one more for the healthz's, just before `started`)
+    assert 1 <= len(status) <= seconds / EVERY + 2, (seconds, out)
+    assert status[-1].endswith(TOTAL), (statuses, out)
     assert len(lines) <= 5 + len(status) + 1, out  # nothing else: no Serve or replica lines
     assert "ServeReplica" in log.read_text() or "serve" in log.read_text().lower()

@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import two_worker_run
 
 from raycmr.artifacts import load_slow_exported, read_state
 from raycmr.config import load_config
 from raycmr.configs.tiny import TINY_SLOW
-from raycmr.data.synthetic import write_synthetic_splits
 from raycmr.data.text import load_text_encoder
 from raycmr.data.transforms import preprocess_images
 from raycmr.evaluate import slow as slow_eval
@@ -22,24 +22,8 @@ BATCH = 16
 
 
 def _overrides(shards, storage, name):
-    return [
-        f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
-        "data.image_size=32", "data.max_text_len=16", "data.shuffle_buffer=32",
-        *TINY_SLOW, "slow.bidirectional=true",
-        "slow.val_queries=1000",
-        "train.num_workers=2", f"train.batch_size={BATCH}", "train.epochs=1",
-        "train.warmup_steps=2", "train.log_every=2", "train.max_failures=0",
-        f"train.storage_path={storage}", f"train.name={name}", "train.torch_threads=1",
-    ]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slow_shards")
-    # 2 workers x 4 batches x 16 rows = 128 rows per epoch
-    write_synthetic_splits(root, n_train=128, n_val=24, n_test=8, seed=5, image_size=32,
-                           rows_per_shard=64)
-    return root
+    return [*two_worker_run([shards / "train"], shards, storage, name, BATCH),
+            *TINY_SLOW, "slow.bidirectional=true", "slow.val_queries=1000"]
 
 
 def _run(overrides):
@@ -62,7 +46,8 @@ def _slow_only_from_export(ckpt, shards) -> dict[str, float]:
     return slow_eval.summary(slow_eval.slow_only_ranks(model, split), "t2i")
 
 
-def test_two_worker_slow_run_validates_and_resumes(ray_cluster, shards, tmp_path):
+def test_two_worker_slow_run_validates_and_resumes(ray_cluster, synthetic_shards, tmp_path):
+    shards = synthetic_shards
     storage = tmp_path / "runs"
     first = _run(_overrides(shards, storage, "first"))
     assert first.error is None

@@ -1,6 +1,6 @@
 """Ray Tune over whole training runs: space parsing and checks, the results writer, ASHA state
-rebuilt on resume, and one real experiment on a local Ray cluster -- 4 trials of a 1-worker
-TorchTrainer on tiny feature shards, 2 at a time, ASHA stopping the weak ones; killed once a
+rebuilt on resume, and one real experiment on a local Ray cluster -- 3 trials of a 1-worker
+TorchTrainer on tiny feature shards, 2 at a time, ASHA stopping the weak one; killed once a
 trial has finished, resumed with `raycmr tune --resume`, its best config trained again."""
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from raycmr.tune.spaces import DEFAULT_SPACE, check_search, default_space, param
 
 N_CLASSES, IMG_DIM, TXT_DIM = 4, 16, 8
 EPOCHS = 2  # ASHA rungs at epoch 1 (grace) and 2 (the budget)
-# Grid order is trial order: two learning rates that learn, then two that cannot, so that ASHA
-# (grace 1, reduction 2) has good values recorded at epoch 1 when the weak trials get there.
-LRS = [1e-2, 5e-3, 1e-7, 1e-7 / 2]
+# Grid order is trial order: two learning rates that learn, then one that cannot, so that ASHA
+# (grace 1, reduction 2) has good values recorded at epoch 1 when the weak trial gets there (it
+# starts once a good one has finished, 2 at a time: after the kill, from the resumed rungs).
+LRS = [1e-2, 5e-3, 1e-7]
 
 
 # ----------------------------------------------------------------------------- space parsing
@@ -382,7 +383,7 @@ def test_tune_asha_kill_resume_best_config(ray_cluster, feature_shards, tmp_path
             states = _trial_states(exp)
             if "TERMINATED" in states.values():
                 break
-            time.sleep(1)
+            time.sleep(0.25)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -403,16 +404,16 @@ def test_tune_asha_kill_resume_best_config(ray_cluster, feature_shards, tmp_path
     table = pd.read_csv(exp / report.RESULTS_CSV, keep_default_na=False, na_values=[""])
     assert pd.read_parquet(exp / report.RESULTS_PARQUET).shape == table.shape
     assert (exp / report.PLOT_PNG).stat().st_size > 1000
-    assert len(table) == 4 and set(finished) <= set(table["trial_id"])
+    assert len(table) == len(LRS) and set(finished) <= set(table["trial_id"])
     assert sorted(table["train.lr"]) == sorted(LRS)
     assert set(table["status"]) <= {"completed", "stopped"}, table.to_string()
     for t, (n, ckpts) in before.items():
         assert _lines(exp / t / "result.json") == n, f"finished trial {t} ran again"
         assert sorted(p.name for p in (exp / "train_runs" / t).glob("checkpoint_*")) == ckpts
-    # ASHA: the trials that cannot learn were stopped early, the best ran the whole budget
+    # ASHA: the trial that cannot learn was stopped early, the best ran the whole budget
     weak = table[table["train.lr"] < 1e-6]
-    assert (weak["epochs"] < EPOCHS).all() and (weak["status"] == "stopped").all(), \
-        table.to_string()
+    assert len(weak) == 1 and (weak["epochs"] < EPOCHS).all() \
+        and (weak["status"] == "stopped").all(), table.to_string()
     best = json.loads((exp / report.BEST_JSON).read_text())
     assert best["trial_id"] == table["trial_id"][0]
     assert best["epochs"] == EPOCHS and best["params"]["train.lr"] in LRS[:2]
@@ -437,5 +438,5 @@ def test_tune_asha_kill_resume_best_config(ray_cluster, feature_shards, tmp_path
                 if pg["state"] != "REMOVED"]
         if not live:
             break
-        time.sleep(1)
+        time.sleep(0.25)
     assert not live, live
