@@ -98,8 +98,16 @@ class ModelConfig:
 
 @dataclass
 class GRLConfig:
+    """The modality adversary (raycmr/losses/adversary.py). ``update``: ``confusion`` = two-player
+    (the discriminator learns on detached embeddings, the encoders are pushed to make it say 0.5);
+    ``reversal`` = one reversed gradient (the encoders maximise its loss; it swaps the modalities'
+    sides, kept for comparison). ``lambda`` (schedule) scales the encoders' part."""
+
     enabled: bool = False
     weight: float = 1.0
+    update: Literal["confusion", "reversal"] = "confusion"
+    label_smoothing: float = 0.0  # of the discriminator's targets (confusion update)
+    disc_lr_scale: float = 1.0  # the discriminator's learning rate = train.lr * this
     schedule: Literal["constant", "dann", "dynamic"] = "dann"  # "constant", "dann" or "dynamic"
     lambda_: float = 1.0  # constant schedule value
     gamma: float = 10.0  # DANN schedule steepness
@@ -654,5 +662,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"loss.distill.start is a fraction of the run's optimizer steps: "
                               f"0 <= start < 1, got {distill.start}")
     _validate_anchors(cfg)
+    if cfg.loss.grl.disc_lr_scale <= 0:
+        raise ConfigError(f"loss.grl.disc_lr_scale must be > 0 (the discriminator's learning rate "
+                          f"= train.lr * it), got {cfg.loss.grl.disc_lr_scale}")
+    if not 0.0 <= cfg.loss.grl.label_smoothing < 1.0:
+        raise ConfigError(f"loss.grl.label_smoothing must be in [0, 1) (0 = hard targets), got "
+                          f"{cfg.loss.grl.label_smoothing}")
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

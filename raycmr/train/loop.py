@@ -177,9 +177,8 @@ def build_engine(task: Task, cfg: Config, total_steps: int):
     import deepspeed
 
     module = task.build_module()
-    params = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=params, config=deepspeed_config(cfg, total_steps),
+        model=module, model_parameters=task.optimizer_groups(module), config=deepspeed_config(cfg, total_steps),
         dist_init_required=False,
     )
     return engine

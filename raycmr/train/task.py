@@ -82,6 +82,11 @@ class Task(ABC):
     @abstractmethod
     def build_module(self) -> nn.Module: ...
 
+    def optimizer_groups(self, module: nn.Module) -> list[Any]:
+        """What the optimizer updates: ``module``'s trainable parameters (default), or param
+        groups (dicts with their own ``lr``, scaled by the LR schedule like the rest)."""
+        return [p for p in module.parameters() if p.requires_grad]
+
     def setup(self, shards: dict[str, Any], seed: int) -> None:
         """Per-worker preparation after restore (default: nothing)."""
 

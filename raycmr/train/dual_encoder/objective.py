@@ -1,6 +1,6 @@
 """The training objective: dual encoder + the enabled losses, as one module DeepSpeed can wrap.
 
-    L = w_c * L_contrastive(global batch) + w_grl * L_adversary
+    L = w_c * L_contrastive(global batch) + w_grl * (L_D + lambda * L_confusion)   [ACMR]
       + (w_common * J_common + alpha * J_label + beta * J_invariance)     [DSCMR]
       + w_d * L_distill(local batch, frozen teacher)                       [Miech et al. 2021]
 
@@ -159,6 +159,22 @@ class CrossModalObjective(nn.Module):
                                          batch["attention_mask"])  # [B, m + 1]
         return restricted_distillation_loss(fast, slow, candidates, d.temperature, valid)
 
+    def adversary(self, img: torch.Tensor, txt: torch.Tensor, lambd: float
+                  ) -> dict[str, torch.Tensor]:
+        """The modality adversary's term (``adversary_total``, with grad; ``lambd`` scales the
+        encoders' part) and its detached parts: ``adversary`` (the discriminator's
+        cross-entropy), ``disc_acc`` and, for the confusion update, ``confusion``."""
+        from raycmr.losses.adversary import modality_adversary_loss, modality_confusion_losses
+
+        g = self.cfg.loss.grl
+        if g.update == "reversal":
+            adv, acc = modality_adversary_loss(self.discriminator, img, txt, lambd)
+            return {"adversary_total": adv, "adversary": adv.detach(), "disc_acc": acc}
+        disc_loss, confusion, acc = modality_confusion_losses(
+            self.discriminator, img, txt, g.label_smoothing)
+        return {"adversary_total": disc_loss + lambd * confusion, "adversary": disc_loss.detach(),
+                "confusion": confusion.detach(), "disc_acc": acc}
+
     def hard_negative_texts(self, batch: dict[str, torch.Tensor]
                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The perturbed captions of the batch (``neg_input_ids`` [B, k, L], from
@@ -196,11 +212,8 @@ class CrossModalObjective(nn.Module):
                 parts.update(hard_neg_unchanged=(~hard[1].any(1)).float().mean(),
                              hard_neg_per_caption=hard[1].float().sum(1).mean())
         if self.discriminator is not None:
-            from raycmr.losses.adversary import modality_adversary_loss
-
-            adv, acc = modality_adversary_loss(self.discriminator, img, txt, grl_lambda)
-            total = total + loss_cfg.grl.weight * adv
-            parts.update(adversary=adv.detach(), disc_acc=torch.as_tensor(acc).detach())
+            parts.update(self.adversary(img, txt, grl_lambda))
+            total = total + loss_cfg.grl.weight * parts.pop("adversary_total")
         if loss_cfg.dscmr.enabled:
             from raycmr.losses.dscmr import dscmr_loss
 

@@ -29,6 +29,19 @@ class DualEncoderTask(Task):
     def build_module(self) -> nn.Module:
         return CrossModalObjective(self.cfg)
 
+    def optimizer_groups(self, module: nn.Module) -> list[Any]:
+        """With the adversary, its discriminator in a group of its own at ``train.lr *
+        loss.grl.disc_lr_scale`` (the two players' learning rates, Heusel et al. 2017's two
+        time-scale rule); otherwise every trainable parameter at ``train.lr``."""
+        disc = getattr(module, "discriminator", None)
+        if disc is None or self.cfg.loss.grl.disc_lr_scale == 1.0:
+            return super().optimizer_groups(module)
+        mine = {id(p) for p in disc.parameters()}
+        rest = [p for p in module.parameters() if p.requires_grad and id(p) not in mine]
+        return [{"params": rest},
+                {"params": list(disc.parameters()),
+                 "lr": self.cfg.train.lr * self.cfg.loss.grl.disc_lr_scale}]
+
     def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         lam = grl_lambda_now(self.cfg, step)
         out = engine(batch, grl_lambda=lam, progress=step.progress)
