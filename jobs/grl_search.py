@@ -44,7 +44,7 @@ SPACE = {
     "loss.grl.label_smoothing": {"choice": [0.0, 0.2]},
 }
 GRL = {"loss.grl.enabled": True, "loss.grl.update": "confusion", "loss.grl.schedule": "dann"}
-KEYS = ("val_avg_map", "val_modality_gap", "train_disc_acc")
+KEYS = ("val_avg_map", "val_modality_gap", "train_disc_acc", "train_adversary")
 ACC_RANGE = (0.4, 0.6)
 
 
@@ -107,8 +107,9 @@ def search(out: Path, samples: int, epochs: int, concurrent: int) -> list[dict[s
 
 
 def seeds(out: Path, row: str, setting: dict[str, Any], n: int, epochs: int,
-          concurrent: int) -> list[dict[str, Any]]:
-    """``n`` seeds of one row, each with its last checkpoint's test avg mAP and gap."""
+          concurrent: int, done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``n`` seeds of one row, each with its last checkpoint's test avg mAP and gap (taken from
+    ``done``, the trials of an earlier invocation by checkpoint, when it evaluated it)."""
     from raycmr.evaluate.checkpoint import evaluate_checkpoint
 
     exp = tune_experiment(f"seeds_{row}", {
@@ -117,6 +118,9 @@ def seeds(out: Path, row: str, setting: dict[str, Any], n: int, epochs: int,
     trials = [{"row": row, **t} for t in finished(exp, epochs, ["train.seed"])
               if t["epochs"] >= epochs]
     for t in trials:
+        if "test_avg_map" in done.get(t["checkpoint"], {}):
+            t.update({k: done[t["checkpoint"]][k] for k in ("test_avg_map", "test_modality_gap")})
+            continue
         test = evaluate_checkpoint(t["checkpoint"], "test")
         t["test_avg_map"], t["test_modality_gap"] = test["avg_map"], test["modality_gap"]
     return trials
@@ -126,7 +130,8 @@ def table(trials: list[dict[str, Any]], labels: dict[str, str]) -> str:
     """Mean ± std per row; then each row's difference from ``none`` ± two standard errors."""
     keys = [("val_avg_map", "val avg mAP"), ("test_avg_map", "test avg mAP"),
             ("val_modality_gap", "val modality gap"), ("test_modality_gap", "test modality gap"),
-            ("train_disc_acc", "disc. acc (last epoch)")]
+            ("train_disc_acc", "disc. acc (last epoch)"),
+            ("train_adversary", "disc. cross-entropy (chance 0.693)")]
     text = ablate.markdown_table(trials, keys, labels)
     base = [t for t in trials if t["row"] == "none"]
     lines = ["", "| row | Δ val avg mAP vs none (± 2 s.e.) | Δ test avg mAP | Δ test gap |",
@@ -176,9 +181,11 @@ def main(argv: list[str]) -> int:
             "reversal": {"loss.grl.enabled": True, "loss.grl.update": "reversal"}}
     labels = {"none": "no adversary", "grl": "confusion update, chosen setting",
               "reversal": "reversed gradient (the old update), defaults"}
+    earlier = out / "trials.json"
+    done = {t["checkpoint"]: t for t in json.loads(earlier.read_text())} if earlier.exists() else {}
     trials: list[dict[str, Any]] = []
     for row in args.rows:
-        trials += seeds(out, row, rows[row], args.seeds, args.epochs, args.concurrent)
+        trials += seeds(out, row, rows[row], args.seeds, args.epochs, args.concurrent, done)
         (out / "trials.json").write_text(json.dumps(trials, indent=1))
         (out / "table.md").write_text(table(trials, labels))
         print(f"[grl] {row}: done at {time.time() - start:.0f} s", flush=True)

@@ -201,6 +201,36 @@ def test_confusion_update_gradients_equal_the_two_player_reference(num_logits: i
     assert img.grad.abs().max() > 1e-4  # a real gradient, not zeros on both sides
 
 
+def test_discriminator_learning_rate_is_its_own_group_through_deepspeeds_schedule() -> None:
+    """loss.grl.disc_lr_scale: the discriminator's parameters (and only they) in a group at
+    train.lr * scale, and DeepSpeed's WarmupCosineLR (the one raycmr configures) keeps that ratio
+    at every step."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from raycmr.config import load_config
+    from raycmr.train.dual_encoder.task import DualEncoderTask
+
+    cfg = load_config("wikipedia", ["loss.grl.enabled=true", "loss.grl.disc_lr_scale=3",
+                                    "train.lr=0.001"])
+    task = DualEncoderTask(cfg, {})
+    module = task.build_module()
+    rest, disc = task.optimizer_groups(module)
+    assert [id(p) for p in disc["params"]] == [id(p) for p in module.discriminator.parameters()]
+    assert {id(p) for p in rest["params"]} | {id(p) for p in disc["params"]} == \
+        {id(p) for p in module.parameters()} and "lr" not in rest
+    opt = torch.optim.AdamW([rest, disc], lr=cfg.train.lr)
+    sched = WarmupCosineLR(opt, total_num_steps=10, warmup_num_steps=2, cos_min_ratio=0.01)
+    seen = []
+    for _ in range(6):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[1]["lr"] == pytest.approx(3 * opt.param_groups[0]["lr"], rel=1e-12)
+        seen.append(opt.param_groups[0]["lr"])
+    assert len(set(seen)) > 2 and max(seen) > 0  # warm-up and decay both seen
+    plain = DualEncoderTask(load_config("wikipedia", ["loss.grl.enabled=true"]), {})
+    assert all(isinstance(p, torch.Tensor) for p in plain.optimizer_groups(plain.build_module()))
+
+
 # --------------------------------------------------------------------------------------- DSCMR
 
 
