@@ -27,6 +27,9 @@ def test_choose_prefers_the_best_trial_whose_discriminator_is_near_chance():
     assert grl_search.choose(trials[:1] + trials[3:], 12) == (trials[0], False)
     with pytest.raises(ValueError, match="no search trial ran every epoch"):
         grl_search.choose(trials[3:], 12)
+    # in range at any length: the early-stopped 0.30 one; none in range: None
+    assert grl_search.near_chance(trials) is trials[3]
+    assert grl_search.near_chance(trials[:1]) is None
 
 
 def test_difference_and_two_standard_errors_by_hand():
