@@ -103,8 +103,10 @@ def finished(exp, epochs: int, searched: list[str]) -> list[dict[str, Any]]:
         m = result.metrics
         trial = {"epochs": int(m.get("epoch", 0)), **{k: float(m[k]) for k in KEYS if k in m},
                  **{k: result.config[k] for k in searched if k in result.config}}
-        if result.checkpoint is not None and trial["epochs"] >= epochs:
-            trial["checkpoint"] = result.checkpoint.path
+        # the trial's Ray Train run reports its checkpoint in the metrics (raycmr.tune.runner)
+        checkpoint = m.get("checkpoint_path") or (result.checkpoint and result.checkpoint.path)
+        if checkpoint and trial["epochs"] >= epochs:
+            trial["checkpoint"] = str(checkpoint)
         out.append(trial)
     return out
 
@@ -135,6 +137,21 @@ def seeds(out: Path, row: str, setting: dict[str, Any], n: int, epochs: int,
         test = evaluate_checkpoint(t["checkpoint"], "test")
         t["test_avg_map"], t["test_modality_gap"] = test["avg_map"], test["modality_gap"]
     return trials
+
+
+def search_table(found: list[dict[str, Any]]) -> str:
+    """The search's trials, best last validation avg mAP first."""
+    head = ("| weight | alpha | gamma | disc. lr x | label smoothing | epochs run | val avg mAP "
+            "| val gap | disc. acc |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(found, key=lambda t: -t.get("val_avg_map", -1.0)):
+        lines.append(
+            f"| {t['loss.grl.weight']:.2f} | {t['loss.grl.alpha']:.2f} | "
+            f"{t['loss.grl.gamma']:.1f} | {t['loss.grl.disc_lr_scale']:.2f} | "
+            f"{t['loss.grl.label_smoothing']} | {t['epochs']} | {t.get('val_avg_map', math.nan):.3f}"
+            f" | {t.get('val_modality_gap', math.nan):.3f} | "
+            f"{t.get('train_disc_acc', math.nan):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(trials: list[dict[str, Any]], labels: dict[str, str]) -> str:
@@ -204,7 +221,8 @@ def main(argv: list[str]) -> int:
     for row in [r for r in args.rows if r in rows]:
         trials += seeds(out, row, rows[row], args.seeds, args.epochs, args.concurrent, done)
         (out / "trials.json").write_text(json.dumps(trials, indent=1))
-        (out / "table.md").write_text(table(trials, labels))
+        (out / "table.md").write_text(f"Search ({len(found)} trials, ASHA):\n\n"
+                                      f"{search_table(found)}\nSeeds:\n\n{table(trials, labels)}")
         print(f"[grl] {row}: done at {time.time() - start:.0f} s", flush=True)
     print((out / "table.md").read_text())
     return 0
