@@ -16,7 +16,7 @@ the quickstart's smoothed-max hand-over, ``loss.mh_warmup``; negatives gathered 
     mh_grl                   MH + the GRL modality adversary (loss.grl.enabled=true)
     mh_b16, mh_b32, mh_b128  MH at 16/32/128 pairs per worker (mh itself is 64): global batch x2
 
-Datasets: ``quickstart`` (synthetic shapes, tiny ViT + tiny BERT from scratch; text->image R@1
+Datasets: ``quickstart`` (synthetic shapes, the shipped quickstart config's towers; text->image R@1
 and rsum) and ``wikipedia`` (the Wikipedia features, MLP towers, contrastive loss alone, ranked
 in the common space; mAP both ways). Every number is the validation split's at the run's last
 epoch (nothing is selected with it). Per row: mean and sample standard deviation over seeds,

@@ -54,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     from raycmr.data.paths import ShardReadError
     from raycmr.data.schema import ShardSchemaError
     from raycmr.data.text import TokenizerError
+    from raycmr.serve.cli import ServeStartError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardReadError, ShardSchemaError, TokenizerError) as exc:
+    except (ConfigError, ShardReadError, ShardSchemaError, TokenizerError,
+            ServeStartError) as exc:
         print(f"raycmr: error: {exc}", file=sys.stderr)
         return 2
 
