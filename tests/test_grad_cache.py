@@ -10,8 +10,8 @@ unchunked one.
   discriminator, DSCMR's classifier), which get their gradient from the loss's backward.
 - With dropout the chunked step equals encoding the same chunks with graph under the same
   random state: each chunk's masks are replayed.
-- float32, the real DeepSpeed engine on the same 2 gloo ranks (ZeRO 0 and 1, the loop's
-  forward / task backward / ``engine.step()``): gradients and the parameters after three steps
+- float32, the real DeepSpeed engine on the same 2 gloo ranks (ZeRO 0 and 1, gradient
+  accumulation 1 and 2, the loop's forward / task backward / ``engine.step()``): gradients and the parameters after three steps
   equal the unchunked run's, with the same collectives (one gather, DeepSpeed's gradient
   reduction once per step however many chunks).
 """
@@ -48,9 +48,10 @@ KINDS = ("vse_mh", "infonce")  # InfoNCE: its learnable temperature is a loss pa
 SPLIT = (7, 5)  # rows on rank 0 and rank 1
 TOL64 = {"rtol": 1e-12, "atol": 1e-14}
 #: the real engine's runs: float32 (DeepSpeed reduces no float64 gradients), InfoNCE (a learnable
-#: temperature), ZeRO stage and loss.anchors of each setup, unchunked (None) and two chunk sizes
+#: temperature), (ZeRO stage, loss.anchors, train.grad_accum) of each setup, unchunked (None) and
+#: two chunk sizes
 ENGINE_OVERRIDES = ["train.precision=fp32", "loss.kind=infonce", "train.warmup_steps=1"]
-ENGINE_SETUPS = [(0, "global"), (0, "local"), (1, "local")]
+ENGINE_SETUPS = [(0, "global", 1), (0, "local", 1), (1, "local", 1), (0, "local", 2)]
 ENGINE_CHUNKS = (None, 3, 7)
 #: float32: the chunks add their gradients in another order than one pass, so the last bits
 #: differ; a lost or doubled chunk, or a mask not replayed, would not
@@ -187,9 +188,10 @@ def _torch_steps(rank, world):
 
 
 def _engine_steps(rank):
-    """Three real DeepSpeed steps of each setup (DeepSpeed's WarmupCosineLR gives the first
-    two the learning rate 0): every step's worker-averaged gradients after the backward, the
-    parameters after the steps, and the last step's collectives."""
+    """Three real DeepSpeed optimizer steps of each setup (DeepSpeed's WarmupCosineLR gives the
+    first two the learning rate 0): every micro-step's gradients after the backward
+    (worker-averaged at the accumulation boundary), the parameters after the steps, and the
+    last micro-step's collectives."""
     from deepspeed.utils import safe_get_full_grad
 
     from raycmr.train.loop import build_engine
@@ -203,10 +205,10 @@ def _engine_steps(rank):
              "group": torch.arange(rows) + 100 * rank,
              "label": torch.randint(0, 3, (rows,), generator=g)}
     results = {}
-    for stage, anchors in ENGINE_SETUPS:
+    for stage, anchors, accum in ENGINE_SETUPS:
         for chunk in ENGINE_CHUNKS:
             cfg = _cfg(*ENGINE_OVERRIDES, f"train.zero_stage={stage}", f"loss.anchors={anchors}",
-                       f"train.embed_chunk={chunk or 0}")
+                       f"train.grad_accum={accum}", f"train.embed_chunk={chunk or 0}")
             torch.manual_seed(0)
             task = make_task("dual_encoder", cfg)
             engine = build_engine(task, cfg, total_steps=10)
@@ -216,7 +218,7 @@ def _engine_steps(rank):
                 out = task.forward(engine, batch, StepInfo(0, engine.global_steps, 10, 0))
                 task.backward(engine, out)
 
-            for _ in range(3):
+            for _ in range(3 * accum):  # micro-steps of 3 optimizer steps
                 calls = _count(backward)
                 # the worker-averaged gradient (ZeRO 1: assembled from the partitions)
                 got["grads"].append({n: safe_get_full_grad(p).detach().clone()
@@ -227,7 +229,7 @@ def _engine_steps(rank):
                         calls.setdefault(who, {})[name] = calls.get(who, {}).get(name, 0) + n
             got["calls"] = calls  # the last step's
             got["params"] = _params(engine.module)
-            results[(stage, anchors, chunk)] = got
+            results[(stage, anchors, accum, chunk)] = got
     return results
 
 
@@ -268,13 +270,13 @@ def test_chunked_step_on_two_ranks_equals_unchunked(two_ranks, kind, anchors, ch
 
 
 @pytest.mark.parametrize("chunk", [c for c in ENGINE_CHUNKS if c])
-@pytest.mark.parametrize("stage, anchors", ENGINE_SETUPS)
-def test_chunked_deepspeed_step_equals_unchunked(two_ranks, stage, anchors, chunk):
+@pytest.mark.parametrize("setup", ENGINE_SETUPS, ids=lambda s: "zero{}-{}-accum{}".format(*s))
+def test_chunked_deepspeed_step_equals_unchunked(two_ranks, setup, chunk):
     """The loop's step with the real engine: the worker-averaged gradients of every step and
     the parameters after the steps equal the unchunked run's on every rank."""
     for rank, ranks in enumerate(two_ranks):
-        whole = ranks["engine"][(stage, anchors, None)]
-        got = ranks["engine"][(stage, anchors, chunk)]
+        whole = ranks["engine"][(*setup, None)]
+        got = ranks["engine"][(*setup, chunk)]
         for step, want in enumerate(whole["grads"]):
             assert set(got["grads"][step]) == set(want)
             # the loss's own parameters: temperature, classifier, discriminator
@@ -285,21 +287,21 @@ def test_chunked_deepspeed_step_equals_unchunked(two_ranks, stage, anchors, chun
         for name, p in whole["params"].items():
             torch.testing.assert_close(got["params"][name], p, **TOL32, msg=f"{rank} {name}")
             # every rank holds the same parameters after the step
-            assert torch.equal(p, two_ranks[0]["engine"][(stage, anchors, None)]["params"][name])
+            assert torch.equal(p, two_ranks[0]["engine"][(*setup, None)]["params"][name])
         assert max(float((p - whole["init"][n]).abs().max())
                    for n, p in whole["params"].items()) > 1e-4  # the steps moved them
 
 
-@pytest.mark.parametrize("stage, anchors", ENGINE_SETUPS)
-def test_chunked_step_makes_the_same_collectives(two_ranks, stage, anchors):
+@pytest.mark.parametrize("setup", ENGINE_SETUPS, ids=lambda s: "zero{}-{}-accum{}".format(*s))
+def test_chunked_step_makes_the_same_collectives(two_ranks, setup):
     """One gather (+ its backward all-reduce under local anchors) and DeepSpeed's gradient
     reduction once per step, however many chunks: the backward passes before the last run
     under ``engine.no_sync()``."""
     for ranks in two_ranks:
-        whole = ranks["engine"][(stage, anchors, None)]["calls"]
+        whole = ranks["engine"][(*setup, None)]["calls"]
         for chunk in ENGINE_CHUNKS[1:]:
-            assert ranks["engine"][(stage, anchors, chunk)]["calls"] == whole, (chunk, whole)
-        backward = {"local": {"all_reduce": 1}, "global": {}}[anchors]
+            assert ranks["engine"][(*setup, chunk)]["calls"] == whole, (chunk, whole)
+        backward = {"local": {"all_reduce": 1}, "global": {}}[setup[1]]
         assert whole["raycmr"] == {"all_gather": 1, **backward}
         assert whole["deepspeed"]
 
