@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss": got["losses"][-1], "base_mb": got["base_mb"]})
         print(f"embed_chunk={chunk}: step peak +{rows[-1]['peak_mb']:.1f} MB, "
               f"cpu {rows[-1]['cpu_ms']:.0f} ms", flush=True)
+        write_result(args.out, rows, {**vars(args), "partial": True})  # kept if stopped early
     towers = (f"MLP towers {args.input_dim}->{args.hidden}->{args.embed_dim}"
               if args.towers == "mlp" else
               f"ViT ({IMAGE} px, 64 patches) + BERT ({TOKENS} tokens), {args.layers} layers of "

@@ -327,3 +327,38 @@ def test_bad_embed_chunk_stops_with_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         _cfg(*overrides)
     assert "\n" not in str(info.value)
+
+
+def test_transformer_towers_chunked_step_equals_unchunked():
+    """ViT + BERT towers (``raycmr.configs.tiny``, 2 heads, padded captions; BERT's dropout
+    off: chunks draw other masks than one pass): the chunked step is the unchunked one."""
+    from raycmr.configs.tiny import TINY_TOWERS
+
+    no_dropout = ("model.text.hf_config={model_type: bert, vocab_size: 30522, hidden_size: 32, "
+                  "num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64, "
+                  "max_position_embeddings: 32, hidden_dropout_prob: 0.0, "
+                  "attention_probs_dropout_prob: 0.0}")
+    cfg = load_config(None, [*TINY_TOWERS, no_dropout, "data.image_size=32", "data.max_text_len=12",
+                             "model.embed_dim=8", "loss.kind=infonce", "train.batch_size=5"])
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(12) < torch.tensor([12, 7, 3, 12, 9])[:, None]).long()
+    batch = {"pixel_values": torch.randn(5, 3, 32, 32, generator=g, dtype=torch.float64),
+             "input_ids": torch.randint(0, 30522, (5, 12), generator=g) * mask,
+             "attention_mask": mask, "group": torch.arange(5), "label": torch.zeros(5).long()}
+    model = _model(cfg)
+    want = _step(model, lambda: model(batch, progress=0.5)["loss"])
+    model = _model(cfg)
+
+    def chunked():
+        cached = embed_without_graph(model.encoder, batch, 5, 2, torch.device("cpu"))
+        loss = model.losses(*cached.leaves, batch, progress=0.5)["loss"]
+        backward_through_chunks(model.encoder, loss, cached, lambda t, last: t.backward())
+        return loss.detach()
+
+    got = _step(model, chunked)
+    torch.testing.assert_close(got[0], want[0], **TOL64)
+    assert set(got[1]) == set(want[1]) and "encoder.logit_scale" in want[1]
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, **TOL64, msg=name)
+    # (no parameter check after AdamW here: the attention key biases' gradient is zero in exact
+    # arithmetic, softmax ignores them, and AdamW turns its rounding noise into +-lr steps)
