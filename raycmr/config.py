@@ -118,15 +118,16 @@ class DSCMRConfig:
 
 @dataclass
 class DistillConfig:
-    """Slow -> fast distillation (raycmr/losses/distill.py). One teacher: ``reranker`` (feature
-    shards: a one-vector reranker scores all B^2 pairs of the batch) or ``slow`` (image shards:
+    """Slow -> fast distillation (raycmr/losses/distill.py). One teacher: ``feature_teacher``
+    (feature shards: a cross-attention scorer of feature vectors scores all B^2 pairs of the
+    batch) or ``slow`` (image shards:
     the captioning model of a ``train.task=slow`` checkpoint scores each caption against its
     image and ``hard_negatives`` other in-batch images: the fast model's hardest ones
     (``candidates: hardest``, section 2.2 of Miech et al.) or uniformly random ones (``random``))."""
 
     enabled: bool = False
     weight: float = 1.0
-    reranker: str = ""  # feature shards: a directory written by `raycmr reranker` (save_reranker)
+    feature_teacher: str = ""  # feature shards: a directory written by `raycmr teacher`
     slow: str = ""  # image shards: a checkpoint of `raycmr train --config quickstart_slow`
     hard_negatives: int = 7  # slow teacher: m in-batch negative images per caption (B*(m+1) pairs)
     candidates: Literal["hardest", "random"] = "hardest"  # how the slow teacher's m are chosen
@@ -269,7 +270,7 @@ class ServeConfig:
     slow_checkpoint: str = ""
     max_batch_size: int = 16  # requests batched into one forward pass / FAISS search
     batch_wait_timeout_s: float = 0.01
-    use_gpu: bool = False  # query encoder and slow reranker on a GPU
+    use_gpu: bool = False  # query encoder and slow scorer on a GPU
     host: str = "127.0.0.1"  # HTTP host; 0.0.0.0 listens on every interface
     port: int = 8000
     # Replicas of every deployment at start (autoscaling between replicas and max_replicas):
@@ -471,7 +472,21 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+#: renamed key -> its new name; a config still setting the old one gets a one-line error
+RENAMED = {"loss.distill.reranker": "loss.distill.feature_teacher"}
+
+
+def _check_renamed(values: dict[str, Any]) -> None:
+    for old, new in RENAMED.items():
+        node: Any = values
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{old} was renamed {new}: set {new}={node} instead")
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
+    _check_renamed(values or {})
     dckt = (values or {}).get("dckt")
     if isinstance(dckt, dict) and "enabled" in dckt:
         if dckt["enabled"] not in (False, "false", "False", 0):
@@ -657,15 +672,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.label_temperature must be > 0, got {cfg.model.label_temperature}")
     distill = cfg.loss.distill
     if distill.enabled:
-        if bool(distill.reranker) == bool(distill.slow):
+        if bool(distill.feature_teacher) == bool(distill.slow):
             raise ConfigError(
-                "loss.distill.enabled needs one teacher: loss.distill.reranker=DIR (feature "
-                "shards, a directory written by `raycmr reranker --checkpoint CKPT --out DIR`) "
+                "loss.distill.enabled needs one teacher: loss.distill.feature_teacher=DIR (feature "
+                "shards, a directory written by `raycmr teacher --checkpoint CKPT --out DIR`) "
                 "or loss.distill.slow=CKPT (image shards, a checkpoint of `raycmr train "
-                "--config quickstart_slow`)" + (", not both" if distill.reranker else ""))
-        if distill.reranker and cfg.data.kind != "features":
-            raise ConfigError("loss.distill.reranker scores batch pairs with a reranker over stored "
-                              "image vectors: it needs data.kind=features (on image shards use "
+                "--config quickstart_slow`)" + (", not both" if distill.feature_teacher else ""))
+        if distill.feature_teacher and cfg.data.kind != "features":
+            raise ConfigError("loss.distill.feature_teacher scores batch pairs over stored image "
+                              "feature vectors: it needs data.kind=features (on image shards use "
                               "loss.distill.slow=CKPT, the captioning slow model)")
         if distill.slow:
             if cfg.data.kind != "images":

@@ -4,8 +4,8 @@
       + (w_common * J_common + alpha * J_label + beta * J_invariance)     [DSCMR]
       + w_d * L_distill(local batch, frozen teacher)                       [Miech et al. 2021]
 
-Distillation's teacher is either the one-vector reranker of ``loss.distill.reranker`` (feature
-shards; every (text, image) pair of the batch) or the captioning slow model of
+Distillation's teacher is either the feature teacher of ``loss.distill.feature_teacher``
+(feature shards; every (text, image) pair of the batch) or the captioning slow model of
 ``loss.distill.slow`` (image shards; each caption against its image and the
 ``loss.distill.hard_negatives`` hardest in-batch images by the fast scores, section 2.2).
 
@@ -31,37 +31,39 @@ from raycmr.train.contrastive import contrastive
 
 
 def load_teacher(cfg: Config) -> nn.Module:
-    """The frozen teacher of ``loss.distill``: the reranker (``reranker``, checked against the
-    feature sizes) or the slow model (``slow``, checked against the image and text inputs).
+    """The frozen teacher of ``loss.distill``: the feature teacher (``feature_teacher``, checked
+    against the feature sizes) or the slow model (``slow``, checked against the image and text
+    inputs).
 
     Built under a forked RNG: constructing it (random init before its weights load) must not
     move the random streams of the run (dropout, ...), so that a distilled run is the
     undistilled one until the distillation term starts (``loss.distill.start``)."""
     with torch.random.fork_rng(devices=[]):
-        teacher = load_slow_teacher(cfg) if cfg.loss.distill.slow else load_reranker_teacher(cfg)
+        teacher = load_slow_teacher(cfg) if cfg.loss.distill.slow else load_feature_teacher(cfg)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
 
 
-def load_reranker_teacher(cfg: Config) -> nn.Module:
-    from raycmr.artifacts import load_reranker
+def load_feature_teacher(cfg: Config) -> nn.Module:
+    """The feature teacher of ``loss.distill.feature_teacher``; it must read the same features."""
+    from raycmr import artifacts
     from raycmr.config import ConfigError
 
-    teacher = load_reranker(cfg.loss.distill.reranker)
-    rc = teacher.cfg
+    teacher = artifacts.load_feature_teacher(cfg.loss.distill.feature_teacher)
+    rc, path = teacher.cfg, cfg.loss.distill.feature_teacher
     if rc.query != "features" or rc.text_dim != cfg.model.text.input_dim \
             or rc.image_dim != cfg.model.image.input_dim:
         raise ConfigError(
-            f"loss.distill.reranker '{cfg.loss.distill.reranker}' scores {rc.query} queries of "
+            f"loss.distill.feature_teacher '{path}' scores {rc.query} queries of "
             f"{rc.text_dim}-d against {rc.image_dim}-d images; this model reads text_feat of "
             f"{cfg.model.text.input_dim}-d and image_feat of {cfg.model.image.input_dim}-d: "
-            "train the reranker on the same features")
+            "train the teacher on the same features")
     if rc.fast_weight > 0:
         raise ConfigError(
-            f"loss.distill.reranker '{cfg.loss.distill.reranker}' is a residual reranker "
-            f"(fast_weight {rc.fast_weight}): its score leans on a fast model, not a teacher of "
-            "one; train the teacher with `raycmr reranker ... --fast-weight 0`")
+            f"loss.distill.feature_teacher '{path}' is a residual "
+            f"model (fast_weight {rc.fast_weight}): its score leans on a fast model, not a "
+            "teacher of one; train the teacher with `raycmr teacher ... --fast-weight 0`")
     return teacher
 
 
