@@ -219,6 +219,10 @@ class TrainConfig:
     max_failures: int = 1  # automatic restarts after a worker failure
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
+    # GradCache (Gao et al. 2021, raycmr/train/grad_cache.py): embed the batch in chunks of this
+    # many rows without graph, take the loss's gradient w.r.t. the embeddings once, then
+    # re-encode each chunk with graph and its slice of that gradient; 0 = off
+    embed_chunk: int = 0
 
 
 @dataclass
@@ -597,6 +601,34 @@ def _validate_anchors(cfg: Config) -> None:
                               "loss.anchors=auto")
 
 
+def _validate_embed_chunk(cfg: Config) -> None:
+    """``train.embed_chunk`` (GradCache): a row count within the batch, on a model whose chunks
+    are independent and a DeepSpeed setup that reduces gradients once, after the last chunk."""
+    chunk, batch, t = cfg.train.embed_chunk, cfg.train.batch_size, cfg.train
+    if chunk == 0:
+        return
+    if not 0 < chunk <= batch:
+        raise ConfigError(f"train.embed_chunk is {chunk}: set 0 (off) or a row count from 1 to "
+                          f"the per-worker batch train.batch_size={batch}")
+    if t.task != "dual_encoder":
+        raise ConfigError(f"train.embed_chunk (GradCache) chunks the dual encoder's batch; "
+                          f"train.task={t.task} has no such step: set train.embed_chunk=0")
+    if t.zero_stage >= 2:
+        raise ConfigError(f"train.embed_chunk re-encodes the batch chunk by chunk, each with its "
+                          f"own backward; ZeRO stage {t.zero_stage} reduces gradients inside "
+                          "every backward: set train.zero_stage to 0 or 1, or train.embed_chunk=0")
+    if t.precision == "fp16":
+        raise ConfigError("train.embed_chunk with train.precision=fp16 would apply the loss scale "
+                          "twice (loss, then chunks): use bf16 or fp32, or train.embed_chunk=0")
+    for tower in ("image", "text"):
+        if cfg.get(f"model.{tower}.input_norm") == "batchnorm" or \
+                cfg.get(f"model.{tower}.kind") == "cnn":
+            raise ConfigError(f"train.embed_chunk with model.{tower} (BatchNorm): a chunk's batch "
+                              "statistics are not the batch's, so the chunked step is another "
+                              f"step; use an MLP/transformer tower without BatchNorm or set "
+                              "train.embed_chunk=0")
+
+
 def _validate_hard_negatives(cfg: Config) -> None:
     hard = cfg.data.hard_negatives
     if hard.kind == "none":
@@ -683,5 +715,6 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.loss.grl.label_smoothing < 1.0:
         raise ConfigError(f"loss.grl.label_smoothing must be in [0, 1) (0 = hard targets), got "
                           f"{cfg.loss.grl.label_smoothing}")
+    _validate_embed_chunk(cfg)
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

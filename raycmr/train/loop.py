@@ -186,12 +186,13 @@ def build_engine(task: Task, cfg: Config, total_steps: int):
 
 def train_step(engine, task: Task, batch: Any, info: StepInfo,
                timer: StepTimer | None = None) -> dict[str, torch.Tensor]:
-    """One micro-step: the task's forward, DeepSpeed's backward and step (which steps the
-    optimizer every ``grad_accum`` micro-steps); ``timer`` laps each phase."""
+    """One micro-step: the task's forward and backward (DeepSpeed's, unless the task has its
+    own) and DeepSpeed's step (which steps the optimizer every ``grad_accum`` micro-steps);
+    ``timer`` laps each phase."""
     timer = timer or StepTimer()
     out = task.forward(engine, batch, info)
     timer.lap("forward")
-    engine.backward(out["loss"])
+    task.backward(engine, out)
     timer.lap("backward")
     engine.step()
     timer.lap("optimizer")

@@ -199,8 +199,14 @@ class CrossModalObjective(nn.Module):
                 progress: float = 1.0):
         """Returns a dict: ``loss`` (the total, with grad) and detached parts for logging.
         ``progress`` (optimizer steps done / total) drives the MH warm-up's hand-over."""
-        loss_cfg = self.cfg.loss
         img, txt = self.encoder(batch)
+        return self.losses(img, txt, batch, grl_lambda, progress)
+
+    def losses(self, img: torch.Tensor, txt: torch.Tensor, batch: dict[str, torch.Tensor],
+               grl_lambda: float = 0.0, progress: float = 1.0):
+        """:meth:`forward` from the batch's embeddings ``img``, ``txt`` (GradCache computes
+        them chunk by chunk without graph, :mod:`raycmr.train.grad_cache`)."""
+        loss_cfg = self.cfg.loss
         parts: dict[str, torch.Tensor] = {}
         total = img.new_zeros(())
         if loss_cfg.kind != "none":
