@@ -31,26 +31,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 try:  # `python -m benchmarks.bench_global_negatives` from the repo root
-    from benchmarks.common import print_table, write_result
+    from benchmarks.common import parse_bench_args, print_table, save_run
     from benchmarks.raybench import med, spread
+    from benchmarks.spawned import gloo_rank, run_spawned
 except ImportError:  # `python benchmarks/bench_global_negatives.py`
-    from common import print_table, write_result
+    from common import parse_bench_args, print_table, save_run
     from raybench import med, spread
+    from spawned import gloo_rank, run_spawned
 
 from raycmr.config import load_config
-from raycmr.distributed import end_spawned_process
 from raycmr.train.dual_encoder.objective import CrossModalObjective
 
 NAME = "bench_global_negatives"
@@ -79,13 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="real 2-worker raycmr train runs instead of the harness")
     p.add_argument("--rows", type=int, default=2048, help="--trainer: training rows per epoch")
     p.add_argument("--epochs", type=int, default=3, help="--trainer: epochs per run (>= 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
-    args = p.parse_args(argv)
-    if args.small:
-        args.configs = ["quickstart:64", "features:64", "features:512"]
-        args.rounds, args.block, args.feature_block = 6, 2, 20
-    return args
+    return parse_bench_args(p, argv, NAME, small={
+        "configs": ["quickstart:64", "features:64", "features:512"], "rounds": 6, "block": 2,
+        "feature_block": 20})
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -107,10 +101,7 @@ def _batch(model: str, cfg, batch: int, rank: int) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(job["threads"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, job["threads"]):
         name, overrides = MODELS[job["model"]]
         cfg = load_config(name, overrides + [f"loss.kind={job['loss']}",
                                              f"train.batch_size={job['batch']}"])
@@ -150,9 +141,6 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str
         if rank == 0:
             Path(out_path).write_text(json.dumps({"records": records, "collectives": {
                 "on": collectives[True], "off": collectives[False]}}))
-    finally:
-        dist.destroy_process_group()
-    end_spawned_process()
 
 
 def count_collectives(fn) -> int:
@@ -178,18 +166,8 @@ def count_collectives(fn) -> int:
     return calls[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_harness(job: dict[str, Any]) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "records.json")
-        mp.start_processes(_worker, args=(2, _free_port(), job, path), nprocs=2, join=True,
-                           start_method="spawn")
-        return json.loads(Path(path).read_text())
+def run_harness(job: dict[str, Any]) -> dict[str, Any]:
+    return run_spawned(_worker, 2, job)
 
 
 def paired_ratios(records: list[dict[str, Any]], key: str) -> list[float]:
@@ -327,14 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     text = print_table(rows, columns, title=title, formats=formats)
     print("\n" + "\n".join(summary))
-    meta = dict(vars(args))
-    meta.update({"title": text.splitlines()[0], "summary": summary, "columns": columns,
-                 "formats": formats, "method": method, "raw": raw,
-                 "timing": "on/off blocks alternated (ABBA) in the same processes; medians"
-                 if method == "harness" else "runs alternated on/off, off/on; medians"})
-    path = write_result(args.out, rows, meta)
-    print(f"\nwrote {path}")
-    return 0
+    return save_run(args, rows, {
+        "title": text.splitlines()[0], "summary": summary, "columns": columns,
+        "formats": formats, "method": method, "raw": raw,
+        "timing": "on/off blocks alternated (ABBA) in the same processes; medians"
+        if method == "harness" else "runs alternated on/off, off/on; medians"})
 
 
 if __name__ == "__main__":

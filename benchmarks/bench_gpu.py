@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 try:  # `python -m benchmarks.bench_gpu` from the repo root
-    from benchmarks.common import median_of, print_table, set_threads, write_result
+    from benchmarks.common import median_of, parse_bench_args, print_table, save_run, set_threads
 except ImportError:  # `python benchmarks/bench_gpu.py`
-    from common import median_of, print_table, set_threads, write_result
+    from common import median_of, parse_bench_args, print_table, save_run, set_threads
 
 from raycmr.config import load_config
 from raycmr.configs.tiny import HF_TOWERS
@@ -96,12 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-cpu", action="store_true",
                    help="run every code path on the CPU (a smoke test of this script; the "
                         "numbers mean nothing)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
-    args = p.parse_args(argv)
-    if args.small:
-        args.configs, args.sizes, args.repeats = ["quickstart:256", "base:64"], [100_000], 3
-    return args
+    return parse_bench_args(p, argv, NAME, small={
+        "configs": ["quickstart:256", "base:64"], "sizes": [100_000], "repeats": 3})
 
 
 def peak_flops(name: str, override_tflops: float) -> float | None:
@@ -285,15 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     summary += [f"N={r['N']:,} {r['config']}: {r['x_cpu']:.1f}x FAISS CPU"
                 for r in search_rows if r.get("x_cpu") and r["x_cpu"] != 1.0]
     print("\n" + "\n".join(summary))
-    meta = dict(vars(args))
-    meta.update({"title": text.splitlines()[0], "summary": summary, "columns": train_cols,
-                 "search_columns": search_cols, "formats": formats, "device": name,
-                 "peak_flops": peak,
-                 "cuda": torch.version.cuda, "threads_applied": threads,
-                 "flops": "torch.utils.flop_counter.FlopCounterMode, one forward + backward"})
-    path = write_result(args.out, rows + search_rows, meta)
-    print(f"\nwrote {path}")
-    return 0
+    return save_run(args, rows + search_rows, {
+        "title": text.splitlines()[0], "summary": summary, "columns": train_cols,
+        "search_columns": search_cols, "formats": formats, "device": name, "peak_flops": peak,
+        "cuda": torch.version.cuda, "threads_applied": threads,
+        "flops": "torch.utils.flop_counter.FlopCounterMode, one forward + backward"})
 
 
 if __name__ == "__main__":

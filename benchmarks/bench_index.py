@@ -48,9 +48,9 @@ import faiss
 import numpy as np
 
 try:  # `python -m benchmarks.bench_index` from the repo root
-    from benchmarks.common import print_table, set_threads, time_interleaved, write_result
+    from benchmarks import common
 except ImportError:  # `python benchmarks/bench_index.py`
-    from common import print_table, set_threads, time_interleaved, write_result
+    import common
 
 from raycmr.config import IndexConfig
 from raycmr.index.faiss_index import build_index, clamp_nlist, recall_at_k, search
@@ -91,11 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "searching an image gallery); the first --queries rows are used")
     p.add_argument("--embedding-sizes", type=int, nargs="+", default=[0],
                    help="with --embeddings: galleries of the first n rows (0 = all rows)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
-    args = p.parse_args(argv)
-    if args.small:
-        args.sizes = [20_000, 100_000]
+    args = common.parse_bench_args(p, argv, NAME, small={"sizes": [20_000, 100_000]})
     args.sizes = [n for n in args.sizes if n > 0]
     if not args.sizes and not args.embeddings:
         p.error("nothing to measure: give --sizes or --embeddings")
@@ -214,7 +210,7 @@ def bench_dataset(data: str, gallery: np.ndarray, queries: np.ndarray,
         ids = fn()[1]
         recalls[params] = recall_at_k(ids, exact_ids, k)
         score_recalls[params] = score_recall(gallery, queries, ids, exact_scores, k)
-    times = time_interleaved({params: fn for _, params, _, fn in variants}, args.repeats,
+    times = common.time_interleaved({params: fn for _, params, _, fn in variants}, args.repeats,
                              warmup=0)  # the recall calls above were the warm-up
     flat_times = times.get("IndexFlatIP")
     rows: list[dict[str, Any]] = []
@@ -269,7 +265,7 @@ def bench_embeddings(args: argparse.Namespace, rng: np.random.Generator) -> list
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = set_threads(args.threads)
+    threads = common.set_threads(args.threads)
     load_at_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     print(f"threads pinned to {args.threads}: {threads}; queries={args.queries} k={args.k} "
           f"repeats={args.repeats} (median)", flush=True)
@@ -289,24 +285,20 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
     if args.embeddings:
         rows += bench_embeddings(args, rng)
-    meta = {k: v for k, v in vars(args).items()}
-    meta.update({"threads_applied": threads,
-                 "search_timing": f"all queries in one call; {args.repeats} rounds after a warm-up "
-                 "round, every variant once per round (interleaved); search_s = median; x_flat = "
-                 "median over rounds of t_flat / t_variant", "build_timing": "once",
-                 "loadavg_at_start": load_at_start,
-                 "faiss_version": faiss.__version__})
+    meta = {"threads_applied": threads,
+            "search_timing": f"all queries in one call; {args.repeats} rounds after a warm-up "
+            "round, every variant once per round (interleaved); search_s = median; x_flat = "
+            "median over rounds of t_flat / t_variant", "build_timing": "once",
+            "loadavg_at_start": load_at_start, "faiss_version": faiss.__version__}
     print()
-    print_table(rows, ["data", "N", "method", "params", "build_s", "search_s", "qps",
+    common.print_table(rows, ["data", "N", "method", "params", "build_s", "search_s", "qps",
                        f"recall@{args.k}", f"score_recall@{args.k}", "x_flat"],
                 formats={f"recall@{args.k}": ".3f", f"score_recall@{args.k}": ".3f",
                          "x_flat": ".2f", "qps": ",.0f",
                          "build_s": ".2f", "search_s": ".3f"},
                 title=f"index search, dim={args.dim}, {args.queries} queries, k={args.k}, "
                       f"{args.threads} threads")
-    path = write_result(args.out, rows, meta)
-    print(f"\nwrote {path}")
-    return 0
+    return common.save_run(args, rows, meta)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 try:  # `python -m benchmarks.bench_ingest` from the repo root
-    from benchmarks.common import print_table, set_threads, write_result
+    from benchmarks.common import parse_bench_args, print_table, save_run, set_threads
     from benchmarks.raybench import (
         QUICKSTART,
         interleave,
@@ -55,7 +55,7 @@ try:  # `python -m benchmarks.bench_ingest` from the repo root
         synthetic_shards,
     )
 except ImportError:  # `python benchmarks/bench_ingest.py`
-    from common import print_table, set_threads, write_result
+    from common import parse_bench_args, print_table, save_run, set_threads
     from raybench import QUICKSTART, interleave, med, spread, start_local_ray, synthetic_shards
 
 from raycmr.config import DataConfig, load_config
@@ -78,12 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the train step")
     p.add_argument("--train-steps", type=int, default=8, help="steps per timed train block")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
-    args = p.parse_args(argv)
-    if args.small:
-        args.rows, args.repeats, args.train_steps = 2000, 3, 4
-    return args
+    return parse_bench_args(p, argv, NAME, small={"rows": 2000, "repeats": 3, "train_steps": 4})
 
 
 def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -258,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                        title=f"ingest, {args.rows} rows of 64 px PNG + captions, "
                              f"batch {args.batch}, medians of {args.repeats} rounds")
     print("\n" + "\n".join(summary))
-    meta = dict(vars(args))
-    meta.update({
+    return save_run(args, rows, {
         "title": text.splitlines()[0], "summary": summary, "columns": columns,
         "formats": formats, "ray_data_plans": plans, "ray_over_torch_iterable": rate["ray_data"] / rate["torch_iterable"],
         "ray_over_torch_map": rate["ray_data"] / rate["torch_map"],
@@ -270,9 +264,6 @@ def main(argv: list[str] | None = None) -> int:
         "timing": "one full pass per round incl. its start-up; arms in rotation after one "
                   "warm-up round; medians",
     })
-    path = write_result(args.out, rows, meta)
-    print(f"\nwrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,23 +26,22 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 try:  # `python -m benchmarks.bench_loss_scaling` from the repo root
     from benchmarks.common import REPO_ROOT, print_table, write_result
     from benchmarks.raybench import med, spread
+    from benchmarks.spawned import gloo_rank, run_spawned
 except ImportError:  # `python benchmarks/bench_loss_scaling.py`
     from common import REPO_ROOT, print_table, write_result
     from raybench import med, spread
+    from spawned import gloo_rank, run_spawned
 
-from raycmr.distributed import end_spawned_process
 from raycmr.losses.batch import global_batch
 from raycmr.losses.contrastive import infonce_loss, vse_loss
 
@@ -80,10 +79,7 @@ def _loss(kind: str, batch) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(job["threads"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, job["threads"]):
         b, d = job["batch"], job["dim"]
         g = torch.Generator().manual_seed(rank)
         img, txt = (torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
@@ -111,22 +107,10 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str
         dist.all_gather_object(parts, {"wall": walls, "cpu": cpus, "peak_mb": peak})
         if rank == 0:
             Path(out_path).write_text(json.dumps(parts))
-    finally:
-        dist.destroy_process_group()
-    end_spawned_process()
 
 
 def measure(world: int, job: dict[str, Any]) -> list[dict[str, Any]]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "ranks.json")
-        mp.start_processes(_worker, args=(world, port, job, path), nprocs=world, join=True,
-                           start_method="spawn")
-        return json.loads(Path(path).read_text())
+    return run_spawned(_worker, world, job)
 
 
 def projection(kind: str, anchors: str, workers: int, b: int, d: int,

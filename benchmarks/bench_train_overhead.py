@@ -51,6 +51,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,29 +62,11 @@ import torch
 import torch.distributed as dist
 
 try:  # `python -m benchmarks.bench_train_overhead` from the repo root
-    from benchmarks.common import print_table, set_threads, write_result
-    from benchmarks.raybench import (
-        QUICKSTART,
-        fit_with_epoch_metrics,
-        interleave,
-        med,
-        spread,
-        start_local_ray,
-        synthetic_shards,
-        tiny_run_overrides,
-    )
+    from benchmarks import raybench
+    from benchmarks.common import parse_bench_args, print_table, save_run, set_threads
 except ImportError:  # `python benchmarks/bench_train_overhead.py`
-    from common import print_table, set_threads, write_result
-    from raybench import (
-        QUICKSTART,
-        fit_with_epoch_metrics,
-        interleave,
-        med,
-        spread,
-        start_local_ray,
-        synthetic_shards,
-        tiny_run_overrides,
-    )
+    import raybench
+    from common import parse_bench_args, print_table, save_run, set_threads
 
 from raycmr.config import Config, load_config, with_overrides
 from raycmr.data.pipeline import TENSOR_COLUMNS, build_dataset, iter_worker_batches
@@ -120,11 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        for k, v in RUN_VARIANTS.items()))
     p.add_argument("--no-data-arms", dest="data_arms", action="store_false",
                    help="leave out the in-process DeepSpeed + Ray Data arms")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
-    args = p.parse_args(argv)
-    if args.small:
-        args.rows, args.epochs, args.rounds, args.data_arms = 1024, 3, 1, False
+    args = parse_bench_args(p, argv, NAME, small={"rows": 1024, "epochs": 3, "rounds": 1,
+                                                  "data_arms": False})
     if args.epochs < 2:
         p.error("--epochs must be >= 2: epoch 1 is start-up and is not counted")
     return args
@@ -191,6 +171,25 @@ def init_single_process_group() -> None:
                             world_size=1)
 
 
+def timed_step(forward: Callable[[], dict], backward: Callable[[torch.Tensor], Any],
+               optimize: Callable[[], Any], logged: dict[str, float],
+               phases: dict[str, float] | None) -> None:
+    """One training step, ``forward()`` -> outputs, ``backward(loss)``, ``optimize()``: the
+    outputs' values go to ``logged``; with ``phases``, each phase's seconds are added to it."""
+    t0 = time.perf_counter()
+    out = forward()
+    t1 = time.perf_counter()
+    backward(out["loss"])
+    t2 = time.perf_counter()
+    optimize()
+    t3 = time.perf_counter()
+    logged.update((k, float(v.detach())) for k, v in out.items())
+    if phases is not None:
+        for name, dt in zip(("forward", "backward", "optimizer", "bookkeeping"),
+                            (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            phases[name] += dt
+
+
 def step_profile(phase_s: dict[str, dict[str, float]], phase_steps: dict[str, int],
                  raycmr_epochs: list[dict[str, Any]], steps_per_epoch: int
                  ) -> list[dict[str, Any]]:
@@ -234,13 +233,13 @@ def profile_summary(profile: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wall0 = time.perf_counter()
-    shards = synthetic_shards(args.rows, 64, rows_per_shard=max(args.rows // 4, 64),
+    shards = raybench.synthetic_shards(args.rows, 64, rows_per_shard=max(args.rows // 4, 64),
                               seed=args.seed)
-    cfg = load_config(QUICKSTART, tiny_run_overrides(
+    cfg = load_config(raybench.QUICKSTART, raybench.tiny_run_overrides(
         shards, workers=1, batch=args.batch, epochs=args.epochs, threads=args.threads))
     files = sorted(str(p) for p in Path(shards, "train").glob("*.parquet"))
     # as raycmr.runtime.init_ray: at least workers + 2 logical CPUs (Ray Data tasks beside)
-    start_local_ray(max(os.cpu_count() or 1, cfg.train.num_workers + 2))
+    raybench.start_local_ray(max(os.cpu_count() or 1, cfg.train.num_workers + 2))
     threads = set_threads(args.threads)
     print(f"{args.rows} rows/epoch, batch {args.batch}, {args.threads} torch thread(s), "
           f"raycmr runs of {args.epochs} epochs ({', '.join(args.read_paths)} read paths), "
@@ -269,22 +268,17 @@ def main(argv: list[str] | None = None) -> int:
                                             for a in ("plain+dataloader", "deepspeed")}
     phase_steps: dict[str, int] = dict.fromkeys(phase_s, 0)
 
-    def plain_step(batch: dict, phases: dict[str, float] | None = None) -> None:
-        t0 = time.perf_counter()
-        out = plain_model(batch)
-        t1 = time.perf_counter()
+    def plain_backward(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        t2 = time.perf_counter()
+        loss.backward()
+
+    def plain_optimize() -> None:
         torch.nn.utils.clip_grad_norm_(plain_model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
-        t3 = time.perf_counter()
-        logged.update((k, float(v.detach())) for k, v in out.items())
-        if phases is not None:
-            for name, dt in zip(("forward", "backward", "optimizer", "bookkeeping"),
-                                (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
-                phases[name] += dt
+
+    def plain_step(batch: dict, phases: dict[str, float] | None = None) -> None:
+        timed_step(lambda: plain_model(batch), plain_backward, plain_optimize, logged, phases)
 
     def plain_epoch() -> None:
         plain_model.train()
@@ -316,18 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         config=deepspeed_config(cfg, total_steps), dist_init_required=False)
 
     def ds_step(batch: dict, phases: dict[str, float] | None = None) -> None:
-        t0 = time.perf_counter()
-        out = engine(batch)
-        t1 = time.perf_counter()
-        engine.backward(out["loss"])
-        t2 = time.perf_counter()
-        engine.step()
-        t3 = time.perf_counter()
-        logged.update((k, float(v.detach())) for k, v in out.items())
-        if phases is not None:
-            for name, dt in zip(("forward", "backward", "optimizer", "bookkeeping"),
-                                (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
-                phases[name] += dt
+        timed_step(lambda: engine(batch), engine.backward, engine.step, logged, phases)
 
     def ds_epoch() -> None:
         engine.train()
@@ -370,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in arms}
 
     def in_process_rounds(when: str) -> None:
-        got = interleave(arms, repeats=args.rounds, warmup=0)
+        got = raybench.interleave(arms, repeats=args.rounds, warmup=0)
         for name, values in got.items():
             times[name] += values
         rounded = {k: [round(t, 1) for t in v] for k, v in got.items()}
@@ -380,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     fits: dict[str, dict[str, Any]] = {}
     for path in args.read_paths:
         fit_start = time.perf_counter()
-        _, epochs = fit_with_epoch_metrics(with_overrides(cfg, RUN_VARIANTS[path]))
+        _, epochs = raybench.fit_with_epoch_metrics(with_overrides(cfg, RUN_VARIANTS[path]))
         steady = [e for e in epochs if int(e.get("epoch", 0)) >= 2 and "samples_per_s" in e]
         if not steady:
             raise SystemExit(f"the raycmr run ({path}) reported no epoch >= 2: {epochs}")
@@ -419,15 +402,15 @@ def main(argv: list[str] | None = None) -> int:
         "raycmr_v1_noshuffle": "raycmr train as shipped but data.shuffle_buffer=0 (no local "
                                "shuffle in the training process)",
     }
-    base = med(rate["plain"])
+    base = raybench.med(rate["plain"])
     rows: list[dict[str, Any]] = []
     for arm, values in rate.items():
         fb = first_batch.get(arm, []) if arm in times else []
         rows.append({"arm": arm, "what": what[arm], "epochs": len(values),
-                     "samples_per_s": med(values), "spread": spread(values),
-                     "epoch_s": med(epoch_s[arm]),
-                     "first_batch_s": med(fb[-len(values):]) if fb else None,
-                     "x_plain": med(values) / base})
+                     "samples_per_s": raybench.med(values), "spread": raybench.spread(values),
+                     "epoch_s": raybench.med(epoch_s[arm]),
+                     "first_batch_s": raybench.med(fb[-len(values):]) if fb else None,
+                     "x_plain": raybench.med(values) / base})
     x = {r["arm"]: r["x_plain"] for r in rows}
     by_arm = {r["arm"]: r for r in rows}
     summary = [
@@ -479,8 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(profile, profile_table["columns"], formats=profile_table["formats"],
                 title=profile_table["title"])
     print("\n" + "\n".join(summary))
-    meta = dict(vars(args))
-    meta.update({
+    return save_run(args, rows, {
         "title": text.splitlines()[0], "summary": summary, "columns": columns,
         "formats": formats, "x_plain": x, "gap_parts": parts, "threads_applied": threads,
         "extra_tables": [profile_table],
@@ -492,9 +474,6 @@ def main(argv: list[str] | None = None) -> int:
                   "after the raycmr runs; raycmr: reported samples_per_s of epochs >= 2; "
                   "medians",
     })
-    path = write_result(args.out, rows, meta)
-    print(f"\nwrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,22 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 try:  # `python -m benchmarks.bench_validation` from the repo root
     from benchmarks.common import print_table, write_result
     from benchmarks.raybench import med, spread
+    from benchmarks.spawned import gloo_rank, run_spawned
 except ImportError:  # `python benchmarks/bench_validation.py`
     from common import print_table, write_result
     from raybench import med, spread
+    from spawned import gloo_rank, run_spawned
 
 from raycmr import distributed
 from raycmr.config import load_config
@@ -74,10 +73,7 @@ def _batches(cfg, rows: int, batch: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(job["threads"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, job["threads"]):
         cfg = load_config("quickstart", [])
         torch.manual_seed(0)
         encoder = DualEncoder(cfg.model, temperature=cfg.loss.temperature).eval()
@@ -111,26 +107,13 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out_path: str
         if rank == 0:
             same = results["sharded"] == {f"val_{k}": v for k, v in results["whole"].items()}
             Path(out_path).write_text(json.dumps({"records": records, "same_metrics": same}))
-    finally:
-        dist.destroy_process_group()
-    distributed.end_spawned_process()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     job = vars(args)
     load_start = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "records.json")
-        mp.start_processes(_worker, args=(2, _free_port(), job, path), nprocs=2, join=True,
-                           start_method="spawn")
-        result = json.loads(Path(path).read_text())
+    result = run_spawned(_worker, 2, job)
     records = result["records"]
     by_round = {}
     for rec in records:

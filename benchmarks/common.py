@@ -7,6 +7,7 @@ so numbers are never separated from the conditions that produced them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -151,6 +152,25 @@ def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | N
     }
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv: list[str] | None, name: str,
+                     small: dict[str, Any]) -> argparse.Namespace:
+    """``p``'s arguments plus ``--seed`` and ``--out`` (the result's name, default ``name``),
+    parsed from ``argv``; with ``--small`` (an argument of ``p``) the values of ``small``."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=name, help="result name under benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.small:
+        vars(args).update(small)
+    return args
+
+
+def save_run(args: argparse.Namespace, rows: list[dict[str, Any]], meta: dict[str, Any]) -> int:
+    """Write the result ``args.out`` (its meta: ``args`` and ``meta``), say where; returns 0."""
+    path = write_result(args.out, rows, {**vars(args), **meta})
+    print(f"\nwrote {path}")
+    return 0
 
 
 def _fmt(value: Any) -> str:

@@ -13,10 +13,11 @@ the quickstart's smoothed-max hand-over, ``loss.mh_warmup``; negatives gathered 
     soft_fixed               MH's smoothed max kept at tau 0.05 (the control: is it MH or the
                              smoothing with a margin that trains?)
     mh_local                 MH with each worker's own negatives only (loss.global_negatives=false)
-    mh_grl                   MH + the GRL modality adversary (loss.grl.enabled=true)
+    mh_grl                   MH + the GRL modality adversary, one reversed gradient
+                             (loss.grl.update=reversal; the two-player update: grl_search.py)
     mh_b16, mh_b32, mh_b128  MH at 16/32/128 pairs per worker (mh itself is 64): global batch x2
 
-Datasets: ``quickstart`` (synthetic shapes, tiny ViT + tiny BERT from scratch; text->image R@1
+Datasets: ``quickstart`` (synthetic shapes, the shipped quickstart config's towers; text->image R@1
 and rsum) and ``wikipedia`` (the Wikipedia features, MLP towers, contrastive loss alone, ranked
 in the common space; mAP both ways). Every number is the validation split's at the run's last
 epoch (nothing is selected with it). Per row: mean and sample standard deviation over seeds,
@@ -58,7 +59,9 @@ ROWS = [
     Row("soft_fixed", "smoothed MH, never annealed to MH (tau 0.05 throughout)",
         {"loss.mh_warmup.start": 1.0, "loss.mh_warmup.end": 1.0}),
     Row("mh_local", "MH, local negatives only", {"loss.global_negatives": False}),
-    Row("mh_grl", "MH + GRL adversary", {"loss.grl.enabled": True}),
+    # the update these figures were measured with; the confusion update: jobs/grl_search.py
+    Row("mh_grl", "MH + GRL adversary (reversed gradient)",
+        {"loss.grl.enabled": True, "loss.grl.update": "reversal"}),
     Row("mh_b16", "MH, batch 16/worker", {"train.batch_size": 16}, 16),
     Row("mh_b32", "MH, batch 32/worker", {"train.batch_size": 32}, 32),
     Row("mh_b128", "MH, batch 128/worker", {"train.batch_size": 128}, 128),

@@ -242,33 +242,33 @@ def load_slow_exported(checkpoint: str | Path):
     return model.eval(), cfg
 
 
-def save_reranker(model, directory: str | Path) -> str:
+def save_feature_teacher(model, directory: str | Path) -> str:
     """Write the distillation teacher ``model``
-    (:class:`raycmr.models.reranker.CrossAttentionReranker`) into ``directory``: its state dict
+    (:class:`raycmr.models.feature_teacher.FeatureTeacher`) into ``directory``: its state dict
     and its config."""
     import dataclasses
 
-    from raycmr.models.reranker import CONFIG_FILE as RERANKER_CONFIG
-    from raycmr.models.reranker import WEIGHTS_FILE
+    from raycmr.models.feature_teacher import CONFIG_FILE as TEACHER_CONFIG
+    from raycmr.models.feature_teacher import WEIGHTS_FILE
 
     write_weights(directory, WEIGHTS_FILE, model.state_dict())
-    write_bytes(join(directory, RERANKER_CONFIG),
+    write_bytes(join(directory, TEACHER_CONFIG),
                 yaml.safe_dump(dataclasses.asdict(model.cfg), sort_keys=False).encode())
     return str(directory)
 
 
-def load_reranker(directory: str | Path):
-    """The reranker :func:`save_reranker` wrote in ``directory``, in eval mode."""
-    from raycmr.models.reranker import CONFIG_FILE as RERANKER_CONFIG
-    from raycmr.models.reranker import WEIGHTS_FILE, CrossAttentionReranker, RerankerConfig
+def load_feature_teacher(directory: str | Path):
+    """The feature teacher :func:`save_feature_teacher` wrote in ``directory``, in eval mode."""
+    from raycmr.models.feature_teacher import CONFIG_FILE as TEACHER_CONFIG
+    from raycmr.models.feature_teacher import WEIGHTS_FILE, FeatureTeacher, FeatureTeacherConfig
 
-    missing = [f for f in (WEIGHTS_FILE, RERANKER_CONFIG) if not exists(join(directory, f))]
+    missing = [f for f in (WEIGHTS_FILE, TEACHER_CONFIG) if not exists(join(directory, f))]
     if missing:
-        raise ConfigError(f"no reranker at '{directory}': missing {', '.join(missing)} (write "
-                          "one with `raycmr reranker --checkpoint CKPT --out DIR` or save_reranker)")
-    cfg = RerankerConfig.from_dict(yaml.safe_load(read_text(join(directory, RERANKER_CONFIG)))
-                                   or {})
-    model = CrossAttentionReranker(cfg)
+        raise ConfigError(f"no feature teacher at '{directory}': missing {', '.join(missing)} "
+                          "(write one with `raycmr teacher --checkpoint CKPT --out DIR`)")
+    cfg = FeatureTeacherConfig.from_dict(yaml.safe_load(read_text(join(directory, TEACHER_CONFIG)))
+                                         or {})
+    model = FeatureTeacher(cfg)
     model.load_state_dict(read_weights(directory, WEIGHTS_FILE))
     return model.eval()
 

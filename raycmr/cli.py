@@ -8,6 +8,7 @@
     raycmr train --config quickstart_slow slow.fast_checkpoint=runs/NAME/checkpoint_...
     raycmr index --checkpoint runs/NAME/checkpoint_... --slow SLOW --split test --out out/index
     raycmr serve --checkpoint runs/NAME/checkpoint_... --index out/index
+    raycmr teacher --checkpoint runs/NAME/checkpoint_... --out out/teacher   # feature shards
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from raycmr.configs import cli as config_cli
 from raycmr.data import cli as shards_cli
 from raycmr.evaluate import cli as eval_cli
 from raycmr.index import cli as index_cli
-from raycmr.rerank import cli as rerank_cli
 from raycmr.serve import cli as serve_cli
+from raycmr.teacher import cli as teacher_cli
 from raycmr.train import cli as train_cli
 from raycmr.tune import cli as tune_cli
 
@@ -33,9 +34,13 @@ COMMANDS = {
     "config": (config_cli, "print the resolved config"),
     "tune": (tune_cli, "search hyperparameters with Ray Tune"),
     "index": (index_cli, "embed a gallery (Ray Data), write a FAISS index (+ phi(x) with --slow)"),
-    "reranker": (rerank_cli, "feature checkpoints: fit the distillation teacher"),
+    "teacher": (teacher_cli, "feature checkpoints: fit the distillation teacher"),
     "serve": (serve_cli, "run the retrieval service (Ray Serve, blocking)"),
 }
+
+#: retired command -> the one-line error that names its replacement
+RETIRED = {"reranker": "`raycmr reranker` is now `raycmr teacher` (it fits the feature-shard "
+                       "distillation teacher): run `raycmr teacher --checkpoint CKPT --out DIR`"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     from raycmr.data.paths import ShardReadError
     from raycmr.data.schema import ShardSchemaError
     from raycmr.data.text import TokenizerError
+    from raycmr.serve.cli import ServeStartError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in RETIRED:
+        print(f"raycmr: error: {RETIRED[argv[0]]}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ShardReadError, ShardSchemaError, TokenizerError) as exc:
+    except (ConfigError, ShardReadError, ShardSchemaError, TokenizerError,
+            ServeStartError) as exc:
         print(f"raycmr: error: {exc}", file=sys.stderr)
         return 2
 

@@ -98,8 +98,16 @@ class ModelConfig:
 
 @dataclass
 class GRLConfig:
+    """The modality adversary (raycmr/losses/adversary.py). ``update``: ``confusion`` = two-player
+    (the discriminator learns on detached embeddings, the encoders are pushed to make it say 0.5);
+    ``reversal`` = one reversed gradient (the encoders maximise its loss; it swaps the modalities'
+    sides, kept for comparison). ``lambda`` (schedule) scales the encoders' part."""
+
     enabled: bool = False
     weight: float = 1.0
+    update: Literal["confusion", "reversal"] = "confusion"
+    label_smoothing: float = 0.0  # of the discriminator's targets (confusion update)
+    disc_lr_scale: float = 1.0  # the discriminator's learning rate = train.lr * this
     schedule: Literal["constant", "dann", "dynamic"] = "dann"  # "constant", "dann" or "dynamic"
     lambda_: float = 1.0  # constant schedule value
     gamma: float = 10.0  # DANN schedule steepness
@@ -118,15 +126,16 @@ class DSCMRConfig:
 
 @dataclass
 class DistillConfig:
-    """Slow -> fast distillation (raycmr/losses/distill.py). One teacher: ``reranker`` (feature
-    shards: a one-vector reranker scores all B^2 pairs of the batch) or ``slow`` (image shards:
+    """Slow -> fast distillation (raycmr/losses/distill.py). One teacher: ``feature_teacher``
+    (feature shards: a cross-attention scorer of feature vectors scores all B^2 pairs of the
+    batch) or ``slow`` (image shards:
     the captioning model of a ``train.task=slow`` checkpoint scores each caption against its
     image and ``hard_negatives`` other in-batch images: the fast model's hardest ones
     (``candidates: hardest``, section 2.2 of Miech et al.) or uniformly random ones (``random``))."""
 
     enabled: bool = False
     weight: float = 1.0
-    reranker: str = ""  # feature shards: a directory written by `raycmr reranker` (save_reranker)
+    feature_teacher: str = ""  # feature shards: a directory written by `raycmr teacher`
     slow: str = ""  # image shards: a checkpoint of `raycmr train --config quickstart_slow`
     hard_negatives: int = 7  # slow teacher: m in-batch negative images per caption (B*(m+1) pairs)
     candidates: Literal["hardest", "random"] = "hardest"  # how the slow teacher's m are chosen
@@ -210,6 +219,10 @@ class TrainConfig:
     max_failures: int = 1  # automatic restarts after a worker failure
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
+    # GradCache (Gao et al. 2021, raycmr/train/grad_cache.py): embed the batch in chunks of this
+    # many rows without graph, take the loss's gradient w.r.t. the embeddings once, then
+    # re-encode each chunk with graph and its slice of that gradient; 0 = off
+    embed_chunk: int = 0
 
 
 @dataclass
@@ -265,7 +278,7 @@ class ServeConfig:
     slow_checkpoint: str = ""
     max_batch_size: int = 16  # requests batched into one forward pass / FAISS search
     batch_wait_timeout_s: float = 0.01
-    use_gpu: bool = False  # query encoder and slow reranker on a GPU
+    use_gpu: bool = False  # query encoder and slow scorer on a GPU
     host: str = "127.0.0.1"  # HTTP host; 0.0.0.0 listens on every interface
     port: int = 8000
     # Replicas of every deployment at start (autoscaling between replicas and max_replicas):
@@ -467,7 +480,21 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+#: renamed key -> its new name; a config still setting the old one gets a one-line error
+RENAMED = {"loss.distill.reranker": "loss.distill.feature_teacher"}
+
+
+def _check_renamed(values: dict[str, Any]) -> None:
+    for old, new in RENAMED.items():
+        node: Any = values
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{old} was renamed {new}: set {new}={node} instead")
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
+    _check_renamed(values or {})
     dckt = (values or {}).get("dckt")
     if isinstance(dckt, dict) and "enabled" in dckt:
         if dckt["enabled"] not in (False, "false", "False", 0):
@@ -574,6 +601,34 @@ def _validate_anchors(cfg: Config) -> None:
                               "loss.anchors=auto")
 
 
+def _validate_embed_chunk(cfg: Config) -> None:
+    """``train.embed_chunk`` (GradCache): a row count within the batch, on a model whose chunks
+    are independent and a DeepSpeed setup that reduces gradients once, after the last chunk."""
+    chunk, batch, t = cfg.train.embed_chunk, cfg.train.batch_size, cfg.train
+    if chunk == 0:
+        return
+    if not 0 < chunk <= batch:
+        raise ConfigError(f"train.embed_chunk is {chunk}: set 0 (off) or a row count from 1 to "
+                          f"the per-worker batch train.batch_size={batch}")
+    if t.task != "dual_encoder":
+        raise ConfigError(f"train.embed_chunk (GradCache) chunks the dual encoder's batch; "
+                          f"train.task={t.task} has no such step: set train.embed_chunk=0")
+    if t.zero_stage >= 2:
+        raise ConfigError(f"train.embed_chunk re-encodes the batch chunk by chunk, each with its "
+                          f"own backward; ZeRO stage {t.zero_stage} reduces gradients inside "
+                          "every backward: set train.zero_stage to 0 or 1, or train.embed_chunk=0")
+    if t.precision == "fp16":
+        raise ConfigError("train.embed_chunk with train.precision=fp16 would apply the loss scale "
+                          "twice (loss, then chunks): use bf16 or fp32, or train.embed_chunk=0")
+    for tower in ("image", "text"):
+        if cfg.get(f"model.{tower}.input_norm") == "batchnorm" or \
+                cfg.get(f"model.{tower}.kind") == "cnn":
+            raise ConfigError(f"train.embed_chunk with model.{tower} (BatchNorm): a chunk's batch "
+                              "statistics are not the batch's, so the chunked step is another "
+                              f"step; use an MLP/transformer tower without BatchNorm or set "
+                              "train.embed_chunk=0")
+
+
 def _validate_hard_negatives(cfg: Config) -> None:
     hard = cfg.data.hard_negatives
     if hard.kind == "none":
@@ -625,15 +680,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.label_temperature must be > 0, got {cfg.model.label_temperature}")
     distill = cfg.loss.distill
     if distill.enabled:
-        if bool(distill.reranker) == bool(distill.slow):
+        if bool(distill.feature_teacher) == bool(distill.slow):
             raise ConfigError(
-                "loss.distill.enabled needs one teacher: loss.distill.reranker=DIR (feature "
-                "shards, a directory written by `raycmr reranker --checkpoint CKPT --out DIR`) "
+                "loss.distill.enabled needs one teacher: loss.distill.feature_teacher=DIR (feature "
+                "shards, a directory written by `raycmr teacher --checkpoint CKPT --out DIR`) "
                 "or loss.distill.slow=CKPT (image shards, a checkpoint of `raycmr train "
-                "--config quickstart_slow`)" + (", not both" if distill.reranker else ""))
-        if distill.reranker and cfg.data.kind != "features":
-            raise ConfigError("loss.distill.reranker scores batch pairs with a reranker over stored "
-                              "image vectors: it needs data.kind=features (on image shards use "
+                "--config quickstart_slow`)" + (", not both" if distill.feature_teacher else ""))
+        if distill.feature_teacher and cfg.data.kind != "features":
+            raise ConfigError("loss.distill.feature_teacher scores batch pairs over stored image "
+                              "feature vectors: it needs data.kind=features (on image shards use "
                               "loss.distill.slow=CKPT, the captioning slow model)")
         if distill.slow:
             if cfg.data.kind != "images":
@@ -654,5 +709,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"loss.distill.start is a fraction of the run's optimizer steps: "
                               f"0 <= start < 1, got {distill.start}")
     _validate_anchors(cfg)
+    if cfg.loss.grl.disc_lr_scale <= 0:
+        raise ConfigError(f"loss.grl.disc_lr_scale must be > 0 (the discriminator's learning rate "
+                          f"= train.lr * it), got {cfg.loss.grl.disc_lr_scale}")
+    if not 0.0 <= cfg.loss.grl.label_smoothing < 1.0:
+        raise ConfigError(f"loss.grl.label_smoothing must be in [0, 1) (0 = hard targets), got "
+                          f"{cfg.loss.grl.label_smoothing}")
+    _validate_embed_chunk(cfg)
     if cfg.loss.dscmr.enabled and cfg.model.num_classes <= 0:
         raise ConfigError("loss.dscmr.enabled needs labels: set model.num_classes to the class count")

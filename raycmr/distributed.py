@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -156,29 +156,6 @@ def all_reduce_sum(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
-
-
-def while_all_have(items: Iterable[T]) -> Iterator[T]:
-    """The items of ``items`` for as long as *every* rank still has one.
-
-    Before each item the ranks agree (all-reduce MIN of "I have one"): one collective per item.
-    The training loop does not use it (it runs a step count fixed on the driver, see
-    :class:`raycmr.train.loop.FixedSteps`); it stays for loops whose length is not known.
-    """
-    iterator = iter(items)
-    while True:
-        item = next(iterator, _END)
-        has = item is not _END
-        if world_size() > 1:
-            t = torch.tensor([int(has)], dtype=torch.long, device=comm_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            has = bool(t.item())
-        if not has:
-            return
-        yield item
-
-
-_END = object()
 
 
 def merge_counts(parts: Iterable[dict[str, Any]]) -> dict[str, int]:

@@ -54,6 +54,14 @@ def init_ray(min_cpus: float = 0) -> None:
     start_local_ray(num_cpus=num_cpus, log_to_driver=True)
 
 
+def start_timeout_message() -> str:
+    """What to do when Ray's local node did not register in time (Ray waits a fixed 30 s)."""
+    load = os.getloadavg()[0]
+    return (f"the local Ray cluster did not start within Ray's 30 s (load average {load:.0f} on "
+            f"{os.cpu_count()} cores): run again when the machine is less busy, or start a "
+            "cluster once with `ray start --head` and set RAY_ADDRESS=auto")
+
+
 def start_local_ray(num_cpus: int, **init_kwargs) -> str:
     """Start a local Ray cluster that its own processes, and they only, resolve "auto" to;
     returns its GCS address.
@@ -77,6 +85,10 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> str:
     os.environ[GCS_PORT_VARIABLE] = str(port)  # read by the head node it starts, once
     try:
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, **init_kwargs)
+    except Exception as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+        raise ConfigError(start_timeout_message()) from exc
     finally:
         if saved is None:
             os.environ.pop(GCS_PORT_VARIABLE, None)

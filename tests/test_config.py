@@ -27,6 +27,9 @@ def test_shipped_config_and_overrides():
     (["loss.anchors=local", "loss.kind=none"], "loss.anchors=local splits a contrastive loss"),
     (["loss.anchors=local", "train.task=slow"], "train.task=slow"),
     (["loss.anchors=local", "loss.global_negatives=false"], "set loss.global_negatives=true"),
+    (["loss.grl.update=flip"], "'loss.grl.update' is 'flip'; choose one of"),
+    (["loss.grl.label_smoothing=1.0"], "loss.grl.label_smoothing must be in [0, 1)"),
+    (["loss.grl.disc_lr_scale=0"], "loss.grl.disc_lr_scale must be > 0"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as exc:

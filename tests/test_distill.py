@@ -1,5 +1,5 @@
 """Slow -> fast distillation: the loss against its formula, and a dual encoder that learns to
-retrieve from a reranker teacher alone (no pair labels in its loss); with the captioning slow
+retrieve from a feature teacher alone (no pair labels in its loss); with the captioning slow
 model as teacher on image shards, the loss over each caption's positive + m hardest in-batch
 images against explicit loops, the teacher's pair count and its frozen weights."""
 
@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from raycmr.artifacts import save_reranker
-from raycmr.config import ConfigError, config_from_dict, with_overrides
+from raycmr.artifacts import save_feature_teacher
+from raycmr.config import ConfigError, config_from_dict, load_config, with_overrides
 from raycmr.evaluate.metrics import retrieval_metrics
 from raycmr.losses.distill import (
     distillation_loss,
     hardest_candidates,
     restricted_distillation_loss,
 )
-from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
-from raycmr.rerank.fit import fit_reranker
+from raycmr.models.feature_teacher import FeatureTeacher, FeatureTeacherConfig
+from raycmr.teacher.fit import fit_teacher
 from raycmr.train.dual_encoder.objective import CrossModalObjective, load_teacher
 
 IMAGE_DIM, TEXT_DIM = 16, 8
@@ -66,13 +66,14 @@ def _pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(text, dtype=torch.float32), torch.tensor(image, dtype=torch.float32)
 
 
-def _config(reranker: str, **distill) -> dict:
+def _config(teacher: str, **distill) -> dict:
     return {
         "data": {"kind": "features"},
         "model": {"embed_dim": 16,
                   "image": {"kind": "mlp", "input_dim": IMAGE_DIM, "hidden_dims": [32]},
                   "text": {"kind": "mlp", "input_dim": TEXT_DIM, "hidden_dims": [32]}},
-        "loss": {"kind": "none", "distill": {"enabled": True, "reranker": reranker, **distill}},
+        "loss": {"kind": "none", "distill": {"enabled": True, "feature_teacher": teacher,
+                                                **distill}},
     }
 
 
@@ -85,12 +86,12 @@ def _t2i_r1(objective: CrossModalObjective, text: torch.Tensor, image: torch.Ten
 
 def test_student_learns_to_retrieve_from_the_teacher_alone(tmp_path) -> None:
     torch.manual_seed(0)
-    teacher = CrossAttentionReranker(RerankerConfig(
+    teacher = FeatureTeacher(FeatureTeacherConfig(
         query="features", text_dim=TEXT_DIM, image_dim=IMAGE_DIM, width=16, heads=2,
         query_tokens=2, image_tokens=2))
     text, image = _pairs(512, seed=1)
-    fit_reranker(teacher, {"text_feat": text}, image, steps=150, batch_size=32, lr=1e-2)
-    save_reranker(teacher, tmp_path / "teacher")
+    fit_teacher(teacher, {"text_feat": text}, image, steps=150, batch_size=32, lr=1e-2)
+    save_feature_teacher(teacher, tmp_path / "teacher")
 
     cfg = config_from_dict(_config(str(tmp_path / "teacher")))
     torch.manual_seed(0)
@@ -121,18 +122,24 @@ def test_student_learns_to_retrieve_from_the_teacher_alone(tmp_path) -> None:
 
 
 def test_distill_config_errors(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="loss.distill.reranker"):
+    with pytest.raises(ConfigError, match="loss.distill.feature_teacher"):
         config_from_dict(_config(""))
     with pytest.raises(ConfigError, match="data.kind=features"):
         config_from_dict({**_config("x"), "data": {"kind": "images"}})
     with pytest.raises(ConfigError, match="temperature"):
         config_from_dict(_config("x", temperature=0))
-    save_reranker(CrossAttentionReranker(RerankerConfig(text_dim=5, image_dim=IMAGE_DIM)),
-                  tmp_path / "wrong")
-    with pytest.raises(ConfigError, match="train the reranker on the same features"):
+    with pytest.raises(ConfigError, match="^loss.distill.reranker was renamed "
+                                          "loss.distill.feature_teacher: set "
+                                          "loss.distill.feature_teacher=x instead$"):
+        load_config("wikipedia", ["loss.distill.enabled=true", "loss.distill.reranker=x"])
+    save_feature_teacher(FeatureTeacher(FeatureTeacherConfig(text_dim=5, image_dim=IMAGE_DIM)),
+                         tmp_path / "wrong")
+    with pytest.raises(ConfigError, match="train the teacher on the same features"):
         CrossModalObjective(config_from_dict(_config(str(tmp_path / "wrong"))))
-    save_reranker(CrossAttentionReranker(RerankerConfig(text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
-                                                         fast_weight=10.0)), tmp_path / "residual")
+    save_feature_teacher(FeatureTeacher(FeatureTeacherConfig(text_dim=TEXT_DIM,
+                                                             image_dim=IMAGE_DIM,
+                                                             fast_weight=10.0)),
+                         tmp_path / "residual")
     with pytest.raises(ConfigError, match="--fast-weight 0"):
         CrossModalObjective(config_from_dict(_config(str(tmp_path / "residual"))))
 
@@ -204,7 +211,6 @@ def _slow_teacher_setup(tmp_path, batch: int = 6, **distill):
     """A tiny random slow model exported as a checkpoint and a dual encoder config that
     distils from it (32 px images, 16 tokens)."""
     from raycmr.artifacts import write_export
-    from raycmr.config import load_config
     from raycmr.configs.tiny import TINY_SLOW, TINY_TOWERS
     from raycmr.models.slow import build_slow_model
 
@@ -315,15 +321,13 @@ def test_a_distilled_run_is_the_undistilled_one_until_the_term_starts(tmp_path) 
 
 
 def test_slow_teacher_config_errors(tmp_path) -> None:
-    from raycmr.config import load_config
-
     cfg, _ = _slow_teacher_setup(tmp_path)
     with pytest.raises(ConfigError, match="hard_negatives is 6"):
         with_overrides(cfg, {"loss.distill.hard_negatives": 6})
     with pytest.raises(ConfigError, match="0 <= start < 1"):
         with_overrides(cfg, {"loss.distill.start": 1.0})
     with pytest.raises(ConfigError, match="one teacher"):
-        with_overrides(cfg, {"loss.distill.reranker": "x"})
+        with_overrides(cfg, {"loss.distill.feature_teacher": "x"})
     with pytest.raises(ConfigError, match="data.kind=images"):
         config_from_dict({**_config(""), "loss": {"kind": "none", "distill": {
             "enabled": True, "slow": "x"}}})

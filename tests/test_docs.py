@@ -73,8 +73,9 @@ def test_the_serving_flow_runs_verbatim(tmp_path) -> None:
     serve_lines = blocks["serve"].rstrip("\n").splitlines()
     served = bash("\n".join(serve_lines[:-1]) + f"\n{serve_lines[-1]} > serve.out 2>&1 &\n"
                   "pid=$!\n"
-                  f"for i in $(seq 300); do curl -sf 127.0.0.1:{PORT}/healthz >/dev/null && break;"
-                  " sleep 1; done\n"
+                  # the app is up when the console says so (/healthz answers as soon as one
+                  # Ingress replica runs, before the model replicas have started)
+                  "for i in $(seq 300); do grep -q '^serving at' serve.out && break; sleep 1; done\n"
                   + blocks["curl"] +
                   "kill -TERM $pid\nwait $pid\n", 900)
     answers = [json.loads(line) for line in served.splitlines() if line.strip()]
@@ -83,3 +84,4 @@ def test_the_serving_flow_runs_verbatim(tmp_path) -> None:
     assert answers[2]["stages"]["total"]["searches"] >= 1
     console = (tmp_path / "serve.out").read_text().splitlines()
     assert console[-1] == "stopped" and len(console) <= 12, console
+    assert any(line.startswith(f"serving at http://127.0.0.1:{PORT}/") for line in console)

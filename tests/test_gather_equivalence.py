@@ -180,30 +180,3 @@ def test_local_negatives_equal_each_workers_own_loss(run):
     torch.testing.assert_close(results[("vse_mh", "global", False)]["loss"], want, **TOL)
 
 
-def _uneven_worker(rank, world, port, result_path):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from raycmr import distributed
-
-        mine = [f"r{rank}b{i}" for i in range(3 - rank)]  # rank 0: 3 batches, rank 1: 2
-        got = []
-        for item in distributed.while_all_have(mine):
-            got.append(item)
-            distributed.all_reduce_sum(1.0)  # a collective per step, as a training step has
-        after = distributed.all_reduce_sum(rank + 1)  # still in step: 1 + 2
-        torch.save({"got": got, "after": after}, f"{result_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
-    end_spawned_process()
-
-
-def test_while_all_have_stops_every_rank_when_one_runs_out(tmp_path):
-    """A worker with fewer full batches (bad rows dropped after the split) stops all workers at
-    the same step instead of leaving the others in a collective forever."""
-    path = str(tmp_path / "uneven")
-    mp.start_processes(_uneven_worker, args=(2, free_port(), path), nprocs=2, join=True,
-                       start_method="spawn")
-    results = [torch.load(f"{path}.{r}") for r in range(2)]
-    assert results[0]["got"] == ["r0b0", "r0b1"] and results[1]["got"] == ["r1b0", "r1b1"]
-    assert results[0]["after"] == results[1]["after"] == 3.0

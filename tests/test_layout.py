@@ -76,7 +76,7 @@ def _layer_violations(layer: str, forbidden: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("layer,forbidden", [
     ("raycmr.data", ("raycmr.models", "raycmr.train", "raycmr.evaluate", "raycmr.index",
-                     "raycmr.serve", "raycmr.tune", "raycmr.rerank", "ray.train", "ray.serve",
+                     "raycmr.serve", "raycmr.tune", "raycmr.teacher", "ray.train", "ray.serve",
                      "deepspeed")),
     ("raycmr.losses", ("raycmr.train", "raycmr.data", "ray", "deepspeed")),
     ("raycmr.models", ("raycmr.train", "raycmr.data", "raycmr.evaluate", "ray", "deepspeed")),
@@ -86,6 +86,7 @@ def _layer_violations(layer: str, forbidden: tuple[str, ...]) -> list[str]:
                          "ray.train", "ray.serve", "deepspeed")),
     ("raycmr.index", ("raycmr.train", "raycmr.serve", "raycmr.tune", "ray.train", "deepspeed")),
     ("raycmr.serve", ("raycmr.train", "raycmr.tune", "deepspeed")),
+    ("raycmr.teacher", ("raycmr.train", "raycmr.serve", "raycmr.tune", "deepspeed")),
 ])
 def test_layers_point_down(layer: str, forbidden: tuple[str, ...]) -> None:
     assert not _layer_violations(layer, forbidden)
@@ -99,6 +100,23 @@ def test_only_train_imports_deepspeed_and_only_serve_imports_ray_serve() -> None
     assert all(m.startswith("raycmr.train") for m in deepspeed), deepspeed
     # raycmr.compat is the one home of private Ray APIs (Serve's replica-name prefix among them)
     assert all(m.startswith("raycmr.serve") or m == "raycmr.compat" for m in serve), serve
+
+
+def test_shard_files_are_read_row_by_row_only_in_data() -> None:
+    """One shard scanner (raycmr/data/scan.py and the Ray Data pipeline): outside raycmr/data
+    nothing opens a tar shard or walks a Parquet file's batches or row groups (the Serve
+    gallery reads one row group for one thumbnail, located by the scanner)."""
+    readers = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in PACKAGE.rglob("*.py")
+               if any(s in p.read_text() for s in ("import tarfile", "iter_batches(",
+                                                    "read_row_group("))}
+    assert {m for m in readers if not _in(m, "raycmr.data")} == {"raycmr.serve.gallery"}
+    assert "scan_shard" in (PACKAGE / "serve" / "gallery.py").read_text()
+
+
+def test_no_module_is_named_a_reranker() -> None:
+    """The retired one-vector reranker is the feature teacher (raycmr/teacher/,
+    models/feature_teacher.py); re-ranking is the slow stage's action, not a module's name."""
+    assert not [str(p) for p in PACKAGE.rglob("*") if "rerank" in p.stem]
 
 
 def test_private_ray_apis_only_in_compat() -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from raycmr.runtime import start_local_ray
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, os, ray
@@ -63,3 +65,34 @@ def test_helpers_reach_this_cluster_despite_a_stale_ray_current_cluster(ray_clus
         assert got["found"] == ["raycmr-marker"]
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_node_that_does_not_start_in_time_is_one_line(monkeypatch) -> None:
+    """Ray gives a local node a fixed 30 s to register; on a busy machine it raises a bare
+    Exception. raycmr turns exactly that one into a ConfigError with the load and the fix, and
+    lets any other failure through unchanged."""
+    import ray
+
+    from raycmr.config import ConfigError
+    from raycmr.runtime import GCS_PORT_VARIABLE
+
+    ray_says = ("The current node timed out during startup. This could happen because some of "
+                "the raylet failed to startup or the GCS has become overloaded.")
+
+    def timed_out(**kwargs):
+        raise Exception(ray_says)  # noqa: TRY002 - the bare Exception Ray raises
+
+    monkeypatch.delenv(GCS_PORT_VARIABLE, raising=False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    with pytest.raises(ConfigError, match=r"^the local Ray cluster did not start within Ray's "
+                                          r"30 s \(load average \d+ on \d+ cores\): run again "
+                                          r"when .* set RAY_ADDRESS=auto$"):
+        start_local_ray(num_cpus=2)
+    assert GCS_PORT_VARIABLE not in os.environ  # put back as it was
+
+    def other(**kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(ray, "init", other)
+    with pytest.raises(RuntimeError, match="^something else$"):
+        start_local_ray(num_cpus=2)

@@ -19,22 +19,22 @@ pytestmark = pytest.mark.ray
 
 @needs_wikipedia
 def test_grl_dscmr_and_distillation_two_workers(ray_cluster, tmp_path):
-    from raycmr.artifacts import save_reranker
-    from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
-    from raycmr.rerank.fit import fit_reranker
+    from raycmr.artifacts import save_feature_teacher
+    from raycmr.models.feature_teacher import FeatureTeacher, FeatureTeacherConfig
+    from raycmr.teacher.fit import fit_teacher
     from raycmr.train.trainer import build_trainer
 
     shards = tmp_path / "wiki"
     write_wikipedia_shards(WIKI, shards)
     train = pq.read_table(shards / "train")
     torch.manual_seed(0)
-    teacher = CrossAttentionReranker(RerankerConfig(query="features", text_dim=10, image_dim=128,
-                                                    width=16, heads=2))
-    fit_reranker(teacher, {"text_feat": torch.tensor(train.column("text_feat").to_pylist())},
-                 torch.tensor(train.column("image_feat").to_pylist()), steps=30, batch_size=32)
-    save_reranker(teacher, tmp_path / "teacher")
+    teacher = FeatureTeacher(FeatureTeacherConfig(query="features", text_dim=10, image_dim=128,
+                                                  width=16, heads=2))
+    fit_teacher(teacher, {"text_feat": torch.tensor(train.column("text_feat").to_pylist())},
+                torch.tensor(train.column("image_feat").to_pylist()), steps=30, batch_size=32)
+    save_feature_teacher(teacher, tmp_path / "teacher")
     cfg = load_config("wikipedia", [
-        "loss.distill.enabled=true", f"loss.distill.reranker={tmp_path}/teacher",
+        "loss.distill.enabled=true", f"loss.distill.feature_teacher={tmp_path}/teacher",
         "loss.distill.weight=0.1",
         f"data.train=[{shards}/train]", f"data.val=[{shards}/val]", f"data.test=[{shards}/test]",
         "loss.grl.enabled=true", "loss.grl.schedule=dann", "loss.grl.weight=0.1",

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycmr.losses.adversary import grad_reverse, grl_lambda, modality_adversary_loss
+from raycmr.losses.adversary import (
+    grad_reverse,
+    grl_lambda,
+    modality_adversary_loss,
+    modality_confusion_losses,
+)
 from raycmr.losses.dscmr import dscmr_loss
 from raycmr.losses.mmd import mmd2_unbiased, pairwise_constraint
 from raycmr.losses.semantic import semantic_loss
@@ -119,6 +124,111 @@ def test_discriminator_learns_separable_modalities() -> None:
     loss, acc = modality_adversary_loss(disc, img, txt, 1.0)
     assert acc.item() == 1.0  # means 4 sigma apart: a linear separator exists
     assert loss.item() < 0.05
+
+
+def _x0_disc(num_logits: int) -> ModalityDiscriminator:
+    """ModalityDiscriminator on 2-D inputs whose text logit is x[0]: hidden relu(x0), relu(-x0),
+    text logit h0 - h1 (two-logit head: logits (0, x0))."""
+    disc = ModalityDiscriminator(2, 2, num_logits)
+    with torch.no_grad():
+        for p in disc.parameters():
+            p.zero_()
+        disc.hidden_weight[0, 0], disc.hidden_weight[1, 0] = 1.0, -1.0
+        disc.out_weight[num_logits - 1, 0], disc.out_weight[num_logits - 1, 1] = 1.0, -1.0
+    return disc
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize("num_logits", [1, 2])
+def test_confusion_loss_value_and_gradient_match_hand_values(num_logits: int) -> None:
+    disc = _x0_disc(num_logits).double()
+    img = torch.tensor([[-1.0, 0.0], [0.5, 3.0]], dtype=torch.float64, requires_grad=True)
+    txt = torch.tensor([[2.0, 1.0], [0.0, -1.0], [-0.3, 0.0]], dtype=torch.float64,
+                       requires_grad=True)
+    disc_loss, confusion, acc = modality_confusion_losses(disc, img, txt, label_smoothing=0.2)
+    rows = img.tolist() + txt.tolist()
+    labels = [0, 0, 1, 1, 1]
+    # KL((1/2, 1/2) || (1 - sigmoid(x0), sigmoid(x0))), averaged over the 5 rows
+    conf = sum(-0.5 * math.log(_sigmoid(r[0])) - 0.5 * math.log(1 - _sigmoid(r[0]))
+               - math.log(2) for r in rows) / 5
+    assert confusion.item() == pytest.approx(conf, abs=1e-12)
+    # smoothed targets: 0.9 on the true modality, 0.1 on the other
+    p_true = [1 - _sigmoid(r[0]) if y == 0 else _sigmoid(r[0]) for r, y in zip(rows, labels)]
+    ce = sum(-0.9 * math.log(p) - 0.1 * math.log(1 - p) for p in p_true) / 5
+    assert disc_loss.item() == pytest.approx(ce, abs=1e-12)
+    assert acc.item() == pytest.approx(2 / 5)  # x0=0.5 (image), x0=0 and -0.3 (texts) wrong
+    confusion.backward()
+    # d/dx0 of the confusion: (sigmoid(x0) - 1/2) / 5; nothing along x1
+    grads = torch.cat([img.grad, txt.grad]).tolist()
+    for r, g in zip(rows, grads):
+        assert g == pytest.approx([(_sigmoid(r[0]) - 0.5) / 5, 0.0], abs=1e-12)
+    assert all(p.grad is None for p in disc.parameters())  # the encoders' loss only
+    assert modality_confusion_losses(disc, img.detach() * 0, txt.detach() * 0)[1].item() == \
+        pytest.approx(0.0, abs=1e-15)  # at chance the confusion loss is exactly 0
+
+
+@pytest.mark.parametrize("num_logits", [1, 2])
+def test_confusion_update_gradients_equal_the_two_player_reference(num_logits: int) -> None:
+    """One backward of L_D + lambda * L_conf gives the discriminator exactly the gradient of its
+    own cross-entropy on detached embeddings, and the embeddings exactly lambda times the gradient
+    of the confusion loss through a discriminator that is not updated (hand-written autograd)."""
+    torch.manual_seed(3)
+    disc = ModalityDiscriminator(6, 8, num_logits).double()
+    img = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    lambd = 0.37
+    params = list(disc.parameters())
+    # reference, written independently: player 1 = the discriminator, player 2 = the encoders
+    x = torch.cat([img, txt])
+    y = torch.tensor([0.0] * 5 + [1.0] * 4, dtype=torch.float64)
+    out = disc(x.detach())
+    p_text = torch.sigmoid(out[:, 0]) if num_logits == 1 else torch.softmax(out, 1)[:, 1]
+    ce = -(y * p_text.log() + (1 - y) * (1 - p_text).log()).mean()
+    ref_disc = torch.autograd.grad(ce, params)
+    out = disc(x)
+    p_text = torch.sigmoid(out[:, 0]) if num_logits == 1 else torch.softmax(out, 1)[:, 1]
+    kl = (0.5 * (0.5 / p_text).log() + 0.5 * (0.5 / (1 - p_text)).log()).mean()
+    ref_img, ref_txt = torch.autograd.grad(lambd * kl, (img, txt))
+    disc_loss, confusion, _ = modality_confusion_losses(disc, img, txt)
+    (disc_loss + lambd * confusion).backward()
+    for p, g in zip(params, ref_disc):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12)
+    torch.testing.assert_close(img.grad, ref_img, rtol=0, atol=1e-12)
+    torch.testing.assert_close(txt.grad, ref_txt, rtol=0, atol=1e-12)
+    assert img.grad.abs().max() > 1e-4  # a real gradient, not zeros on both sides
+
+
+def test_discriminator_learning_rate_is_its_own_group_through_deepspeeds_schedule() -> None:
+    """loss.grl.disc_lr_scale: the discriminator's parameters (and only they) in a group at
+    train.lr * scale, and DeepSpeed's WarmupCosineLR (the one raycmr configures) keeps that ratio
+    at every step."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from raycmr.config import load_config
+    from raycmr.train.dual_encoder.task import DualEncoderTask
+
+    cfg = load_config("wikipedia", ["loss.grl.enabled=true", "loss.grl.disc_lr_scale=3",
+                                    "train.lr=0.001"])
+    task = DualEncoderTask(cfg, {})
+    module = task.build_module()
+    rest, disc = task.optimizer_groups(module)
+    assert [id(p) for p in disc["params"]] == [id(p) for p in module.discriminator.parameters()]
+    assert {id(p) for p in rest["params"]} | {id(p) for p in disc["params"]} == \
+        {id(p) for p in module.parameters()} and "lr" not in rest
+    opt = torch.optim.AdamW([rest, disc], lr=cfg.train.lr)
+    sched = WarmupCosineLR(opt, total_num_steps=10, warmup_num_steps=2, cos_min_ratio=0.01)
+    seen = []
+    for _ in range(6):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[1]["lr"] == pytest.approx(3 * opt.param_groups[0]["lr"], rel=1e-12)
+        seen.append(opt.param_groups[0]["lr"])
+    assert len(set(seen)) > 2 and max(seen) > 0  # warm-up and decay both seen
+    plain = DualEncoderTask(load_config("wikipedia", ["loss.grl.enabled=true"]), {})
+    assert all(isinstance(p, torch.Tensor) for p in plain.optimizer_groups(plain.build_module()))
 
 
 # --------------------------------------------------------------------------------------- DSCMR

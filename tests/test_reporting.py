@@ -60,6 +60,16 @@ def test_epoch_line_shows_loss_parts_metric_dropped_and_checkpoint():
                     "dropped 7  41 s  saved checkpoint_2026-01-01_00-00-00.1")
 
 
+def test_epoch_line_shows_a_group_by_its_total_and_no_refinements():
+    """DSCMR's eight parts come as one (its total); a part refining another is left out."""
+    parts = {"contrastive": 0.8842, "dscmr_common": 2.386, "dscmr_common_ii": 0.8017,
+             "dscmr_label": 2.044, "dscmr_label_img": 1.016, "dscmr_total": 4.538,
+             "mmd": 0.5, "mmd_rbf": 0.25}
+    metrics = {"epoch": 1, "train_loss": 4.582, **{f"train_{k}": v for k, v in parts.items()}}
+    line = epoch_line(metrics, None, "val_avg_map", 60)
+    assert line == "epoch 1/60  loss 4.582 (contrastive 0.8842, dscmr 4.538, mmd 0.5)  dropped 0"
+
+
 def test_train_console_prints_one_line_per_epoch_report():
     buf = io.StringIO()
     sink = TrainConsole(Console(file=buf, width=200), "val_avg_map", epochs=2)

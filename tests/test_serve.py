@@ -213,38 +213,6 @@ def test_text_queries_encode_and_rerank_in_batches() -> None:
     assert np.ptp(got[2]) > 0  # the candidates' tokens change the score
 
 
-def test_scan_gallery_names_images_like_the_pipeline(tmp_path) -> None:
-    """Parquet and WebDataset shards: one entry per image, named by image_id else row id, keyed
-    by the same group hash the Ray Data pipeline computes."""
-    import io
-    import tarfile
-
-    from raycmr.data.transforms import stable_hash63
-    from raycmr.index.gallery_store import scan_gallery
-
-    names, image, _ = write_gallery(tmp_path / "g")
-    found = scan_gallery([str(tmp_path / "g" / "part-0.parquet")], "parquet",
-                         image_dim=IMAGE_DIM)
-    assert sorted(name for name, _ in found.values()) == sorted(names)
-    for i, name in enumerate(names):
-        np.testing.assert_array_equal(found[stable_hash63(name)][1], image[i])
-
-    tar_path = tmp_path / "shard-0.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for key, meta in [("k0", {"image_id": "cat"}), ("k1", {"image_id": "cat"}),
-                          ("k2", None), ("k3", {"label": 1})]:
-            members = {"jpg": b"not decoded here", "txt": b"a caption"}
-            if meta is not None:
-                members["json"] = json.dumps(meta).encode()
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    found = scan_gallery([str(tar_path)], "webdataset")
-    assert sorted(name for name, _ in found.values()) == ["cat", "k2", "k3"]
-    assert found[stable_hash63("cat")] == ("cat", None)
-
-
 def test_serve_config_file_matches_the_builder() -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -318,11 +286,11 @@ def write_pairs(path: Path, n: int, seed: int) -> None:
 
 
 @pytest.mark.ray
-def test_reranker_command_fits_the_feature_teacher(ray_cluster, tmp_path) -> None:
-    """`raycmr reranker` (feature checkpoints: the distillation teacher) fits on the
+def test_teacher_command_fits_the_feature_teacher(ray_cluster, tmp_path) -> None:
+    """`raycmr teacher` (feature checkpoints: the distillation teacher) fits on the
     checkpoint's train split (pairs decoded and embedded by Ray Data) and beats the (untrained)
     dual encoder's R@1 on held-out pairs by a wide margin; the Serve app does not use it."""
-    from raycmr.artifacts import load_reranker
+    from raycmr.artifacts import load_feature_teacher
     from raycmr.cli import main
 
     write_pairs(tmp_path / "train", 800, seed=11)
@@ -334,22 +302,21 @@ def test_reranker_command_fits_the_feature_teacher(ray_cluster, tmp_path) -> Non
     (tmp_path / "ckpt").mkdir()
     write_export(tmp_path / "ckpt", DualEncoder(cfg.model).state_dict(), cfg, {"epoch": 0})
 
-    from raycmr.rerank.train import train_reranker
+    from raycmr.teacher.train import train_teacher
 
-    report = train_reranker(str(tmp_path / "ckpt"), tmp_path / "teacher", steps=300,
-                            batch_size=32, lr=1e-2, width=16, heads=2, num_actors=1,
-                            fast_weight=0.0)
+    report = train_teacher(str(tmp_path / "ckpt"), tmp_path / "teacher", steps=300,
+                           batch_size=32, lr=1e-2, width=16, heads=2, num_actors=1)
     assert report["pairs"] == 800 and report["eval_pairs"] == 200 and report["candidates"] == 100
     assert report["last_loss"] < report["first_loss"] - 1.0
     # chance is 1% among 100 images; the untrained dual encoder is near it
-    assert report["reranker_r1"] > 30 and report["reranker_r1"] > report["fast_r1"] + 20, report
-    reranker = load_reranker(tmp_path / "teacher")
-    assert (reranker.cfg.query, reranker.cfg.text_dim, reranker.cfg.image_dim) == (
+    assert report["teacher_r1"] > 30 and report["teacher_r1"] > report["fast_r1"] + 20, report
+    teacher = load_feature_teacher(tmp_path / "teacher")
+    assert (teacher.cfg.query, teacher.cfg.text_dim, teacher.cfg.image_dim) == (
         "features", TEXT_DIM, IMAGE_DIM)
     # the command line: a split that does not exist is named, exit status 2, nothing written
-    assert main(["reranker", "--checkpoint", str(tmp_path / "ckpt"), "--out",
-                 str(tmp_path / "rr2"), "--split", str(tmp_path / "missing")]) == 2
-    assert not (tmp_path / "rr2").exists()
+    assert main(["teacher", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                 str(tmp_path / "t2"), "--split", str(tmp_path / "missing")]) == 2
+    assert not (tmp_path / "t2").exists()
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -417,7 +384,7 @@ def test_index_has_one_entry_per_image(served) -> None:
     health = served["client"].get("/healthz").json()
     assert health == {"status": "ok", "gallery": N_IMAGES, "index_kind": "flat",
                       "query_input": "text_feat", "top_k": TOP_K, "rerank_k": 0,
-                      "max_rerank_k": 0, "beta": 0.0, "reranker": False}
+                      "max_rerank_k": 0, "beta": 0.0, "slow": False}
 
 
 @pytest.mark.ray
@@ -436,7 +403,7 @@ def test_concurrent_requests_are_batched_and_correct(served) -> None:
     for i, got in enumerate(_search_all(served, k=5)):  # 24 requests in flight at once
         assert [r["id"] for r in got] == ids[i].tolist()
     after = served["client"].get("/stats").json()
-    assert "reranker" not in after and "rerank" not in after["stages"]
+    assert "slow" not in after and "rerank" not in after["stages"]
     assert after["stages"]["retrieve"]["searches"] >= N_IMAGES
     for stage in ("encoder", "retriever"):
         assert after[stage]["requests"] - before[stage]["requests"] == N_IMAGES, stage

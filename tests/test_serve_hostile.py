@@ -178,7 +178,7 @@ def test_page_has_csp_matching_its_own_script(hostile) -> None:
 @pytest.mark.ray
 def test_cluster_check_sees_the_running_app(hostile) -> None:
     """The app's replicas hold 4.1 of the session cluster's 8 CPUs (encoder, retriever,
-    reranker, gallery 1 each, ingress 0.1): other work sees them taken; a redeploy of the same
+    slow scorer, gallery 1 each, ingress 0.1): other work sees them taken; a redeploy of the same
     app (``serving_demand``) counts them free."""
     from raycmr.resources import ClusterTooSmall, Demand, check_cluster_fits
     from raycmr.serve.app import APP_NAME

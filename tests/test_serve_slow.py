@@ -172,7 +172,7 @@ def test_index_stores_phi_of_every_image_in_index_row_order(served) -> None:
     assert record["phi"]["bytes"] == on_disk and record["phi"]["count"] == N_IMAGES
     assert f"images x 16 x 32 float16 = {on_disk / 1e3:.1f} KB" in served["printed"]
     health = served["client"].get("/healthz").json()
-    assert (health["rerank_k"], health["max_rerank_k"], health["beta"], health["reranker"]) == \
+    assert (health["rerank_k"], health["max_rerank_k"], health["beta"], health["slow"]) == \
         (RERANK_K, MAX_RERANK_K, BETA, True)
 
 
@@ -232,16 +232,16 @@ def test_requests_are_batched_and_stats_time_each_stage(served, offline) -> None
     texts = offline["texts"] * 3
     _search(served, [{"text": t, "k": 5} for t in texts])  # 18 requests in flight at once
     after = served["client"].get("/stats").json()
-    rerank = after["reranker"]
-    assert rerank["requests"] - before["reranker"]["requests"] == len(texts)
-    assert rerank["max_batch"] > 1 and rerank["ms_per_batch"] > 0, rerank
+    slow = after["slow"]
+    assert slow["requests"] - before["slow"]["requests"] == len(texts)
+    assert slow["max_batch"] > 1 and slow["ms_per_batch"] > 0, slow
     stages = after["stages"]
     assert {"encode", "retrieve", "fast", "rerank", "total"} <= set(stages)
     for name, s in stages.items():
         assert s["searches"] >= len(texts) and 0 < s["p50_ms"] <= s["p95_ms"], (name, s)
     assert stages["total"]["mean_ms"] >= stages["rerank"]["mean_ms"]
     print("ms per stage:", {n: round(s["mean_ms"], 1) for n, s in stages.items()},
-          "reranker batches:", rerank["sizes"])
+          "slow scorer batches:", slow["sizes"])
 
 
 def test_plan_checks_the_slow_checkpoint_against_the_store(served, tmp_path) -> None:
@@ -267,12 +267,18 @@ def test_plan_checks_the_slow_checkpoint_against_the_store(served, tmp_path) -> 
         plan_app({**args, "max_rerank_k": 4})
 
 
-def test_reranker_command_refuses_image_checkpoints(served, capsys) -> None:
+def test_teacher_command_refuses_image_checkpoints(served, capsys) -> None:
+    """`raycmr teacher` fits the feature-shard teacher only; the retired `raycmr reranker`
+    names its replacement; each in one line, exit status 2, nothing written."""
     from raycmr.cli import main
 
-    out = served["tmp"] / "rr"
-    assert main(["reranker", "--checkpoint", str(served["tmp"] / "fast"), "--out",
+    out = served["tmp"] / "teacher"
+    assert main(["teacher", "--checkpoint", str(served["tmp"] / "fast"), "--out",
                  str(out)]) == 2
     err = capsys.readouterr().err
-    assert "retired for image galleries" in err and "--config quickstart_slow" in err
+    assert "feature-shard distillation teacher only" in err and "--config quickstart_slow" in err
+    assert main(["reranker", "--checkpoint", str(served["tmp"] / "fast"), "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "`raycmr reranker` is now `raycmr teacher`" in err
     assert not out.exists()

@@ -156,7 +156,7 @@ def test_default_space_follows_what_the_config_enables():
     assert set(everything) == {"loss.temperature", "loss.weight", "loss.grl.alpha",
                                "dckt.alpha", "train.lr"}
     distill = default_space(load_config("wikipedia", ["loss.distill.enabled=true",
-                                                      "loss.distill.reranker=teacher_dir"]))
+                                                      "loss.distill.feature_teacher=teacher_dir"]))
     assert set(distill) == set(wiki) | {"loss.distill.weight"}
     assert set(DEFAULT_SPACE) >= set(wiki) | set(everything) | set(distill)
     # the default space is what an empty tune.space means, and every entry is a valid config

@@ -117,7 +117,7 @@ def detect_format(files: list[str], fmt: str = "auto") -> str:
 
 #: Config keys holding shard or checkpoint locations.
 PATH_KEYS = ("data.train", "data.val", "data.test", "dckt.source", "dckt.target",
-             "train.resume_from", "loss.distill.reranker", "loss.distill.slow")
+             "train.resume_from", "loss.distill.feature_teacher", "loss.distill.slow")
 
 
 def _absolute(path: str) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raycmr.data.scan import image_name
 from raycmr.data.schema import WDS_IMAGE_EXTENSIONS
 from raycmr.data.text import TextEncoder
 
@@ -99,10 +100,8 @@ def _common_columns(table: pa.Table) -> dict[str, np.ndarray]:
     ``group`` column (minimal pairs) also ``pair_group`` (its hash) and ``pair_swap``."""
     ids = _column(table, "id")
     image_ids = _column(table, "image_id")
-    group = np.array(
-        [stable_hash63(str(g) if g not in (None, "") else str(i)) for g, i in zip(image_ids, ids)],
-        dtype=np.int64,
-    )
+    group = np.array([stable_hash63(image_name(g, i)) for g, i in zip(image_ids, ids)],
+                     dtype=np.int64)
     if "label" in table.column_names:
         label = pc.fill_null(pc.cast(table.column("label"), pa.int64()), -1).to_numpy()
     else:

@@ -1,5 +1,5 @@
 """Embedding pairs with a trained dual encoder: one path for evaluation, the index, the
-reranker's training pairs and DCKT's pair selection.
+feature teacher's training pairs and DCKT's pair selection.
 
 - :func:`encode_pairs`: the torch core (a batch of tensors -> image/text embeddings in the
   retrieval space of ``model.retrieval_space``, or the common space), shared by both paths;

@@ -6,7 +6,7 @@
 
 With ``--slow`` (a checkpoint of ``raycmr train --config quickstart_slow``) the slow model's
 phi(x) of every gallery image is stored too (``out/index/phi/``, float16, memory-mapped by the
-Serve reranker); its size is printed.
+Serve slow stage); its size is printed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="index directory to write (path or URI)")
     p.add_argument("--slow", default=None, metavar="SLOW",
                    help="slow-model checkpoint: also store its phi(x) of every image for the "
-                        "Serve reranker (image galleries)")
+                        "Serve slow stage (image galleries)")
     p.add_argument("--kind", default=None, choices=["flat", "ivf", "hnsw", "auto"],
                    help="index kind (default: the checkpoint config's index.kind); auto: the "
                         "fastest kind and search setting that reaches --target-recall, measured "

@@ -3,10 +3,10 @@
 The driver holds only the FAISS index it builds, the id table (compact Arrow strings) and
 fixed-size chunks, never every embedding:
 
-1. :func:`scan_gallery_rows` reads the shards' ids (no pixels; :func:`scan_gallery` per file)
-   into :class:`GalleryRows`: index
-   row ``i`` is the ``i``-th image id in sorted order, so a rebuild gives the same rows whatever
-   order Ray Data returns batches in;
+1. :func:`scan_gallery_rows` reads the shards' ids (no pixels;
+   :func:`raycmr.data.scan.scan_shard`) into :class:`GalleryRows`: index row ``i`` is the
+   ``i``-th image id in sorted order, so a rebuild gives the same rows whatever order Ray Data
+   returns batches in;
 2. :class:`EmbeddingBlockWriter` runs in each Ray Data actor: it embeds a batch, maps each image
    to its index row, keeps one copy per image and writes the block (rows + float32 vectors)
    into a scratch folder beside the index; only a count goes back to the driver;
@@ -31,81 +31,6 @@ from raycmr import artifacts
 
 ADD_CHUNK = 65_536  # rows per FAISS add: 32 MB at dim 128
 BLOCK_PREFIX = "emb-"
-
-
-def _gallery_key(image_id: Any, row_id: Any) -> str:
-    """The id string of a row's image, as ``group`` is hashed from it (see transforms)."""
-    return str(image_id) if image_id not in (None, "") else str(row_id)
-
-
-def _scan_parquet(file: str, want_feats: bool, image_dim: int,
-                  out: dict[int, tuple[str, np.ndarray | None]]) -> None:
-    import pyarrow.parquet as pq
-
-    from raycmr.data.paths import split_uri
-    from raycmr.data.transforms import stable_hash63
-
-    fs, inner, _ = split_uri(file)
-    pf = pq.ParquetFile(inner, filesystem=fs)
-    names = pf.schema_arrow.names
-    columns = [c for c in ("id", "image_id") if c in names]
-    if want_feats:
-        columns.append("image_feat")
-    for batch in pf.iter_batches(batch_size=4096, columns=columns):
-        cols = batch.to_pydict()
-        n = batch.num_rows
-        image_ids = cols.get("image_id", [None] * n)
-        feats = cols.get("image_feat", [None] * n)
-        for row_id, image_id, feat in zip(cols["id"], image_ids, feats):
-            key = _gallery_key(image_id, row_id)
-            group = stable_hash63(key)
-            if group in out and (not want_feats or out[group][1] is not None):
-                continue
-            vec = None
-            if want_feats and feat is not None and len(feat) == image_dim:
-                vec = np.asarray(feat, dtype=np.float32)
-                if not np.isfinite(vec).all():
-                    vec = None
-            out[group] = (key, vec)
-
-
-def _scan_webdataset(file: str, out: dict[int, tuple[str, np.ndarray | None]]) -> None:
-    from raycmr.data.paths import open_tar, split_uri
-    from raycmr.data.schema import WDS_KEY_EXT, wds_image_id
-    from raycmr.data.transforms import stable_hash63
-
-    fs, inner, _ = split_uri(file)
-    image_ids: dict[str, Any] = {}
-    keys: list[str] = []
-    with open_tar(fs, inner) as tar:
-        for member in tar:
-            match = WDS_KEY_EXT.match(member.name) if member.isreg() else None
-            if not match:
-                continue
-            key, ext = match.group(1), match.group(2).lower()
-            if not keys or keys[-1] != key:
-                keys.append(key)
-            if ext == "json" and (image_id := wds_image_id(tar, member)) is not None:
-                image_ids[key] = image_id
-    for key in keys:
-        name = _gallery_key(image_ids.get(key), key)
-        out.setdefault(stable_hash63(name), (name, None))
-
-
-def scan_gallery(files: list[str], fmt: str, *, image_dim: int = 0
-                 ) -> dict[int, tuple[str, np.ndarray | None]]:
-    """``group -> (id string, raw image_feat or None)`` read on the driver from the shards.
-
-    ``image_dim > 0`` also reads the ``image_feat`` vectors (feature shards): the first finite
-    vector of the right length per image.
-    """
-    out: dict[int, tuple[str, np.ndarray | None]] = {}
-    for file in files:
-        if fmt == "webdataset":
-            _scan_webdataset(file, out)
-        else:
-            _scan_parquet(file, image_dim > 0, image_dim, out)
-    return out
 
 
 class RowLookup:
@@ -145,11 +70,16 @@ def scan_gallery_rows(files: list[str], fmt: str) -> GalleryRows:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from raycmr.data.scan import scan_shard
+    from raycmr.data.transforms import stable_hash63
+
     names, groups = [], []
     for file in files:
-        found = scan_gallery([file], fmt)
+        found: dict[int, str] = {}  # group -> name, one per image
+        for row in scan_shard(file, fmt):
+            found.setdefault(stable_hash63(row.name), row.name)
         groups.append(np.fromiter(found, dtype=np.int64, count=len(found)))
-        names.append(pa.array([name for name, _ in found.values()], type=pa.string()))
+        names.append(pa.array(list(found.values()), type=pa.string()))
     if not groups:
         return GalleryRows(pa.array([], type=pa.string()), np.zeros(0, np.int64))
     all_groups = np.concatenate(groups)

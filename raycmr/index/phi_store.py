@@ -3,7 +3,7 @@
 The slow stage (:mod:`raycmr.models.slow`, Miech et al. 2021) scores a caption against an
 image's spatial tokens ``phi(x)`` ([P, width], P = (image_size / 8)^2). They depend on the
 image alone, so ``raycmr index --slow SLOW`` computes them once, at index time, and the Serve
-reranker reads the candidates' tokens instead of running the CNN per query. Layout, in the
+slow stage reads the candidates' tokens instead of running the CNN per query. Layout, in the
 index folder (a local path or an object-store URI)::
 
     phi/meta.json            count, tokens, width, dtype, the block files, bytes, checkpoint

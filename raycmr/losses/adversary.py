@@ -1,10 +1,22 @@
-"""Modality adversary loss: a gradient reversal layer (GRL), its schedule, the adversary loss.
+"""Modality adversary losses: the two-player confusion update, the gradient reversal layer (GRL)
+and the schedule of their coefficient ``lambda``.
 
 Adversarial cross-modal learning (ACMR, Wang et al., ACM MM 2017) trains a discriminator to tell
-image embeddings from text embeddings while the encoders, through a gradient reversal layer
-(Ganin & Lempitsky, ICML 2015, "Unsupervised Domain Adaptation by Backpropagation"), learn to make
-the two modalities indistinguishable. The discriminator minimises its cross-entropy; the encoders
-below the GRL receive ``-lambda`` times that gradient, i.e. they maximise it.
+image embeddings from text embeddings while the encoders learn to make the two modalities
+indistinguishable. Two updates (``loss.grl.update``):
+
+- ``"confusion"`` (:func:`modality_confusion_losses`): a two-player update. The discriminator
+  minimises its cross-entropy on *detached* embeddings; the encoders minimise the confusion loss
+  ``KL(uniform || D(x))`` against the discriminator's current (frozen) weights, i.e. they are
+  pushed to make it output 0.5 for both modalities (the "fool the classifier into chance" target
+  of ACMR's modality classifier and of Tzeng et al., ICCV 2015, "Simultaneous Deep Transfer Across
+  Domains and Tasks"). It is bounded below by 0 at chance, so the encoders gain nothing by
+  swapping the modalities' sides.
+- ``"reversal"`` (:func:`modality_adversary_loss`): one reversed gradient (Ganin & Lempitsky,
+  ICML 2015, "Unsupervised Domain Adaptation by Backpropagation"). The encoders below the GRL
+  receive ``-lambda`` times the discriminator's gradient, i.e. they *maximise* its cross-entropy,
+  which is unbounded: a discriminator that is confidently wrong scores best, so the encoders
+  swap the modalities' sides instead of mixing them (accuracy ends at 0 or 1, not 0.5).
 
 Plain PyTorch: no Ray, no DeepSpeed.
 """
@@ -101,18 +113,58 @@ def modality_adversary_loss(
         torch.zeros(img_emb.shape[0], dtype=torch.long, device=feats.device),
         torch.ones(txt_emb.shape[0], dtype=torch.long, device=feats.device),
     ])
-    logits = disc(grad_reverse(feats, lambd))
-    if logits.dim() == 2 and logits.shape[1] == 2:
-        loss = F.cross_entropy(logits, target)
-        pred = logits.argmax(dim=1)
-    else:
-        logit = logits.reshape(-1)
-        if logit.shape[0] != feats.shape[0]:
-            raise ValueError(
-                f"discriminator must return [N, 2] or [N, 1] logits, got {tuple(logits.shape)}"
-            )
-        loss = F.binary_cross_entropy_with_logits(logit, target.to(logit.dtype))
-        pred = (logit > 0).long()
+    logits = two_way_logits(disc(grad_reverse(feats, lambd)), feats.shape[0])
+    loss = F.cross_entropy(logits, target)
     with torch.no_grad():
-        accuracy = (pred == target).float().mean()
+        accuracy = (logits.argmax(dim=1) == target).float().mean()
     return loss, accuracy
+
+
+def two_way_logits(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[N, 2]`` softmax logits (image, text) from a discriminator's ``[N, 2]`` or ``[N, 1]``
+    output (one logit ``l``: ``(0, l)``, whose softmax is ``(1 - sigmoid(l), sigmoid(l))``)."""
+    if logits.dim() == 2 and logits.shape[1] == 2:
+        return logits
+    logit = logits.reshape(-1)
+    if logit.shape[0] != rows:
+        raise ValueError(
+            f"discriminator must return [N, 2] or [N, 1] logits, got {tuple(logits.shape)}")
+    return torch.stack([torch.zeros_like(logit), logit], dim=1)
+
+
+def modality_confusion_losses(
+    disc: nn.Module,
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two-player update's two losses, each reaching only its own player.
+
+    With ``x`` the ``N = N_i + N_t`` embeddings (images label 0, texts label 1), ``sg`` stop
+    gradient and ``p(x) = softmax(D(x))``::
+
+        L_D    = CE(D(sg(x)), smoothed labels)                 -> gradient to D only
+        L_conf = 1/N sum_x KL(u || p_sg(D)(x)),  u = (1/2, 1/2) -> gradient to the encoders only
+               = 1/N sum_x ( -1/2 log p_0(x) - 1/2 log p_1(x) ) - log 2
+
+    ``L_conf`` is 0 exactly when the (frozen) discriminator says 0.5 for every embedding; its
+    gradient w.r.t. a text logit ``l`` of the one-logit head is ``(sigmoid(l) - 1/2) / N``.
+    ``label_smoothing`` ``s`` makes the discriminator's targets ``1 - s/2`` and ``s/2``.
+    ``disc`` must take ``frozen=True`` (weights detached), as
+    :class:`raycmr.models.adversary.ModalityDiscriminator` does. Returns ``(L_D, L_conf,
+    accuracy)``; ``accuracy`` (detached) is the fraction of embeddings whose modality the
+    discriminator gets right (0.5 = chance).
+    """
+    feats = torch.cat([img_emb, txt_emb], dim=0)
+    n = feats.shape[0]
+    target = torch.cat([
+        torch.zeros(img_emb.shape[0], dtype=torch.long, device=feats.device),
+        torch.ones(txt_emb.shape[0], dtype=torch.long, device=feats.device),
+    ])
+    d_logits = two_way_logits(disc(feats.detach()), n)
+    disc_loss = F.cross_entropy(d_logits, target, label_smoothing=label_smoothing)
+    e_logits = two_way_logits(disc(feats, frozen=True), n)
+    confusion = -F.log_softmax(e_logits, dim=1).mean(dim=1).mean() - math.log(2.0)
+    with torch.no_grad():
+        accuracy = (d_logits.argmax(dim=1) == target).float().mean()
+    return disc_loss, confusion, accuracy

@@ -51,6 +51,17 @@ def resolve_anchors(mode: str, world: int) -> str:
     return mode
 
 
+def explain_anchors(mode: str, world: int) -> str:
+    """What ``loss.anchors=mode`` resolves to at ``world`` workers, and why, e.g.
+    ``"global (auto: 2 workers <= 2)"``."""
+    chosen = resolve_anchors(mode, world)
+    if mode != "auto":
+        return f"{chosen} (loss.anchors={mode})"
+    workers = f"{world} worker{'s' if world != 1 else ''}"
+    sign = "<=" if chosen == "global" else ">"
+    return f"{chosen} (auto: {workers} {sign} {AUTO_GLOBAL_MAX_WORKERS})"
+
+
 @dataclass(frozen=True)
 class GlobalBatch:
     """The matched pairs a contrastive loss scores, and which of them are its anchors.

@@ -1,9 +1,9 @@
-"""Slow -> fast distillation: the dual encoder learns the cross-attention reranker's ranking.
+"""Slow -> fast distillation: the dual encoder learns a teacher's ranking.
 
 Miech et al., "Thinking Fast and Slow" (CVPR 2021) pair a fast dual encoder with a slow
-cross-attention model and distil the slow one into the fast one. Here the slow model (a frozen
-:class:`~raycmr.models.reranker.CrossAttentionReranker`) scores every (text, image) pair of the
-local batch, and each text query's distribution over the batch's images is a soft target for the
+cross-attention model and distil the slow one into the fast one. On feature shards the teacher
+(a frozen :class:`~raycmr.models.feature_teacher.FeatureTeacher`) scores every (text, image) pair
+of the local batch, and each text query's distribution over the batch's images is a soft target for the
 fast model's (Hinton et al. 2015's knowledge distillation)::
 
     q_tj = softmax_j(s_slow(t, j) / T)                 teacher, temperature T

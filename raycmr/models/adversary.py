@@ -1,8 +1,8 @@
-"""The modality discriminator of the GRL adversary (its loss: :mod:`raycmr.losses.adversary`).
+"""The modality discriminator of the GRL adversary (its losses: :mod:`raycmr.losses.adversary`).
 
 Adversarial cross-modal learning (ACMR, Wang et al., ACM MM 2017) trains a discriminator to tell
-image embeddings from text embeddings while the encoders, through a gradient reversal layer,
-learn to make the two modalities indistinguishable.
+image embeddings from text embeddings while the encoders learn to make the two modalities
+indistinguishable.
 
 Plain PyTorch: no Ray, no DeepSpeed.
 """
@@ -10,6 +10,7 @@ Plain PyTorch: no Ray, no DeepSpeed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,6 +19,11 @@ class ModalityDiscriminator(nn.Module):
 
     ``num_logits=2``: two-way softmax logits (class 0 = image, class 1 = text).
     ``num_logits=1``: a single logit, ``sigmoid(logit) = P(text)``.
+
+    ``forward(x, frozen=True)`` computes the same logits with the weights detached: gradient
+    reaches ``x`` (the encoders) but not the discriminator, the encoders' half of the two-player
+    update. The weights are this module's own parameters (no submodules), so that DeepSpeed
+    ZeRO-3, which gathers a module's own parameters before its forward, gathers them for either.
     """
 
     def __init__(
@@ -31,14 +37,15 @@ class ModalityDiscriminator(nn.Module):
                 f"ModalityDiscriminator needs positive sizes, got embed_dim={embed_dim}, "
                 f"hidden_dim={hidden_dim}"
             )
-        self.num_logits = num_logits
-        self.net = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, num_logits),
-        )
+        self.num_logits, self.dropout = num_logits, dropout
+        hidden, out = nn.Linear(embed_dim, hidden_dim), nn.Linear(hidden_dim, num_logits)
+        self.hidden_weight, self.hidden_bias = hidden.weight, hidden.bias
+        self.out_weight, self.out_bias = out.weight, out.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_logits]``."""
-        return self.net(x)
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Logits ``[N, num_logits]``; ``frozen``: no gradient to the weights."""
+        w1, b1, w2, b2 = (self.hidden_weight, self.hidden_bias, self.out_weight, self.out_bias)
+        if frozen:
+            w1, b1, w2, b2 = w1.detach(), b1.detach(), w2.detach(), b2.detach()
+        h = F.dropout(F.relu(F.linear(x, w1, b1)), self.dropout, self.training)
+        return F.linear(h, w2, b2)

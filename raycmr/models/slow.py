@@ -51,7 +51,7 @@ PHI_STORE_DTYPE = torch.float16  # phi(x) as an index stores it (raycmr/index/ph
 
 def stored_phi(phi: torch.Tensor) -> torch.Tensor:
     """phi(x) rounded as the index stores it (float16), back in ``phi``'s dtype: what the
-    served reranker reads, so offline re-ranking scores the same tokens."""
+    served slow stage reads, so offline re-ranking scores the same tokens."""
     return phi.to(PHI_STORE_DTYPE).to(phi.dtype)
 
 

@@ -176,14 +176,31 @@ class TrainConsole:
         self._progress.stop()
 
 
+def top_loss_parts(parts: dict[str, float]) -> dict[str, float]:
+    """The loss parts an epoch line shows: a group with a total (``dscmr_total``) as one part
+    (``dscmr``), and no part that refines another (``dscmr_label_img`` beside ``dscmr_label``);
+    TensorBoard and the log keep them all."""
+    groups = {name[:-len("_total")] for name in parts if name.endswith("_total")}
+    shown = {}
+    for name, value in parts.items():
+        group = next((g for g in groups if name.startswith(g + "_")), None)
+        if group is not None:
+            if name == f"{group}_total":
+                shown[group] = value
+        elif not any(name.startswith(other + "_") for other in parts if other != name):
+            shown[name] = value
+    return shown
+
+
 def epoch_line(metrics: dict[str, Any], checkpoint: str | None, metric: str, epochs: int,
                label: str = "epoch") -> str:
     """``epoch 3/8  loss 3.91 (contrastive 3.91)  val rsum 212.4  dropped 0  41 s  saved NAME``"""
     parts = [f"{label} {metrics.get('epoch', '?')}/{epochs}"]
     if "train_loss" in metrics:
-        extra = [f"{k[6:]} {_fmt(v)}" for k, v in sorted(metrics.items())
-                 if k.startswith("train_") and k != "train_loss"
-                 and k[6:] not in NOT_LOSS_PARTS and isinstance(v, (int, float))]
+        shown = top_loss_parts({k[6:]: v for k, v in metrics.items()
+                                if k.startswith("train_") and k != "train_loss"
+                                and k[6:] not in NOT_LOSS_PARTS and isinstance(v, (int, float))})
+        extra = [f"{name} {_fmt(v)}" for name, v in sorted(shown.items())]
         parts.append(f"loss {_fmt(metrics['train_loss'])}"
                      + (f" ({', '.join(extra)})" if extra else ""))
     if metric in metrics:

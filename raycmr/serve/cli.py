@@ -21,7 +21,9 @@ import argparse
 import os
 import secrets
 import signal
+import socket
 import time
+import traceback
 from pathlib import Path
 
 from raycmr.config import ServeConfig
@@ -75,6 +77,44 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         batch_wait_timeout_s=args.batch_wait_timeout_s, replicas=args.replicas,
         max_replicas=max_replicas, token_file=args.token_file,
         auth="none" if args.no_auth else "token", docs=args.docs, use_gpu=args.use_gpu)
+
+
+class ServeStartError(RuntimeError):
+    """The service did not start (a port taken, a replica that failed in its constructor):
+    one line on the terminal, the whole error in the log."""
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """True when nothing could listen on ``host:port`` here (another server holds it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _last_line(error: BaseException | str) -> str:
+    """The last line of an error's message (a Ray task error's first lines are its stack)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _why_not_started(exc: BaseException) -> str:
+    """The cause of a failed start in one line: each failed deployment with the last line of
+    its replica's error (Serve's application status holds it), else the error's last line."""
+    from ray import serve
+
+    from raycmr.serve.app import APP_NAME
+
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments
+    except Exception:  # noqa: BLE001 - no application status: the error itself says why
+        return _last_line(exc)
+    failed = [f"{name}: {_last_line(d.message)}" for name, d in deployments.items()
+              if d.status == "DEPLOY_FAILED" and d.message]
+    return "; ".join(failed) or _last_line(exc)
 
 
 def _log_path(checkpoint: str) -> Path:
@@ -136,15 +176,23 @@ def _serve(cfg: ServeConfig, token: str | None, generated: bool, console, log: P
         say(f"serve: Ray Serve's and the replicas' lines go to {log} (--verbose shows them here)")
     app = build_from_plan(plan)
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if started_ray and _port_taken(cfg.host, cfg.port):  # the proxy would fail after a minute
+        raise ServeStartError(f"port {cfg.port} on {cfg.host} is in use (another server?): stop "
+                              "it, or pass --port with a free one")
     init_ray(min_cpus=cpus_needed(plan) + 1)
     _stop_on_sigterm()
     check_cluster_fits(serving_demand(plan))  # one line, not an app DEPLOYING forever
     try:
         board = start_board()
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
         prefix = "/" + cfg.route_prefix.strip("/")
         url = f"http://{cfg.host}:{cfg.port}{prefix.rstrip('/')}"
-        serve.run(app, name=APP_NAME, route_prefix=prefix, blocking=False)
+        try:
+            serve.start(http_options={"host": cfg.host, "port": cfg.port})
+            serve.run(app, name=APP_NAME, route_prefix=prefix, blocking=False)
+        except Exception as exc:
+            traceback.print_exc()  # into the log
+            raise ServeStartError(f"the service did not start: {_why_not_started(exc)} (the "
+                                  f"whole error and the replicas' lines are in {log})") from exc
         say(f"serving at {url}/ (search page), {url}/search (POST), {url}/healthz; "
             "Ctrl-C stops")
         if generated:

@@ -272,10 +272,10 @@ class Ingress:
     async def stats(self) -> dict[str, Any]:
         """Milliseconds per stage of the application's recent searches (``encode`` +
         ``retrieve`` = the fast stage, ``rerank`` = the slow one) and the batch-size summaries
-        of one replica of each batched deployment."""
+        of one replica of each batched deployment (``encoder``, ``retriever``, ``slow``)."""
         out = {"stages": await self.stage_log.summary.remote(),
                "encoder": await self.encoder.get_stats.remote(),
                "retriever": await self.retriever.get_stats.remote()}
         if self.slow is not None:
-            out["reranker"] = await self.slow.get_stats.remote()
+            out["slow"] = await self.slow.get_stats.remote()
         return out

@@ -16,11 +16,12 @@ Routes (under the application's route prefix):
   format gets 415, too many pixels 413, undecodable bytes or a sliver 422, each naming the limit.
 * ``GET /`` the search page; ``GET /image/{id}`` a gallery image; ``POST /login``
   ``{"token": ...}`` sets the page's session cookie (:mod:`raycmr.serve.sessions`).
-* ``GET /healthz`` (never behind the token) -> gallery size, index kind, query input, the slow
-  stage's defaults.
+* ``GET /healthz`` (never behind the token) -> gallery size, index kind, query input, whether
+  there is a slow stage (``slow``) and its defaults.
 * ``GET /stats`` -> milliseconds per stage (``encode``, ``retrieve``, their sum ``fast``,
   ``rerank``, ``total``: mean, p50, p95 over the app's recent searches, whichever Ingress
-  replica ran them) and batch sizes seen by one replica of each batched deployment.
+  replica ran them) and batch sizes seen by one replica of each batched deployment
+  (``encoder``, ``retriever``, ``slow``).
 * ``/docs``, ``/redoc``, ``/openapi.json`` only with ``docs: true``.
 
 With ``auth: token`` every route but ``/healthz`` and ``/login`` needs ``Authorization: Bearer
@@ -352,7 +353,7 @@ def make_api(ingress, plan: ServePlan) -> FastAPI:
                 "query_input": plan.query_input, "top_k": plan.top_k,
                 "rerank_k": plan.rerank_k, "max_rerank_k": plan.max_rerank_k,
                 "beta": plan.beta if plan.slow_checkpoint else 0.0,
-                "reranker": ingress.slow is not None}
+                "slow": ingress.slow is not None}
 
     @api.get("/stats")
     async def stats() -> dict[str, Any]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from raycmr import distributed
-from raycmr.config import LossConfig
-from raycmr.losses.batch import global_batch, local_batch, resolve_anchors
+from raycmr.config import Config, LossConfig
+from raycmr.losses.batch import explain_anchors, global_batch, local_batch, resolve_anchors
 from raycmr.losses.contrastive import ContrastiveOutput, contrastive_loss
 from raycmr.losses.handover import handover_weight, vse_mh_handover_loss
 
@@ -45,3 +45,12 @@ def hard_negative_rows(neg_txt: torch.Tensor, neg_valid: torch.Tensor) -> torch.
     """``neg_txt`` [rows, k, d] with every missing perturbation set to the zero vector, which is
     how it reads as missing after the gather (an embedding is never exactly zero)."""
     return neg_txt * neg_valid.unsqueeze(-1).to(neg_txt.dtype)
+
+
+def anchors_line(cfg: Config) -> str | None:
+    """The run's console line saying which anchors ``loss.anchors`` chose at
+    ``train.num_workers`` workers; None when no contrastive loss gathers the batch."""
+    loss = cfg.loss
+    if cfg.train.task == "slow" or loss.kind == "none" or not loss.global_negatives:
+        return None
+    return f"loss anchors: {explain_anchors(loss.anchors, cfg.train.num_workers)}"

@@ -177,9 +177,8 @@ def build_engine(task: Task, cfg: Config, total_steps: int):
     import deepspeed
 
     module = task.build_module()
-    params = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=params, config=deepspeed_config(cfg, total_steps),
+        model=module, model_parameters=task.optimizer_groups(module), config=deepspeed_config(cfg, total_steps),
         dist_init_required=False,
     )
     return engine
@@ -187,12 +186,13 @@ def build_engine(task: Task, cfg: Config, total_steps: int):
 
 def train_step(engine, task: Task, batch: Any, info: StepInfo,
                timer: StepTimer | None = None) -> dict[str, torch.Tensor]:
-    """One micro-step: the task's forward, DeepSpeed's backward and step (which steps the
-    optimizer every ``grad_accum`` micro-steps); ``timer`` laps each phase."""
+    """One micro-step: the task's forward and backward (DeepSpeed's, unless the task has its
+    own) and DeepSpeed's step (which steps the optimizer every ``grad_accum`` micro-steps);
+    ``timer`` laps each phase."""
     timer = timer or StepTimer()
     out = task.forward(engine, batch, info)
     timer.lap("forward")
-    engine.backward(out["loss"])
+    task.backward(engine, out)
     timer.lap("backward")
     engine.step()
     timer.lap("optimizer")

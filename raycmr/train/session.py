@@ -10,6 +10,7 @@ from rich.console import Console
 from raycmr.config import Config
 from raycmr.reporting.console import TrainConsole, metrics_table
 from raycmr.reporting.tensorboard import TensorBoardSink
+from raycmr.train.contrastive import anchors_line
 from raycmr.train.registry import validation_metric
 from raycmr.train.run import train
 from raycmr.train.trainer import local_run_dir, run_name
@@ -33,6 +34,9 @@ def train_on_console(cfg: Config, console: Console, name: str, run_dir: Path,
     if not verbose:
         console.print(f"  log (Ray, workers): {run_dir / LOG_FILE}   (--verbose shows it here)")
     console.print(f"  tensorboard --logdir {tensorboard}")
+    anchors = anchors_line(cfg)
+    if anchors:
+        console.print(f"  {anchors}")
     epochs = cfg.train.epochs  # DCKT: round 0's source passes, then every round's
     if cfg.train.task == "dckt":
         epochs += cfg.dckt.epochs_per_round * cfg.dckt.rounds

@@ -16,6 +16,8 @@ A task (open_clip's task pattern) says the rest:
   ``steps_per_epoch * grad_accum`` of them;
 - ``forward(engine, batch, step)``: the loss (key ``loss``, with grad) and named detached metric
   parts of one micro-batch; it calls ``engine(...)`` so that DeepSpeed sees the forward;
+- ``backward(engine, out)``: the backward of ``forward``'s ``out["loss"]`` (default
+  ``engine.backward``; the dual encoder's GradCache re-encodes its chunks here);
 - ``rows(batch)``: training pairs in a batch (throughput and ``samples_seen``);
 - ``validate(module, shard_map)``: the validation metrics (``val_*``, on rank 0; ``{}`` on the
   others). ``shard_map(fn)`` runs ``fn(batch) -> dict of row-aligned tensors`` on this worker's
@@ -82,6 +84,11 @@ class Task(ABC):
     @abstractmethod
     def build_module(self) -> nn.Module: ...
 
+    def optimizer_groups(self, module: nn.Module) -> list[Any]:
+        """What the optimizer updates: ``module``'s trainable parameters (default), or param
+        groups (dicts with their own ``lr``, scaled by the LR schedule like the rest)."""
+        return [p for p in module.parameters() if p.requires_grad]
+
     def setup(self, shards: dict[str, Any], seed: int) -> None:
         """Per-worker preparation after restore (default: nothing)."""
 
@@ -98,6 +105,10 @@ class Task(ABC):
 
     @abstractmethod
     def forward(self, engine: Any, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]: ...
+
+    def backward(self, engine: Any, out: dict[str, torch.Tensor]) -> None:
+        """The backward of :meth:`forward`'s ``out["loss"]`` (default: DeepSpeed's)."""
+        engine.backward(out["loss"])
 
     @abstractmethod
     def rows(self, batch: Batch) -> int: ...

@@ -1,11 +1,11 @@
 """The training objective: dual encoder + the enabled losses, as one module DeepSpeed can wrap.
 
-    L = w_c * L_contrastive(global batch) + w_grl * L_adversary
+    L = w_c * L_contrastive(global batch) + w_grl * (L_D + lambda * L_confusion)   [ACMR]
       + (w_common * J_common + alpha * J_label + beta * J_invariance)     [DSCMR]
       + w_d * L_distill(local batch, frozen teacher)                       [Miech et al. 2021]
 
-Distillation's teacher is either the one-vector reranker of ``loss.distill.reranker`` (feature
-shards; every (text, image) pair of the batch) or the captioning slow model of
+Distillation's teacher is either the feature teacher of ``loss.distill.feature_teacher``
+(feature shards; every (text, image) pair of the batch) or the captioning slow model of
 ``loss.distill.slow`` (image shards; each caption against its image and the
 ``loss.distill.hard_negatives`` hardest in-batch images by the fast scores, section 2.2).
 
@@ -31,37 +31,39 @@ from raycmr.train.contrastive import contrastive
 
 
 def load_teacher(cfg: Config) -> nn.Module:
-    """The frozen teacher of ``loss.distill``: the reranker (``reranker``, checked against the
-    feature sizes) or the slow model (``slow``, checked against the image and text inputs).
+    """The frozen teacher of ``loss.distill``: the feature teacher (``feature_teacher``, checked
+    against the feature sizes) or the slow model (``slow``, checked against the image and text
+    inputs).
 
     Built under a forked RNG: constructing it (random init before its weights load) must not
     move the random streams of the run (dropout, ...), so that a distilled run is the
     undistilled one until the distillation term starts (``loss.distill.start``)."""
     with torch.random.fork_rng(devices=[]):
-        teacher = load_slow_teacher(cfg) if cfg.loss.distill.slow else load_reranker_teacher(cfg)
+        teacher = load_slow_teacher(cfg) if cfg.loss.distill.slow else load_feature_teacher(cfg)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
 
 
-def load_reranker_teacher(cfg: Config) -> nn.Module:
-    from raycmr.artifacts import load_reranker
+def load_feature_teacher(cfg: Config) -> nn.Module:
+    """The feature teacher of ``loss.distill.feature_teacher``; it must read the same features."""
+    from raycmr import artifacts
     from raycmr.config import ConfigError
 
-    teacher = load_reranker(cfg.loss.distill.reranker)
-    rc = teacher.cfg
+    teacher = artifacts.load_feature_teacher(cfg.loss.distill.feature_teacher)
+    rc, path = teacher.cfg, cfg.loss.distill.feature_teacher
     if rc.query != "features" or rc.text_dim != cfg.model.text.input_dim \
             or rc.image_dim != cfg.model.image.input_dim:
         raise ConfigError(
-            f"loss.distill.reranker '{cfg.loss.distill.reranker}' scores {rc.query} queries of "
+            f"loss.distill.feature_teacher '{path}' scores {rc.query} queries of "
             f"{rc.text_dim}-d against {rc.image_dim}-d images; this model reads text_feat of "
             f"{cfg.model.text.input_dim}-d and image_feat of {cfg.model.image.input_dim}-d: "
-            "train the reranker on the same features")
+            "train the teacher on the same features")
     if rc.fast_weight > 0:
         raise ConfigError(
-            f"loss.distill.reranker '{cfg.loss.distill.reranker}' is a residual reranker "
-            f"(fast_weight {rc.fast_weight}): its score leans on a fast model, not a teacher of "
-            "one; train the teacher with `raycmr reranker ... --fast-weight 0`")
+            f"loss.distill.feature_teacher '{path}' is a residual "
+            f"model (fast_weight {rc.fast_weight}): its score leans on a fast model, not a "
+            "teacher of one; train the teacher with `raycmr teacher ... --fast-weight 0`")
     return teacher
 
 
@@ -159,6 +161,22 @@ class CrossModalObjective(nn.Module):
                                          batch["attention_mask"])  # [B, m + 1]
         return restricted_distillation_loss(fast, slow, candidates, d.temperature, valid)
 
+    def adversary(self, img: torch.Tensor, txt: torch.Tensor, lambd: float
+                  ) -> dict[str, torch.Tensor]:
+        """The modality adversary's term (``adversary_total``, with grad; ``lambd`` scales the
+        encoders' part) and its detached parts: ``adversary`` (the discriminator's
+        cross-entropy), ``disc_acc`` and, for the confusion update, ``confusion``."""
+        from raycmr.losses.adversary import modality_adversary_loss, modality_confusion_losses
+
+        g = self.cfg.loss.grl
+        if g.update == "reversal":
+            adv, acc = modality_adversary_loss(self.discriminator, img, txt, lambd)
+            return {"adversary_total": adv, "adversary": adv.detach(), "disc_acc": acc}
+        disc_loss, confusion, acc = modality_confusion_losses(
+            self.discriminator, img, txt, g.label_smoothing)
+        return {"adversary_total": disc_loss + lambd * confusion, "adversary": disc_loss.detach(),
+                "confusion": confusion.detach(), "disc_acc": acc}
+
     def hard_negative_texts(self, batch: dict[str, torch.Tensor]
                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The perturbed captions of the batch (``neg_input_ids`` [B, k, L], from
@@ -181,8 +199,14 @@ class CrossModalObjective(nn.Module):
                 progress: float = 1.0):
         """Returns a dict: ``loss`` (the total, with grad) and detached parts for logging.
         ``progress`` (optimizer steps done / total) drives the MH warm-up's hand-over."""
-        loss_cfg = self.cfg.loss
         img, txt = self.encoder(batch)
+        return self.losses(img, txt, batch, grl_lambda, progress)
+
+    def losses(self, img: torch.Tensor, txt: torch.Tensor, batch: dict[str, torch.Tensor],
+               grl_lambda: float = 0.0, progress: float = 1.0):
+        """:meth:`forward` from the batch's embeddings ``img``, ``txt`` (GradCache computes
+        them chunk by chunk without graph, :mod:`raycmr.train.grad_cache`)."""
+        loss_cfg = self.cfg.loss
         parts: dict[str, torch.Tensor] = {}
         total = img.new_zeros(())
         if loss_cfg.kind != "none":
@@ -196,11 +220,8 @@ class CrossModalObjective(nn.Module):
                 parts.update(hard_neg_unchanged=(~hard[1].any(1)).float().mean(),
                              hard_neg_per_caption=hard[1].float().sum(1).mean())
         if self.discriminator is not None:
-            from raycmr.losses.adversary import modality_adversary_loss
-
-            adv, acc = modality_adversary_loss(self.discriminator, img, txt, grl_lambda)
-            total = total + loss_cfg.grl.weight * adv
-            parts.update(adversary=adv.detach(), disc_acc=torch.as_tensor(acc).detach())
+            parts.update(self.adversary(img, txt, grl_lambda))
+            total = total + loss_cfg.grl.weight * parts.pop("adversary_total")
         if loss_cfg.dscmr.enabled:
             from raycmr.losses.dscmr import dscmr_loss
 

@@ -1,15 +1,15 @@
-"""Fitting the cross-attention reranker on in-memory pairs (in-batch softmax, on the driver)."""
+"""Fitting the feature teacher on in-memory pairs (in-batch softmax, on the driver)."""
 
 from __future__ import annotations
 
 import torch
 
 from raycmr.losses.in_batch_softmax import in_batch_softmax_loss
-from raycmr.models.reranker import CrossAttentionReranker, select_queries
+from raycmr.models.feature_teacher import FeatureTeacher, select_queries
 
 
-def fit_reranker(
-    model: CrossAttentionReranker,
+def fit_teacher(
+    model: FeatureTeacher,
     query: dict[str, torch.Tensor],
     image: torch.Tensor,
     *,
@@ -26,15 +26,15 @@ def fit_reranker(
     Each step samples ``batch_size`` pairs and scores every query against every image of the
     batch; the loss is the cross-entropy of the true image among them (in-batch softmax). Pairs
     sharing a ``groups`` value (captions of one image) are not used as each other's negatives.
-    A residual reranker (``cfg.fast_weight > 0``) needs ``fast = (query_vecs, image_vecs)``, the
-    dual encoder's retrieval vectors of the same pairs: its scores are the slow score plus
-    ``fast_weight * <query_vec, image_vec>``, as the Serve app combines them.
+    A residual model (``cfg.fast_weight > 0``) needs ``fast = (query_vecs, image_vecs)``, the
+    dual encoder's retrieval vectors of the same pairs: its scores are its own score plus
+    ``fast_weight * <query_vec, image_vec>``.
     """
     n = image.shape[0]
     if n < 2:
-        raise ValueError(f"fit_reranker needs at least 2 pairs, got {n}")
+        raise ValueError(f"fit_teacher needs at least 2 pairs, got {n}")
     if (model.cfg.fast_weight > 0) != (fast is not None):
-        raise ValueError("a reranker with fast_weight > 0 trains on the fast stage's vectors: "
+        raise ValueError("a model with fast_weight > 0 trains on the fast stage's vectors: "
                          "pass fast=(query_vecs, image_vecs); without fast_weight, pass none")
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

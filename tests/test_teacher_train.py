@@ -1,4 +1,4 @@
-"""Pieces of `raycmr reranker` that need no cluster: the held-out R@1 and the reranker shape."""
+"""Pieces of `raycmr teacher` that need no cluster: the held-out R@1 and the teacher's shape."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raycmr.config import load_config
-from raycmr.rerank.train import block_recall_at_1, reranker_config
+from raycmr.teacher.train import block_recall_at_1, teacher_config
 
 
 def test_block_recall_hand_cases() -> None:
@@ -30,24 +30,24 @@ def test_block_recall_hand_cases() -> None:
     assert seen == [10]
 
 
-def test_reranker_config_follows_the_checkpoint_inputs() -> None:
+def test_teacher_config_follows_the_checkpoint_inputs() -> None:
     image = torch.zeros(3, 48)
-    feats = reranker_config(load_config("wikipedia"),
-                            {"query": {"text_feat": torch.zeros(3, 10)}, "image": image},
-                            width=16, heads=2, layers=1)
+    feats = teacher_config(load_config("wikipedia"),
+                           {"query": {"text_feat": torch.zeros(3, 10)}, "image": image},
+                           width=16, heads=2, layers=1)
     assert (feats.query, feats.text_dim, feats.image_dim, feats.width) == ("features", 10, 48, 16)
     cfg = load_config("quickstart")
-    tokens = reranker_config(cfg, {"query": {"input_ids": torch.zeros(3, 8, dtype=torch.long)},
-                                   "image": image}, width=16, heads=2, layers=2)
+    tokens = teacher_config(cfg, {"query": {"input_ids": torch.zeros(3, 8, dtype=torch.long)},
+                                  "image": image}, width=16, heads=2, layers=2)
     assert (tokens.query, tokens.vocab_size, tokens.max_text_len, tokens.image_dim,
             tokens.layers) == ("tokens", 30522, cfg.data.max_text_len, 48, 2)
 
 
-def test_residual_reranker_starts_at_the_fast_stage_and_improves_on_it() -> None:
-    """fast_weight > 0: an untrained reranker scores exactly fast_weight * <q, g>; training on
+def test_residual_teacher_starts_at_the_fast_stage_and_improves_on_it() -> None:
+    """fast_weight > 0: an untrained model scores exactly fast_weight * <q, g>; training on
     the true features then lifts held-out R@1 above the (noisy) fast stage's."""
-    from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
-    from raycmr.rerank.fit import fit_reranker
+    from raycmr.models.feature_teacher import FeatureTeacher, FeatureTeacherConfig
+    from raycmr.teacher.fit import fit_teacher
 
     def pairs(n, seed):
         rng = np.random.default_rng(seed)
@@ -60,18 +60,18 @@ def test_residual_reranker_starts_at_the_fast_stage_and_improves_on_it() -> None
         return torch.from_numpy(text), torch.from_numpy(image), q, g
 
     torch.manual_seed(0)
-    model = CrossAttentionReranker(RerankerConfig(text_dim=8, image_dim=16, width=16, heads=2,
-                                                  query_tokens=2, image_tokens=2,
-                                                  fast_weight=5.0))
+    model = FeatureTeacher(FeatureTeacherConfig(text_dim=8, image_dim=16, width=16, heads=2,
+                                                query_tokens=2, image_tokens=2,
+                                                fast_weight=5.0))
     text, image, q, g = pairs(600, seed=1)
     with torch.no_grad():
         slow = model.score_candidates({"text_feat": text[:4]},
                                       image[:4].unsqueeze(0).expand(4, -1, -1))
     assert torch.equal(slow, torch.zeros(4, 4))  # zero head: the combined score is the fast one
     with pytest.raises(ValueError, match="fast="):
-        fit_reranker(model, {"text_feat": text}, image, steps=1)
-    fit_reranker(model, {"text_feat": text}, image, fast=(torch.from_numpy(q), torch.from_numpy(g)),
-                 steps=150, batch_size=32, lr=1e-2)
+        fit_teacher(model, {"text_feat": text}, image, steps=1)
+    fit_teacher(model, {"text_feat": text}, image, fast=(torch.from_numpy(q), torch.from_numpy(g)),
+                steps=150, batch_size=32, lr=1e-2)
     t_text, t_image, t_q, t_g = pairs(200, seed=2)
     groups = np.arange(200)
 
@@ -86,5 +86,5 @@ def test_residual_reranker_starts_at_the_fast_stage_and_improves_on_it() -> None
 
     fast_r1 = block_recall_at_1(fast, groups, 100)
     reranked_r1 = block_recall_at_1(combined, groups, 100)
-    print(f"fast R@1 {fast_r1:.1f}, residual reranker R@1 {reranked_r1:.1f}")
+    print(f"fast R@1 {fast_r1:.1f}, residual model R@1 {reranked_r1:.1f}")
     assert fast_r1 < 70 and reranked_r1 > fast_r1 + 15

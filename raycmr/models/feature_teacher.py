@@ -1,24 +1,20 @@
-"""Cross-attention reranker: the slow, accurate second stage of retrieval.
+"""The feature teacher: a cross-attention scorer of (text vector, image vector) pairs, the
+frozen teacher that ``loss.distill.feature_teacher`` distils into a dual encoder on feature shards.
 
-After Miech et al., "Thinking Fast and Slow: Efficient Text-to-Visual Retrieval with
-Transformers" (CVPR 2021): a fast dual encoder retrieves the top-K gallery items by a dot product,
-then a slow model that lets the query's tokens attend to the candidate image's tokens rescores
-the top few. The slow model sees every (query, candidate) pair jointly, so it can model
-interactions a dot product of two independent embeddings cannot:
+After the slow model of Miech et al., "Thinking Fast and Slow: Efficient Text-to-Visual Retrieval
+with Transformers" (CVPR 2021): the query's tokens attend to the image's tokens, so it scores
+each (query, image) pair jointly, which a dot product of two independent embeddings cannot:
 
-    q_1..q_L  = query tokens      (token ids -> embeddings, or a text feature vector split into
-                                   ``query_tokens`` tokens by one linear map)
-    m_1..m_T  = image tokens      (the stored per-image vector split into ``image_tokens`` tokens
-                                   by one linear map)
+    q_1..q_L  = query tokens      (a text feature vector split into ``query_tokens`` tokens by one
+                                   linear map, or token ids -> embeddings)
+    m_1..m_T  = image tokens      (the image vector split into ``image_tokens`` tokens by one
+                                   linear map)
     h         = DecoderLayer^n(q, memory=m)     self-attention over q, cross-attention q -> m
     s(q, m)   = w . LayerNorm(mean_l h_l)       one relevance score per pair
 
-The image side is one stored vector per gallery item (what ``raycmr index`` writes next to the
-FAISS index: raw ``image_feat`` for feature galleries, the dual encoder's image embedding for
-image galleries), so that reranking needs no image decoding at query time.
-
-Plain PyTorch: no Ray in here. :func:`raycmr.rerank.fit.fit_reranker` trains one on in-memory
-pairs with an in-batch softmax (each query against every image of the batch).
+Plain PyTorch: no Ray in here. :func:`raycmr.teacher.fit.fit_teacher` trains one on in-memory
+pairs with an in-batch softmax; ``raycmr teacher`` fits one on a checkpoint's shards. Image
+galleries' slow stage is the captioning model of :mod:`raycmr.models.slow`.
 """
 
 from __future__ import annotations
@@ -32,13 +28,13 @@ from torch import nn
 
 from raycmr.config import ConfigError
 
-WEIGHTS_FILE, CONFIG_FILE = "reranker.pt", "reranker.yaml"
+WEIGHTS_FILE, CONFIG_FILE = "feature_teacher.pt", "feature_teacher.yaml"
 QUERY_KINDS = ("features", "tokens")
 
 
 @dataclass
-class RerankerConfig:
-    """Shape of a :class:`CrossAttentionReranker`."""
+class FeatureTeacherConfig:
+    """Shape of a :class:`FeatureTeacher`."""
 
     query: str = "features"  # "features" (a text_feat vector) or "tokens" (token ids + mask)
     text_dim: int = 0  # features: length of the text_feat vector
@@ -51,49 +47,50 @@ class RerankerConfig:
     heads: int = 4
     layers: int = 1
     dropout: float = 0.0
-    # Residual reranking: final score = slow score + fast_weight * the dual encoder's dot
-    # product of the pair (0 = the slow score alone). With it the head starts at zero, so an
-    # untrained reranker ranks exactly like the fast stage and training learns a correction.
+    # Residual: final score = own score + fast_weight * the dual encoder's dot product of the
+    # pair (0 = its own score alone). The head then starts at zero, so an untrained one ranks
+    # exactly like the fast stage and training learns a correction.
     fast_weight: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad field."""
         if self.query not in QUERY_KINDS:
-            raise ConfigError(f"reranker.query is {self.query!r}; choose features or tokens")
+            raise ConfigError(f"feature_teacher.query is {self.query!r}; choose features or tokens")
         if self.query == "features" and self.text_dim <= 0:
-            raise ConfigError("reranker.query=features needs reranker.text_dim (text_feat length)")
+            raise ConfigError("feature_teacher.query=features needs text_dim (text_feat length)")
         if self.query == "tokens" and (self.vocab_size <= 0 or self.max_text_len <= 0):
-            raise ConfigError("reranker.query=tokens needs vocab_size > 0 and max_text_len > 0")
+            raise ConfigError("feature_teacher.query=tokens needs vocab_size, max_text_len > 0")
         if self.image_dim <= 0:
-            raise ConfigError("reranker.image_dim must be the length of the stored image vectors")
+            raise ConfigError("feature_teacher.image_dim must be the length of the image vectors")
         for name in ("query_tokens", "image_tokens", "width", "heads", "layers"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"reranker.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"feature_teacher.{name} must be positive, got {getattr(self, name)}")
         if self.fast_weight < 0:
-            raise ConfigError(f"reranker.fast_weight must be >= 0, got {self.fast_weight}")
+            raise ConfigError(f"feature_teacher.fast_weight must be >= 0, got {self.fast_weight}")
         if self.width % self.heads:
-            raise ConfigError(
-                f"reranker.width={self.width} must be a multiple of reranker.heads={self.heads}"
-            )
+            raise ConfigError(f"feature_teacher.width={self.width} must be a multiple of "
+                              f"feature_teacher.heads={self.heads}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RerankerConfig:
+    def from_dict(cls, values: dict[str, Any]) -> FeatureTeacherConfig:
         """Build from a mapping; unknown keys raise :class:`ConfigError`."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(
-                f"unknown reranker config key(s) {', '.join(unknown)}; valid: {', '.join(names)}"
+                f"unknown feature_teacher config key(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(names)}"
             )
         cfg = cls(**values)
         cfg.validate()
         return cfg
 
 
-class CrossAttentionReranker(nn.Module):
+class FeatureTeacher(nn.Module):
     """Scores (query, image vector) pairs; see the module docstring for the architecture."""
 
-    def __init__(self, cfg: RerankerConfig):
+    def __init__(self, cfg: FeatureTeacherConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -128,13 +125,13 @@ class CrossAttentionReranker(nn.Module):
         cfg = self.cfg
         if cfg.query == "features":
             if "text_feat" not in query:
-                raise ValueError("this reranker scores text_feat vectors; got no 'text_feat'")
+                raise ValueError("this teacher scores text_feat vectors; got no 'text_feat'")
             x = query["text_feat"].float()
             tokens = self.query_in(x).view(x.shape[0], cfg.query_tokens, cfg.width)
             keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             return tokens + self.query_pos, keep
         if "input_ids" not in query:
-            raise ValueError("this reranker scores token ids; got no 'input_ids'")
+            raise ValueError("this teacher scores token ids; got no 'input_ids'")
         ids = query["input_ids"][:, : cfg.max_text_len]
         keep = query["attention_mask"][:, : cfg.max_text_len].bool()
         keep[:, 0] = True  # an all-padding row would make attention NaN

@@ -1,4 +1,4 @@
-"""Cross-attention reranker: pair/candidate scoring agree, padding is masked, it learns a
+"""The feature teacher: pair/candidate scoring agree, padding is masked, it learns a
 matching task a random model cannot do, and it round-trips through save/load."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from raycmr.artifacts import load_reranker, save_reranker
+from raycmr.artifacts import load_feature_teacher, save_feature_teacher
 from raycmr.config import ConfigError
-from raycmr.models.reranker import CrossAttentionReranker, RerankerConfig
-from raycmr.rerank.fit import fit_reranker
+from raycmr.models.feature_teacher import FeatureTeacher, FeatureTeacherConfig
+from raycmr.teacher.fit import fit_teacher
 
 
 def synthetic_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,13 +23,13 @@ def synthetic_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return image @ mix / 4 + 0.1 * torch.randn(n, 8, generator=g), image
 
 
-def small_cfg(**kw) -> RerankerConfig:
+def small_cfg(**kw) -> FeatureTeacherConfig:
     base = {"query": "features", "text_dim": 8, "image_dim": 16, "width": 16, "heads": 2,
             "query_tokens": 2, "image_tokens": 2}
-    return RerankerConfig(**{**base, **kw})
+    return FeatureTeacherConfig(**{**base, **kw})
 
 
-def recall_at_1(model: CrossAttentionReranker, text: torch.Tensor, image: torch.Tensor) -> float:
+def recall_at_1(model: FeatureTeacher, text: torch.Tensor, image: torch.Tensor) -> float:
     n = image.shape[0]
     with torch.no_grad():
         scores = model.score_candidates({"text_feat": text},
@@ -47,7 +47,7 @@ def _one_thread():
 
 def test_pair_and_candidate_scoring_agree() -> None:
     torch.manual_seed(0)
-    model = CrossAttentionReranker(small_cfg(layers=2)).eval()
+    model = FeatureTeacher(small_cfg(layers=2)).eval()
     text, image = synthetic_pairs(5, seed=1)
     cands = torch.randn(5, 3, 16)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_pair_and_candidate_scoring_agree() -> None:
 
 def test_token_queries_ignore_padding() -> None:
     torch.manual_seed(0)
-    model = CrossAttentionReranker(small_cfg(query="tokens", vocab_size=50, max_text_len=12))
+    model = FeatureTeacher(small_cfg(query="tokens", vocab_size=50, max_text_len=12))
     model.eval()
     ids = torch.tensor([[1, 7, 9, 2, 0, 0], [1, 4, 2, 0, 0, 0]])
     mask = (ids > 0).long()
@@ -80,19 +80,19 @@ def test_token_queries_ignore_padding() -> None:
     torch.testing.assert_close(short, longer, atol=1e-5, rtol=0)
     torch.testing.assert_close(short, garbage, atol=1e-5, rtol=0)  # padded ids are not read
     with pytest.raises(ValueError, match="text_feat"):
-        CrossAttentionReranker(small_cfg())({"input_ids": ids}, image)
+        FeatureTeacher(small_cfg())({"input_ids": ids}, image)
 
 
-def test_fit_reranker_learns_the_matching() -> None:
+def test_fit_teacher_learns_the_matching() -> None:
     torch.manual_seed(0)
-    model = CrossAttentionReranker(small_cfg())
+    model = FeatureTeacher(small_cfg())
     train_text, train_image = synthetic_pairs(256, seed=1)
     test_text, test_image = synthetic_pairs(32, seed=2)  # held-out pairs, 32 candidates each
     before = recall_at_1(model, test_text, test_image)
-    losses = fit_reranker(model, {"text_feat": train_text}, train_image, steps=100,
-                          batch_size=32, lr=1e-2)
+    losses = fit_teacher(model, {"text_feat": train_text}, train_image, steps=100,
+                         batch_size=32, lr=1e-2)
     after = recall_at_1(model, test_text, test_image)
-    print(f"reranker R@1 over 32 candidates: {before:.3f} untrained -> {after:.3f} trained "
+    print(f"teacher R@1 over 32 candidates: {before:.3f} untrained -> {after:.3f} trained "
           f"(loss {losses[0]:.2f} -> {losses[-1]:.2f})")
     assert before <= 0.15  # chance is 1/32
     assert after >= 0.6
@@ -104,7 +104,7 @@ def test_groups_are_not_negatives() -> None:
     softmax, so the first step's loss is the hand-computed one over the other images; without
     groups the twin (an identical image, an identical score) caps p(true image) at 1/2."""
     torch.manual_seed(0)
-    model = CrossAttentionReranker(small_cfg())
+    model = FeatureTeacher(small_cfg())
     text, image = synthetic_pairs(8, seed=3)
     image = image[torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])]  # two captions per image
     groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -116,27 +116,27 @@ def test_groups_are_not_negatives() -> None:
     expected = float(-(scores.diagonal() - torch.stack(
         [scores[i][keep[i]].logsumexp(0) for i in range(8)])).mean())
     # lr=0: the one step leaves the weights as they are; the whole batch in any order
-    first = fit_reranker(model, {"text_feat": text}, image, groups=groups, steps=1,
-                         batch_size=8, lr=0.0)
+    first = fit_teacher(model, {"text_feat": text}, image, groups=groups, steps=1,
+                        batch_size=8, lr=0.0)
     assert first[0] == pytest.approx(expected, rel=1e-5)
-    ungrouped = fit_reranker(model, {"text_feat": text}, image, steps=1, batch_size=8, lr=0.0)
+    ungrouped = fit_teacher(model, {"text_feat": text}, image, steps=1, batch_size=8, lr=0.0)
     assert ungrouped[0] >= math.log(2) - 1e-6 and ungrouped[0] > first[0] + 0.1
 
 
 def test_save_load_round_trip_and_config_errors(tmp_path) -> None:
     torch.manual_seed(0)
-    model = CrossAttentionReranker(small_cfg()).eval()
+    model = FeatureTeacher(small_cfg()).eval()
     text, image = synthetic_pairs(4, seed=4)
-    loaded = load_reranker(save_reranker(model, tmp_path / "rr"))
+    loaded = load_feature_teacher(save_feature_teacher(model, tmp_path / "rr"))
     with torch.no_grad():
         torch.testing.assert_close(model({"text_feat": text}, image),
                                    loaded({"text_feat": text}, image))
     assert loaded.cfg == model.cfg and not loaded.training
-    with pytest.raises(ConfigError, match="no reranker at"):
-        load_reranker(tmp_path / "missing")
-    with pytest.raises(ConfigError, match="unknown reranker config key"):
-        RerankerConfig.from_dict({"widht": 3})
-    with pytest.raises(ConfigError, match="multiple of reranker.heads"):
-        CrossAttentionReranker(small_cfg(width=10, heads=4))
+    with pytest.raises(ConfigError, match="no feature teacher at"):
+        load_feature_teacher(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="unknown feature_teacher config key"):
+        FeatureTeacherConfig.from_dict({"widht": 3})
+    with pytest.raises(ConfigError, match="multiple of feature_teacher.heads"):
+        FeatureTeacher(small_cfg(width=10, heads=4))
     with pytest.raises(ConfigError, match="text_dim"):
-        CrossAttentionReranker(small_cfg(text_dim=0))
+        FeatureTeacher(small_cfg(text_dim=0))

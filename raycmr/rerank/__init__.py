@@ -1,5 +1,0 @@
-"""The one-vector cross-attention reranker's training (the model is
-:mod:`raycmr.models.reranker`), kept as the distillation teacher of feature checkpoints:
-fitting on in-memory pairs (``fit``), pairs from a checkpoint's shards and the held-out report
-(``train``), and the ``raycmr reranker`` command (``cli``). Image galleries' slow stage is
-:mod:`raycmr.models.slow` (``raycmr train --config quickstart_slow``)."""
