@@ -110,3 +110,31 @@ def running_app(tmp: Path, token: str, args: dict):
     finally:
         client.close()
         serve.shutdown()
+
+
+def _gloo_rank(rank: int, world: int, port: int, path: str, body, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from raycmr.distributed import end_spawned_process
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(body(rank, world, *args), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+    end_spawned_process()
+
+
+def on_gloo_ranks(body, world: int, path: str, *args) -> list:
+    """``body(rank, world, *args)`` in ``world`` spawned processes joined by a gloo process group
+    (MASTER_ADDR, RANK, ... set as torchrun sets them); returns their results, by rank."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gloo_rank, args=(world, free_port(), path, body, args), nprocs=world,
+                       join=True, start_method="spawn")
+    return [torch.load(f"{path}.{r}") for r in range(world)]

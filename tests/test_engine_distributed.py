@@ -3,17 +3,14 @@ one training step are counted (the one packed gather of the global batch plus De
 gradient all-reduce, nothing else), and sharded validation gives exactly the metrics of
 embedding the whole validation set in one process."""
 
-import os
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import on_gloo_ranks
 
 from raycmr.config import load_config
-from raycmr.distributed import end_spawned_process
 
 OVERRIDES = [
     "data.kind=features", "model.image.kind=mlp", "model.image.input_dim=6",
@@ -75,56 +72,44 @@ def _count(fn):
     return calls
 
 
-def _worker(rank, world, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from raycmr import distributed
-        from raycmr.train.loop import build_engine, train_step
-        from raycmr.train.registry import make_task
-        from raycmr.train.task import StepInfo
+def _worker(rank, world):
+    from raycmr import distributed
+    from raycmr.train.loop import build_engine, train_step
+    from raycmr.train.registry import make_task
+    from raycmr.train.task import StepInfo
 
-        cfg = load_config(None, OVERRIDES)
-        torch.manual_seed(0)
-        task = make_task("dual_encoder", cfg)
-        engine = build_engine(task, cfg, total_steps=10)
-        batch = _train_batch(rank)
-        info = StepInfo(0, 0, 10, 0)
-        train_step(engine, task, batch, info)  # warm-up: first-call paths
-        step_calls = _count(lambda: train_step(engine, task, batch, info))
+    cfg = load_config(None, OVERRIDES)
+    torch.manual_seed(0)
+    task = make_task("dual_encoder", cfg)
+    engine = build_engine(task, cfg, total_steps=10)
+    batch = _train_batch(rank)
+    info = StepInfo(0, 0, 10, 0)
+    train_step(engine, task, batch, info)  # warm-up: first-call paths
+    step_calls = _count(lambda: train_step(engine, task, batch, info))
 
-        forwards = [0]
-        module = engine.module
-        original = module.encoder.retrieval_embed
+    forwards = [0]
+    module = engine.module
+    original = module.encoder.retrieval_embed
 
-        def counting_embed(b):
-            forwards[0] += 1
-            return original(b)
+    def counting_embed(b):
+        forwards[0] += 1
+        return original(b)
 
-        module.encoder.retrieval_embed = counting_embed
-        engine.eval()
-        with torch.no_grad():
-            metrics = task.validate(module, lambda fn: distributed.sharded_map(
-                _val_batches(cfg), fn, equal_calls=True))
-        module.encoder.retrieval_embed = original
-        state = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}
-        torch.save({"calls": step_calls, "metrics": metrics, "forwards": forwards[0],
-                    "state": state}, f"{result_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
-    end_spawned_process()
+    module.encoder.retrieval_embed = counting_embed
+    engine.eval()
+    with torch.no_grad():
+        metrics = task.validate(module, lambda fn: distributed.sharded_map(
+            _val_batches(cfg), fn, equal_calls=True))
+    module.encoder.retrieval_embed = original
+    state = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}
+    return {"calls": step_calls, "metrics": metrics, "forwards": forwards[0], "state": state}
 
 
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("engine") / "result")
-    mp.start_processes(_worker, args=(2, free_port(), path), nprocs=2, join=True,
-                       start_method="spawn")
-    return [torch.load(f"{path}.{r}") for r in range(2)]
+    return on_gloo_ranks(_worker, 2, str(tmp_path_factory.mktemp("engine") / "result"))
 
 
 def test_one_training_step_makes_one_gather_and_deepspeeds_gradient_all_reduce(two_ranks):

@@ -16,17 +16,13 @@ unchunked one.
   reduction once per step however many chunks).
 """
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import on_gloo_ranks
 from test_engine_distributed import _count
 
 from raycmr.config import ConfigError, load_config
-from raycmr.distributed import end_spawned_process
 from raycmr.train.dual_encoder.objective import CrossModalObjective
 from raycmr.train.grad_cache import (
     backward_through_chunks,
@@ -237,25 +233,13 @@ def _params(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def _worker(rank, world, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save({"torch": _torch_steps(rank, world), "engine": _engine_steps(rank)},
-                   f"{result_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
-    end_spawned_process()
+def _worker(rank, world):
+    return {"torch": _torch_steps(rank, world), "engine": _engine_steps(rank)}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gradcache") / "results")
-    mp.start_processes(_worker, args=(2, free_port(), path), nprocs=2, join=True,
-                       start_method="spawn")
-    return [torch.load(f"{path}.{r}") for r in range(2)]
+    return on_gloo_ranks(_worker, 2, str(tmp_path_factory.mktemp("gradcache") / "results"))
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
