@@ -178,7 +178,8 @@ def build_engine(task: Task, cfg: Config, total_steps: int):
 
     module = task.build_module()
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=task.optimizer_groups(module), config=deepspeed_config(cfg, total_steps),
+        model=module, model_parameters=task.optimizer_groups(module),
+        config=deepspeed_config(cfg, total_steps),
         dist_init_required=False,
     )
     return engine
