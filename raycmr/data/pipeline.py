@@ -116,11 +116,14 @@ def build_dataset(paths: list[str] | str, cfg: DataConfig, *, training: bool, se
     )
 
 
-def _tensor_batch(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, Any]:
+def _tensor_batch(batch: dict[str, np.ndarray], keep: np.ndarray,
+                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
 
-    return {k: torch.from_numpy(np.ascontiguousarray(v[keep])) for k, v in batch.items()
-            if k in TENSOR_COLUMNS}
+    out: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v[keep]))
+                           for k, v in batch.items() if k in TENSOR_COLUMNS}
+    out.update({k: np.asarray(batch[k])[keep] for k in extra})
+    return out
 
 
 def iter_worker_batches(
@@ -131,11 +134,13 @@ def iter_worker_batches(
     seed: int,
     drop_last: bool,
     prefetch_batches: int = 1,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[tuple[dict[str, Any], collections.Counter[str]]]:
     """Yield ``(batch, dropped)``: torch tensors of the valid rows, and invalid rows by reason.
 
     ``data_iterator`` is a ``DataIterator`` (``ray.train.get_dataset_shard``) or a ``Dataset``.
-    Batches hold the tensor columns only (no strings); after dropping invalid rows a batch may
+    Batches hold the tensor columns (and the columns named in ``extra``, e.g. ``pair_swap``,
+    as numpy arrays of the valid rows); after dropping invalid rows a batch may
     be smaller than ``batch_size``; no batch is empty. Counts of a batch whose rows were all
     invalid are added to a neighbouring yielded batch, so that summing ``dropped`` over the
     whole iteration is exact (unless no row at all is valid: then a warning names the counts).
@@ -161,7 +166,7 @@ def iter_worker_batches(
             yield held
         dropped.update(pending)
         pending = collections.Counter()
-        held = (_tensor_batch(batch, valid), dropped)
+        held = (_tensor_batch(batch, valid, extra), dropped)
     if held is not None:
         yield held
     elif pending:
