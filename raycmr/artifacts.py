@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import yaml
 
-from raycmr.config import Config, ConfigError, config_from_dict
+from raycmr.config import Config, ConfigError, config_from_dict, upgrade_saved
 
 if TYPE_CHECKING:
     import torch
@@ -198,9 +198,9 @@ def find_checkpoint(uri: str | Path) -> str:
 
 
 def read_config(checkpoint: str | Path) -> Config:
-    """The config a checkpoint was trained with."""
-    return config_from_dict(yaml.safe_load(read_text(join(find_checkpoint(checkpoint),
-                                                          CONFIG_FILE))))
+    """The config a checkpoint was trained with, in today's keys (:func:`upgrade_saved`)."""
+    stored = yaml.safe_load(read_text(join(find_checkpoint(checkpoint), CONFIG_FILE)))
+    return config_from_dict(upgrade_saved(stored))
 
 
 def load_exported(checkpoint: str | Path) -> tuple[DualEncoder, Config]:

@@ -7,6 +7,7 @@ wrong type raise :class:`ConfigError` with a one-line message naming the key and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -491,6 +492,24 @@ def _check_renamed(values: dict[str, Any]) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
             raise ConfigError(f"{old} was renamed {new}: set {new}={node} instead")
+
+
+def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config in today's keys: a run saved before a rename keeps loading
+    (a user's own config with an old key gets the one-line error instead)."""
+    values = copy.deepcopy(values or {})
+    for old, new in RENAMED.items():
+        *path, leaf = old.split(".")
+        node: Any = values
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[new.split(".")[-1]] = node.pop(leaf)
+    dckt = values.get("dckt")
+    enabled = dckt.pop("enabled", False) if isinstance(dckt, dict) else False
+    if enabled not in (False, "false", "False", 0):
+        values.setdefault("train", {})["task"] = "dckt"
+    return values
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

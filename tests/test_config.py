@@ -83,3 +83,22 @@ def test_train_task_is_the_one_method_switch():
     assert load_config(None, ["dckt.enabled=false"]).train.task == "dual_encoder"
     assert validation_metric(load_config(None, ["train.task=slow"])) == "val_t2i_r1"
     assert validation_metric(load_config(None, ["train.task=dckt"])) == "val_rsum"
+
+
+def test_a_checkpoint_saved_before_a_rename_still_loads(tmp_path):
+    """A run's stored config.yaml with old keys reads in today's keys; a user's config with
+    them still stops with the one-line rename error."""
+    import yaml
+
+    from raycmr.artifacts import CONFIG_FILE, MODEL_FILE, read_config
+
+    old = load_config("wikipedia").to_dict()
+    old["loss"]["distill"]["reranker"] = old["loss"]["distill"].pop("feature_teacher")
+    old["dckt"]["enabled"] = True
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    (tmp_path / MODEL_FILE).write_bytes(b"")  # a checkpoint dir: its weights are not read here
+    cfg = read_config(tmp_path)
+    assert cfg.train.task == "dckt" and cfg.loss.distill.feature_teacher == ""
+    assert cfg.to_dict()["data"] == old["data"]
+    with pytest.raises(ConfigError, match="^loss.distill.reranker was renamed"):
+        load_config(None, ["loss.distill.reranker=x"])

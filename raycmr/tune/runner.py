@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from raycmr import compat
-from raycmr.config import Config, ConfigError, config_from_dict, with_overrides
+from raycmr.config import Config, ConfigError, config_from_dict, upgrade_saved, with_overrides
 from raycmr.tune.spaces import ParamSpec, check_search, param_space, parse_space
 
 BASE_CONFIG_FILE = "raycmr_tune_config.yaml"
@@ -245,7 +245,7 @@ def load_experiment_config(path: str) -> Config:
     except (OSError, FileNotFoundError):
         raise ConfigError(f"'{path}' is not a raycmr tune experiment (no {BASE_CONFIG_FILE}): "
                           "give the experiment dir that `raycmr tune` printed") from None
-    return config_from_dict(yaml.safe_load(text))
+    return config_from_dict(upgrade_saved(yaml.safe_load(text)))
 
 
 def resume(path: str, *, retry_errored: bool = False) -> Experiment:
