@@ -3,6 +3,7 @@ decodes the split): rows that must agree with each other by construction."""
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from raycmr.artifacts import write_export
 from raycmr.cli import main
 from raycmr.config import load_config
 from raycmr.configs.tiny import TINY_SLOW, TINY_TOWERS
-from raycmr.data.synthetic import write_synthetic_splits
+from raycmr.data.synthetic import write_minimal_pairs, write_synthetic_splits
 from raycmr.models.dual_encoder import DualEncoder
 from raycmr.models.slow import build_slow_model
 
@@ -56,3 +57,21 @@ def test_eval_rerank_rows_agree(ray_cluster, tmp_path, capsys):
     # a dual encoder checkpoint given as the slow model: one line naming the problem
     assert main(["eval", "--checkpoint", str(fast_dir), "--rerank", str(fast_dir)]) == 2
     assert "not a slow model" in capsys.readouterr().err
+
+    # minimal-pair shards: group accuracy per method and kind of swap, in the table too
+    write_minimal_pairs(tmp_path / "mp", 6, seed=3, image_size=32, progress=False)
+    n = pq.read_table(tmp_path / "mp").num_rows
+    code = main(["eval", "--checkpoint", str(fast_dir), "--rerank", str(slow_dir),
+                 "--rerank-k", "1", "0", "--slow-queries", "4", "--json", str(out),
+                 f"data.test=[{tmp_path / 'mp'}]"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| group acc | colour | position | shape |" in printed
+    by = {(r["method"], r["k"]): r for r in json.loads(out.read_text())}
+    fast, slow_only = by[("fast", "")], by[("slow-only", n)]
+    assert slow_only["queries"] == 4 and slow_only["group_captions"] == n
+    # K = 1 never reorders a group's images; K = every image with beta 0 is slow-only's order
+    for key in ("group_acc", "group_acc_colour", "group_acc_shape", "group_acc_position",
+                "group_chance"):
+        assert by[("fast+slow", 1)][key] == fast[key], key
+        assert by[("fast+slow", n)][key] == slow_only[key], key

@@ -172,17 +172,20 @@ def build_dataset(paths: list[str] | str, cfg: DataConfig, *, training: bool, se
     )
 
 
-def _tensor_batch(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, Any]:
-    """The tensor columns of rows ``keep``; packed groups (:func:`pack_group`) are unpacked
-    into their valid members, a group's members next to each other."""
+def _tensor_batch(batch: dict[str, np.ndarray], keep: np.ndarray,
+                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The tensor columns of rows ``keep`` (and ``extra`` columns as arrays, unpacked rows only);
+    packed groups (:func:`pack_group`) are unpacked into their valid members, a group's
+    members next to each other."""
     import torch
 
     members = batch.get("member_valid")
-    out = {}
+    out: dict[str, Any] = {}
     for name, value in batch.items():
         if name in TENSOR_COLUMNS:
             value = value[keep] if members is None else value[keep][members[keep]]
             out[name] = torch.from_numpy(np.ascontiguousarray(value))
+    out.update({k: np.asarray(batch[k])[keep] for k in extra})
     return out
 
 
@@ -202,11 +205,13 @@ def iter_worker_batches(
     seed: int,
     drop_last: bool,
     prefetch_batches: int = 1,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[tuple[dict[str, Any], collections.Counter[str]]]:
     """Yield ``(batch, dropped)``: torch tensors of the valid rows, and invalid rows by reason.
 
     ``data_iterator`` is a ``DataIterator`` (``ray.train.get_dataset_shard``) or a ``Dataset``.
-    Batches hold the tensor columns only (no strings); after dropping invalid rows a batch may
+    Batches hold the tensor columns (and the columns named in ``extra``, e.g. ``pair_swap``,
+    as numpy arrays of the valid rows); after dropping invalid rows a batch may
     be smaller than ``batch_size``; no batch is empty. Counts of a batch whose rows were all
     invalid are added to a neighbouring yielded batch, so that summing ``dropped`` over the
     whole iteration is exact (unless no row at all is valid: then a warning names the counts).
@@ -232,7 +237,7 @@ def iter_worker_batches(
             yield held
         dropped.update(pending)
         pending = collections.Counter()
-        held = (_tensor_batch(batch, valid), dropped)
+        held = (_tensor_batch(batch, valid, extra), dropped)
     if held is not None:
         yield held
     elif pending:

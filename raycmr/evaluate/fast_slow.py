@@ -40,12 +40,17 @@ def split_paths(cfg: Config, split: str) -> list[str]:
 def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> slow_eval.RerankSplit:
     """Decode ``split`` (the slow checkpoint's data config) and lay it out for retrieval."""
     from raycmr.data.pipeline import build_dataset, iter_worker_batches
+    from raycmr.evaluate.checkpoint import has_minimal_pairs
 
-    ds = build_dataset(split_paths(cfg, split), cfg.data, training=False)
-    cols: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                           ("phi", "ids", "mask", "group", "fimg", "ftxt")}
+    paths = split_paths(cfg, split)
+    ds = build_dataset(paths, cfg.data, training=False)
+    pairs = ("pair_group", "pair_swap") if has_minimal_pairs(paths, cfg) else ()
+    cols: dict[str, list] = {k: [] for k in
+                             ("phi", "ids", "mask", "group", "fimg", "ftxt", *pairs)}
     for batch, _ in iter_worker_batches(ds, batch_size, shuffle_buffer=0, seed=0,
-                                        drop_last=False):
+                                        drop_last=False, extra=pairs):
+        for k in pairs:
+            cols[k].append(batch[k])
         cols["phi"].append(stored_phi(slow.encode_image(batch["pixel_values"])))
         cols["ids"].append(batch["input_ids"])
         cols["mask"].append(batch["attention_mask"])
@@ -63,6 +68,9 @@ def encode_split(slow, fast, cfg: Config, split: str, batch_size: int = 256) -> 
     out = slow_eval.RerankSplit(phi, torch.cat(cols["ids"]), torch.cat(cols["mask"]), target,
                          groups=groups[image_rows],
                          gallery=slow.gallery(phi) if hasattr(slow, "gallery") else None)
+    if pairs:  # minimal pairs: each image's group and kind of swap
+        out.pair_group = np.concatenate(cols["pair_group"])[image_rows]
+        out.pair_swap = np.concatenate(cols["pair_swap"])[image_rows]
     if fast is not None:
         out.fast_img = torch.cat(cols["fimg"])[rows]
         out.fast_txt = torch.cat(cols["ftxt"])
@@ -85,7 +93,9 @@ def fast_text_seconds(fast, split: slow_eval.RerankSplit, batch_size: int = 64) 
 def compare(slow, split: slow_eval.RerankSplit, ks: list[int], beta: float, slow_queries: int,
             fast=None, chunk: int = 64) -> list[dict[str, Any]]:
     """One row per method: ``method``, ``k``, R@1/5/10, medr, ``ms_per_query`` (and for
-    fast+slow, ``fast_recall_at_k``: the share of queries whose image is in the top K).
+    fast+slow, ``fast_recall_at_k``: the share of queries whose image is in the top K; with
+    minimal-pair groups, ``group_acc``, ``group_chance``, ``group_captions`` and per kind of
+    swap ``group_acc_<kind>``, over every query, :func:`raycmr.evaluate.slow.group_accuracies`).
     The methods take turns on each ``chunk`` of queries (module docstring)."""
     n_img = split.phi.shape[0]
     n_q = len(split.target)
@@ -130,6 +140,11 @@ def compare(slow, split: slow_eval.RerankSplit, ks: list[int], beta: float, slow
         else:
             row["ms_per_query"] = 1000 * seconds[i] / len(r)
         rows.append(row)
+    if split.pair_group is not None:  # untimed: a group's images only
+        ks_used = [k for method, k, _ in methods if method == "fast+slow"]
+        acc = slow_eval.group_accuracies(slow, split, ks_used, beta, with_fast)
+        for row in rows:
+            row.update(acc.get((row["method"], row["k"]), {}))
     return rows
 
 
@@ -163,13 +178,32 @@ def evaluate_fast_slow(fast_checkpoint: str | None, slow_checkpoint: str, split:
         return compare(slow, data, ks, beta, slow_queries, fast), int(data.phi.shape[0])
 
 
+def group_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The group-accuracy keys some row carries: ``group_acc`` then ``group_acc_<kind>``."""
+    keys = {k for r in rows for k in r if k.startswith("group_acc")}
+    return sorted(keys, key=lambda k: (k != "group_acc", k))
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table; with minimal pairs, group-accuracy columns (all captions,
+    then per kind of swap) and a last line with their chance levels."""
+    groups = group_columns(rows)
+    names = ["group acc" if k == "group_acc" else k[len("group_acc_"):] for k in groups]
     head = "| method | K | R@1 | R@5 | R@10 | medr | fast R@K | ms / query | queries |"
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head += "".join(f" {n} |" for n in names)
+    lines = [head, "|" + " --- |" * (9 + len(groups))]
     for r in rows:
         fast_k = f"{r['fast_recall_at_k']:.1f}" if "fast_recall_at_k" in r else ""
         lines.append(f"| {r['method']} | {r['k']} | {r['t2i_r1']:.1f} | {r['t2i_r5']:.1f} | "
                      f"{r['t2i_r10']:.1f} | {r['t2i_medr']:.0f} | {fast_k} | "
-                     f"{r['ms_per_query']:.2f} | {r['queries']} |")
+                     f"{r['ms_per_query']:.2f} | {r['queries']} |"
+                     + "".join(f" {r[k]:.1f} |" if k in r else " |" for k in groups))
+    first = next((r for r in rows if "group_acc" in r), None)
+    if first is not None:
+        chance = ", ".join(f"{n} {first[k.replace('_acc', '_chance')]:.1f}%"
+                           for n, k in zip(names, groups))
+        lines.append(f"\ngroup acc: % of {int(first['group_captions'])} captions (every "
+                     f"caption, whatever the queries column) whose own image ranks strictly "
+                     f"above every other image of its minimal-pair group; chance: {chance}")
     return "\n".join(lines)
 

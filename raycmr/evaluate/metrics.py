@@ -380,14 +380,25 @@ def group_accuracy(img: Any, txt: Any, image_of: Any, pair_group: Any,
         right.extend((own_score > others).tolist())
         chance.extend([1.0 / images.size] * rows.size)
         kind_of.extend([str(kinds[r]) for r in rows] if kinds is not None else [""] * rows.size)
-    if not right:
+    return group_summary(right, chance, kind_of if kinds is not None else None)
+
+
+def group_summary(right: Any, chance: Any, kind: Any = None) -> dict[str, float]:
+    """The group-accuracy report of per-caption outcomes: ``right[q]`` (own image strictly
+    above every other image of its group), ``chance[q]`` (1 / images in its group) and
+    ``kind[q]`` (optional, the group's kind of swap) -> ``group_acc``, ``group_chance``,
+    ``group_captions`` and, with ``kind``, ``group_acc_<kind>`` / ``group_chance_<kind>``
+    (percent); empty when there are no captions."""
+    right_a = np.asarray(right, dtype=bool).reshape(-1)
+    chance_a = np.asarray(chance, dtype=np.float64).reshape(-1)
+    if not right_a.size:
         return {}
-    right_a, chance_a, kind_a = np.array(right), np.array(chance), np.array(kind_of)
     out = {"group_acc": float(100.0 * right_a.mean()),
            "group_chance": float(100.0 * chance_a.mean()),
            "group_captions": float(right_a.size)}
-    if kinds is not None:
-        for k in sorted(set(kind_of)):
+    if kind is not None:
+        kind_a = np.asarray([str(k) for k in kind], dtype=object)
+        for k in sorted(set(kind_a)):
             sel = kind_a == k
             out[f"group_acc_{k}"] = float(100.0 * right_a[sel].mean())
             out[f"group_chance_{k}"] = float(100.0 * chance_a[sel].mean())

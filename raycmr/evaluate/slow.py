@@ -10,6 +10,9 @@ For every query caption ``y`` of a split, against the split's unique images:
   :func:`rerank_order` (``raycmr/serve/scoring.py``);
 - slow-only: rank every image by ``h(x, y)``.
 
+With minimal-pair groups (:func:`group_accuracies`): each method's group accuracy, the share of
+captions whose own image it ranks strictly above every other image of the caption's group.
+
 Ranks are 1-based; a tie counts against the target (``1 + #{scores > target's}`` would favour
 it, so ties with the target add their count): a model that scores everything equal ranks the
 target last, not first. Gallery-side work (image embeddings, ``phi(x)`` and, with a
@@ -45,6 +48,8 @@ class RerankSplit:
     fast_txt: torch.Tensor | None = None  # [Q, d]
     groups: np.ndarray | None = None  # [N] the image's ``group`` (hash of its id)
     gallery: Any = None  # SlowGallery of phi (index-time caches), or None
+    pair_group: np.ndarray | None = None  # [N] the image's minimal-pair group (minimal pairs)
+    pair_swap: np.ndarray | None = None  # [N] its group's kind of swap
 
     def head(self, queries: int) -> RerankSplit:
         """The first ``queries`` queries against the same gallery."""
@@ -55,7 +60,7 @@ class RerankSplit:
         q = slice(start, stop)
         return RerankSplit(self.phi, self.input_ids[q], self.attention_mask[q], self.target[q],
                            self.fast_img, None if self.fast_txt is None else self.fast_txt[q],
-                           self.groups, self.gallery)
+                           self.groups, self.gallery, self.pair_group, self.pair_swap)
 
 
 def _slow_scores(slow, split: RerankSplit, candidates: torch.Tensor, s: int,
@@ -169,3 +174,74 @@ def timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
 def recall_at(ranks: np.ndarray, k: int) -> float:
     """Percent of queries whose image is in the top ``k``: the fast stage's ceiling at K."""
     return float(100.0 * np.mean(ranks <= k))
+
+
+# ------------------------------------------------------------------------ minimal-pair groups
+
+
+def group_members(pair_group: np.ndarray) -> np.ndarray:
+    """For each image row, the rows of its minimal-pair group (itself included, ascending),
+    padded with -1: ``[N, G]``, G the size of the largest group."""
+    pair_group = np.asarray(pair_group)
+    order = np.argsort(pair_group, kind="stable")
+    _, start, counts = np.unique(pair_group[order], return_index=True, return_counts=True)
+    out = np.full((len(pair_group), int(counts.max(initial=1))), -1, dtype=np.int64)
+    for s, c in zip(start, counts):
+        rows = np.sort(order[s:s + c])
+        out[np.ix_(rows, np.arange(c))] = rows
+    return out
+
+
+def group_right(scores: torch.Tensor, own: torch.Tensor, valid: torch.Tensor,
+                in_top: torch.Tensor | None = None) -> torch.Tensor:
+    """``[Q]``: whether each query's own candidate (``own`` [Q, G], one True per row) is ranked
+    strictly above every other ``valid`` candidate by ``scores`` [Q, G]. With ``in_top`` [Q, G]
+    (fast+slow), candidates inside the re-ranked top-K come before those outside it and
+    ``scores`` compare candidates on the same side only; ties count against the own image."""
+    pick = own.float().argmax(1, keepdim=True)
+    beats = scores.gather(1, pick) > scores
+    if in_top is not None:
+        top_own = in_top.gather(1, pick)
+        beats = (top_own & ~in_top) | ((top_own == in_top) & beats)
+    return (beats | own | ~valid).all(1)
+
+
+@torch.no_grad()
+def group_accuracies(slow, split: RerankSplit, ks: list[int], beta: float, with_fast: bool,
+                     chunk: int = 64) -> dict[tuple[str, Any], dict[str, float]]:
+    """Minimal-pair group accuracy of every query of ``split`` (``split.pair_group`` set), as
+    :func:`raycmr.evaluate.metrics.group_summary` reports it, keyed like :func:`compare`'s rows:
+    ``("slow-only", N)``, and with the fast stage ``("fast", "")`` and ``("fast+slow", k)``
+    for each ``k`` in ``ks``. A group's images keep the order the full ranking gives them, so
+    only they need a slow score: slow-only by ``h``; fast+slow puts those inside the fast top-K
+    first, ordered by ``h + beta * fast``, then the rest by ``fast``. Groups of one image are
+    skipped."""
+    from raycmr.evaluate.metrics import group_summary
+
+    target = torch.as_tensor(split.target)
+    members = torch.as_tensor(group_members(split.pair_group))[target]  # [Q, G]
+    valid, own = members >= 0, members == target[:, None]
+    cand = members.clamp(min=0)
+    keys: list[tuple[str, Any]] = [("slow-only", int(split.phi.shape[0]))]
+    if with_fast:
+        keys += [("fast", "")] + [("fast+slow", k) for k in ks]
+    right: dict[tuple[str, Any], list[torch.Tensor]] = {key: [] for key in keys}
+    for s in range(0, len(target), chunk):
+        q = slice(s, s + chunk)
+        c, o, v = cand[q], own[q], valid[q]
+        h = _slow_scores(slow, split, c, s, c.shape[0])
+        right[keys[0]].append(group_right(h, o, v))
+        if with_fast:
+            fast = split.fast_txt[q] @ split.fast_img.t()
+            f = fast.gather(1, c)
+            right[("fast", "")].append(group_right(f, o, v))
+            for k in ks:
+                top = fast.topk(min(k, fast.shape[1]), dim=1).indices
+                in_top = (c[:, :, None] == top[:, None, :]).any(2)
+                final = torch.where(in_top, combine(h, f, beta), f)
+                right[("fast+slow", k)].append(group_right(final, o, v, in_top))
+    keep = (valid.sum(1) >= 2).numpy()
+    chance = (1.0 / valid.sum(1).double()).numpy()[keep]
+    kind = None if split.pair_swap is None else np.asarray(split.pair_swap)[split.target][keep]
+    return {key: group_summary(torch.cat(r).numpy()[keep], chance, kind)
+            for key, r in right.items()}
