@@ -3,7 +3,7 @@ workers each), then a table of test text->image R@1 (mean, std, 2 standard error
 group accuracy and wall time per run.
 
     python jobs/fast_stage.py [--seeds 0 1 2] [--out out/fast_stage] [--retries 2]
-        [dotted overrides...]
+        [--config quickstart] [dotted overrides...]
 
 Runs go one after another. Writes OUT/runs.json after every run and OUT/table.md at the end
 (docs/fast_stage.md quotes it). Reads the test split once per run: choose settings on
@@ -55,14 +55,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="out/fast_stage")
     p.add_argument("--retries", type=int, default=2, help="reruns of a seed whose run failed")
+    p.add_argument("--config", default="quickstart", help="jobs/quickstart.py's --config")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
         metrics = out / f"seed{seed}.json"
-        cmd = [sys.executable, "jobs/quickstart.py", "--minimal-pairs", "--json", str(metrics),
+        cmd = [sys.executable, "jobs/quickstart.py", "--config", args.config, "--minimal-pairs",
+               "--json", str(metrics),
                f"train.seed={seed}", f"train.name=fast-seed{seed}", *args.overrides]
         for _ in range(1 + args.retries):  # a local Ray cluster can time out on a busy machine
             with open(out / f"seed{seed}.log", "w") as log:

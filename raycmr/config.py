@@ -59,6 +59,11 @@ class DataConfig:
     # against the cluster before training (raycmr.resources), added to a local cluster's size.
     reserved_cpus: float = 2.0
     hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
+    # 0: training rows are batched freely. N > 0: the training rows that share a value of the
+    # shards' `group` column (a scene and its rendered hard negatives, `raycmr shards synthetic
+    # --hard-images`) come in one batch, so each is the others' in-batch negative in both
+    # directions; groups hold at most N rows and train.batch_size counts groups.
+    group_size: int = 0
 
 
 @dataclass
@@ -648,6 +653,17 @@ def _validate_embed_chunk(cfg: Config) -> None:
                               "train.embed_chunk=0")
 
 
+def _validate_group_size(cfg: Config) -> None:
+    size = cfg.data.group_size
+    if size < 0:
+        raise ConfigError(f"data.group_size must be >= 0 (0 = rows batched freely, N = the rows "
+                          f"of one shard group in one batch, at most N of them), got {size}")
+    if size and (cfg.data.kind != "images" or cfg.train.task != "dual_encoder"):
+        raise ConfigError("data.group_size batches the image shards' groups for the dual "
+                          "encoder: it needs data.kind=images and train.task=dual_encoder "
+                          "(or set data.group_size=0)")
+
+
 def _validate_hard_negatives(cfg: Config) -> None:
     hard = cfg.data.hard_negatives
     if hard.kind == "none":
@@ -677,6 +693,7 @@ def validate(cfg: Config) -> None:
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             raise ConfigError(f"train.worker_resources.{name} must be a number >= 0, got {amount!r}")
     _validate_hard_negatives(cfg)
+    _validate_group_size(cfg)
     if cfg.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {cfg.loss.margin}")
     warm = cfg.loss.mh_warmup

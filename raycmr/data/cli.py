@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="instead of train/val/test: N groups of images that differ in one "
                         "binding (two objects' colours, shapes or positions swapped) as shards "
                         "in OUT with columns group and swap, for `raycmr eval`'s group accuracy")
+    p.add_argument("--hard-images", action="store_true",
+                   help="follow each training scene with its rendered hard negatives (one "
+                        "colour, shape and position swap between two of its objects, each "
+                        "captioned); the rows carry a group column (train with data.group_size)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes rendering shards in parallel (the files are the same as "
                    "with 1)")
@@ -93,7 +97,7 @@ def _run(args: argparse.Namespace) -> dict[str, WriteSummary]:
             args.out, args.train, args.val, args.test, args.seed, image_size=args.image_size,
             captions_per_image=args.captions_per_image, rows_per_shard=args.rows_per_shard,
             image_format=args.image_format, domain=args.domain, overwrite=args.overwrite,
-            workers=args.workers,
+            workers=args.workers, hard_images=args.hard_images,
         )
     if args.shards_command == "folder":
         from raycmr.data.writers import write_folder_shards

@@ -17,15 +17,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raycmr import compat
-from raycmr.config import DataConfig
+from raycmr.config import ConfigError, DataConfig
 from raycmr.data.paths import ShardReadError, open_tar, resolve_paths, split_uri
 from raycmr.data.schema import WDS_KEY_EXT, ShardInfo, check_shards
 from raycmr.data.text import TokenizerError, load_text_encoder, load_tokenizer
 from raycmr.data.transforms import preprocess_features, preprocess_images
 
 __all__ = [
-    "TokenizerError", "build_dataset", "count_rows", "feature_dims", "iter_worker_batches",
-    "load_tokenizer",
+    "TokenizerError", "build_dataset", "count_groups", "count_rows", "feature_dims",
+    "iter_worker_batches", "load_tokenizer", "pack_group",
 ]
 
 MAP_BATCH_BYTES = 16 * 2**20  # target size of one preprocessed image batch
@@ -92,13 +92,65 @@ def _images_fn(table, *, cfg: DataConfig, training: bool, seed: int) -> dict[str
     )
 
 
+def pack_group(columns: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """One group's preprocessed rows as one row: each numeric column [n, ...] becomes
+    [1, size, ...] (zero padded), ``member_valid`` [1, size] says which members are real and
+    valid, ``valid`` whether any is, ``drop_reason`` the dropped members' reasons joined by ';';
+    string columns keep the first member's value."""
+    n = len(columns["valid"])
+    if n > size:
+        raise ValueError(f"a shard group has {n} rows, more than data.group_size={size}")
+    members = np.zeros((1, size), dtype=bool)
+    members[0, :n] = columns["valid"]
+    out = {"member_valid": members, "valid": members.any(axis=1),
+           "drop_reason": np.array([";".join(r for r in columns["drop_reason"] if r)],
+                                   dtype=object)}
+    for name, value in columns.items():
+        if name in out:
+            continue
+        if value.dtype == object:
+            out[name] = value[:1]
+        else:
+            out[name] = np.zeros((1, size, *value.shape[1:]), dtype=value.dtype)
+            out[name][0, :n] = value
+    return out
+
+
+def _group_fn(table, *, cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
+    return pack_group(_images_fn(table, cfg=cfg, training=True, seed=seed), cfg.group_size)
+
+
+def count_groups(paths: list[str] | str, size: int) -> int:
+    """Distinct values of the shards' ``group`` column (Parquet only), checking that each
+    group has at most ``size`` rows (``data.group_size``) and no row lacks a group."""
+    counts: collections.Counter[str] = collections.Counter()
+    fix = ("write the training shards with `raycmr shards synthetic --hard-images` or set "
+           "data.group_size=0")
+    for file in resolve_paths(paths):
+        fs, inner, _ = split_uri(file)
+        if file.lower().endswith(".tar") or "group" not in pq.read_schema(inner, filesystem=fs).names:
+            raise ConfigError(f"data.group_size={size} keeps the rows of one shard group in one "
+                              f"batch, but '{file}' has no group column: {fix}")
+        groups = pq.read_table(inner, columns=["group"], filesystem=fs).column("group")
+        if groups.null_count:
+            raise ConfigError(f"data.group_size={size}: '{file}' has rows without a group: {fix}")
+        counts.update(groups.to_pylist())
+    largest = max(counts.values(), default=0)
+    if largest > size:
+        raise ConfigError(f"data.group_size is {size} but a training group has {largest} rows: "
+                          f"set data.group_size >= {largest}")
+    return len(counts)
+
+
 def build_dataset(paths: list[str] | str, cfg: DataConfig, *, training: bool, seed: int = 0):
     """A lazy ``ray.data.Dataset`` of preprocessed rows for the shards at ``paths``.
 
     Checks the shards on the driver first (:class:`~raycmr.data.schema.ShardSchemaError`,
     :class:`~raycmr.data.paths.ShardReadError`), and the tokenizer (:class:`TokenizerError`).
     Training reads files in a seeded order that changes every epoch. Columns: see
-    :func:`~raycmr.data.transforms.preprocess_images` / ``preprocess_features``.
+    :func:`~raycmr.data.transforms.preprocess_images` / ``preprocess_features``. Training with
+    ``data.group_size`` > 0: one row per shard ``group`` (Ray Data's ``groupby().map_groups``,
+    :func:`pack_group`), unpacked into its members by :func:`iter_worker_batches`.
     """
     info = check_shards(paths, cfg.kind, cfg.format)
     ds = _read(info, training=training, seed=seed, reader=cfg.parquet_reader)
@@ -109,6 +161,10 @@ def build_dataset(paths: list[str] | str, cfg: DataConfig, *, training: bool, se
             batch_format="pyarrow", batch_size=1024, num_cpus=cfg.num_cpus_per_map_task,
         )
     load_text_encoder(cfg.tokenizer)  # fail on the driver, not inside a Ray task
+    if training and cfg.group_size > 0:
+        return ds.groupby("group").map_groups(
+            _group_fn, fn_kwargs={"cfg": cfg, "seed": seed}, batch_format="pyarrow",
+            num_cpus=cfg.num_cpus_per_map_task)
     return ds.map_batches(
         _images_fn, fn_kwargs={"cfg": cfg, "training": training, "seed": seed},
         batch_format="pyarrow", batch_size=_map_batch_rows(cfg.image_size),
@@ -118,12 +174,27 @@ def build_dataset(paths: list[str] | str, cfg: DataConfig, *, training: bool, se
 
 def _tensor_batch(batch: dict[str, np.ndarray], keep: np.ndarray,
                   extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The tensor columns of rows ``keep`` (and ``extra`` columns as arrays, unpacked rows only);
+    packed groups (:func:`pack_group`) are unpacked into their valid members, a group's
+    members next to each other."""
     import torch
 
-    out: dict[str, Any] = {k: torch.from_numpy(np.ascontiguousarray(v[keep]))
-                           for k, v in batch.items() if k in TENSOR_COLUMNS}
+    members = batch.get("member_valid")
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if name in TENSOR_COLUMNS:
+            value = value[keep] if members is None else value[keep][members[keep]]
+            out[name] = torch.from_numpy(np.ascontiguousarray(value))
     out.update({k: np.asarray(batch[k])[keep] for k in extra})
     return out
+
+
+def _dropped(batch: dict[str, np.ndarray], valid: np.ndarray) -> collections.Counter[str]:
+    """Dropped rows by reason; for packed groups every dropped member (';'-joined reasons)."""
+    reasons = np.asarray(batch["drop_reason"])
+    if "member_valid" in batch:
+        return collections.Counter(r for joined in reasons for r in str(joined).split(";") if r)
+    return collections.Counter(str(r) for r in reasons[~valid])
 
 
 def iter_worker_batches(
@@ -155,7 +226,7 @@ def iter_worker_batches(
     pending: collections.Counter[str] = collections.Counter()
     for batch in batches:
         valid = np.asarray(batch["valid"], dtype=bool)
-        dropped = collections.Counter(str(r) for r in np.asarray(batch["drop_reason"])[~valid])
+        dropped = _dropped(batch, valid)
         if not valid.any():
             if held is not None:
                 held[1].update(dropped)

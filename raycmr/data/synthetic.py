@@ -196,6 +196,8 @@ class SyntheticRecord:
     image: bytes
     captions: list[str]
     scene: Scene
+    group: str = ""  # with hard images: the source scene's image_id, shared by its variants
+    swap: str = ""  # with hard images: "source" or the variant's kind of swap
 
 
 def generate(
@@ -208,16 +210,29 @@ def generate(
     image_format: str = "png",
     domain: str = "mixed",
     start: int = 0,
+    hard_images: bool = False,
 ):
     """Yield records ``start`` .. ``start + n - 1`` (:class:`SyntheticRecord`); record ``i``
-    depends only on (seed, split, i), so any range can be generated on its own."""
+    depends only on (seed, split, i), so any range can be generated on its own.
+
+    With ``hard_images`` each record is followed by its rendered hard negatives: one scene per
+    kind of swap (:func:`hard_variants`), each with its own image and captions, ids
+    ``{image_id}-{kind}``; the record itself is the same as without."""
     code = SPLIT_CODES.get(split, 3)
     for i in range(start, start + n):
         rng = np.random.default_rng([seed, code, i])
         scene = sample_scene(rng, domain)
         img = render(scene, rng, image_size)
         captions = [caption(scene, rng) for _ in range(captions_per_image)]
-        yield SyntheticRecord(f"{split}-{i:07d}", encode(img, image_format), captions, scene)
+        image_id = f"{split}-{i:07d}"
+        group = {"group": image_id, "swap": "source"} if hard_images else {}
+        yield SyntheticRecord(image_id, encode(img, image_format), captions, scene, **group)
+        if hard_images:
+            for kind, variant in hard_variants(scene, rng):
+                yield SyntheticRecord(
+                    f"{image_id}-{kind}", encode(render(variant, rng, image_size), image_format),
+                    [caption(variant, rng) for _ in range(captions_per_image)], variant,
+                    group=image_id, swap=kind)
 
 
 def write_synthetic_split(
@@ -234,8 +249,11 @@ def write_synthetic_split(
     overwrite: bool = False,
     progress: bool = True,
     workers: int = 1,
+    hard_images: bool = False,
 ) -> WriteSummary:
     """Write one split as image shards; one row per caption (rows = n * captions_per_image).
+    ``hard_images``: each scene is followed by its rendered hard negatives (:func:`generate`),
+    the rows carrying ``group`` (the source's image_id) and ``swap`` columns; one process.
 
     ``workers`` > 1 renders in that many processes, each writing whole shards; the files are
     the same as with one process (records depend only on their index, shard boundaries fall
@@ -243,23 +261,27 @@ def write_synthetic_split(
     ``captions_per_image``."""
     options = {"image_size": image_size, "captions_per_image": captions_per_image,
                "image_format": image_format, "domain": domain}
-    if workers > 1 and n > rows_per_shard:
+    if workers > 1 and n > rows_per_shard and not hard_images:
         return _write_parallel(out_dir, split, n, seed, rows_per_shard, overwrite, progress,
                                workers, options)
-    writer = ShardWriter(out_dir, image_shard_schema(), rows_per_shard, overwrite=overwrite,
-                         progress=f"synthetic {split}" if progress else None,
-                         total=n * captions_per_image)
+    from raycmr.data.schema import OPTIONAL_COLUMNS
+
+    columns = (*OPTIONAL_COLUMNS, "group", "swap") if hard_images else OPTIONAL_COLUMNS
+    writer = ShardWriter(out_dir, image_shard_schema(columns), rows_per_shard,
+                         overwrite=overwrite, progress=f"synthetic {split}" if progress else None,
+                         total=None if hard_images else n * captions_per_image)
     with writer:
-        _write_records(writer, generate(n, seed, split, **options))
+        _write_records(writer, generate(n, seed, split, hard_images=hard_images, **options))
     return writer.summary
 
 
 def _write_records(writer: ShardWriter, records) -> None:
     for rec in records:
+        group = {"group": rec.group, "swap": rec.swap} if rec.group else {}
         for j, text in enumerate(rec.captions):
             writer.write({"id": f"{rec.image_id}-{j}", "image": rec.image, "caption": text,
                           "image_id": rec.image_id, "label": rec.scene.label,
-                          "domain": rec.scene.domain})
+                          "domain": rec.scene.domain, **group})
 
 
 def _write_chunk(out_dir: str, split: str, start: int, n: int, seed: int, rows_per_shard: int,
@@ -319,14 +341,17 @@ def write_synthetic_splits(
 ) -> dict[str, WriteSummary]:
     """Write ``out_dir/{train,val,test}/part-*.parquet``; the splits draw from disjoint seeds.
     ``options`` are :func:`write_synthetic_split`'s keywords (image_size, captions_per_image,
-    rows_per_shard, image_format, domain, overwrite, progress, workers).
+    rows_per_shard, image_format, domain, overwrite, progress, workers); ``hard_images``
+    applies to the training split only.
 
     Returns one :class:`WriteSummary` per split (rows = images * captions_per_image).
     """
     if options.get("captions_per_image", 1) <= 0:
         raise ValueError(f"captions_per_image must be positive, got {options['captions_per_image']}")
+    hard = options.pop("hard_images", False)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    return {split: write_synthetic_split(f"{out_dir}/{split}", split, n, seed, **options)
+    return {split: write_synthetic_split(f"{out_dir}/{split}", split, n, seed,
+                                         hard_images=hard and split == "train", **options)
             for split, n in sizes.items()}
 
 
@@ -358,6 +383,22 @@ def minimal_pair_group(scene: Scene, kind: str) -> list[Scene]:
             swapped = swap_binding(scene, i, j, kind)
             if swapped is not None and swapped.key() not in {s.key() for s in out}:
                 out.append(swapped)
+    return out
+
+
+def hard_variants(scene: Scene, rng: np.random.Generator) -> list[tuple[str, Scene]]:
+    """A scene's rendered hard negatives: for each kind of swap (:data:`SWAP_KINDS`), one pair
+    of its groups drawn at random among those whose swap changes the scene, swapped
+    (:func:`swap_binding`); no two variants alike. Empty for a scene of one group."""
+    pairs = [(i, j) for i in range(len(scene.groups)) for j in range(i + 1, len(scene.groups))]
+    out, keys = [], {scene.key()}
+    for kind in SWAP_KINDS:
+        for p in rng.permutation(len(pairs)):
+            swapped = swap_binding(scene, *pairs[p], kind)
+            if swapped is not None and swapped.key() not in keys:
+                out.append((kind, swapped))
+                keys.add(swapped.key())
+                break
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raycmr.config import Config, ConfigError
-from raycmr.data.pipeline import build_dataset, count_rows
+from raycmr.data.pipeline import build_dataset, count_groups, count_rows
 from raycmr.train.registry import validation_metric
 
 
@@ -63,12 +63,15 @@ def _dual_encoder_run(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: point it at shard files or dirs "
                           "(e.g. data.train=[out/shards/train])")
+    size = cfg.data.group_size
     train_rows = count_rows(cfg.data.train)
-    per_epoch = steps_per_epoch(cfg, train_rows)
+    units = count_groups(cfg.data.train, size) if size else train_rows  # what a batch counts
+    per_epoch = steps_per_epoch(cfg, units)
     if per_epoch == 0:
         raise ConfigError(
-            f"{train_rows} training rows give no full batch for {cfg.train.num_workers} workers "
-            f"x train.batch_size={cfg.train.batch_size}: lower one of them"
+            f"{units} training {'groups' if size else 'rows'} give no full batch for "
+            f"{cfg.train.num_workers} workers x train.batch_size={cfg.train.batch_size}: "
+            "lower one of them"
         )
     train_ds = build_dataset(cfg.data.train, cfg.data, training=True, seed=cfg.train.seed)
     if train_rows <= cfg.data.cache_train_rows:

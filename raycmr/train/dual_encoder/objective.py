@@ -212,7 +212,8 @@ class CrossModalObjective(nn.Module):
         if loss_cfg.kind != "none":
             hard = self.hard_negative_texts(batch)
             out = contrastive(loss_cfg, img, txt, batch["group"], self.encoder.logit_scale,
-                              self.cfg.train.batch_size, progress, hard)
+                              self.cfg.train.batch_size * max(1, self.cfg.data.group_size),
+                              progress, hard)
             total = total + loss_cfg.weight * out.loss
             parts.update(contrastive=out.loss.detach(), hardest_neg_sim=out.hardest_neg_sim,
                          pos_sim=out.pos_sim)
